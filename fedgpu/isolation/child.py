@@ -1,0 +1,41 @@
+"""Entry point of a spawned child: ``python -m fedgpu.isolation.child FD PARENT_PID``.
+
+The child is the leader of its own session and process group (so the parent can
+stop it with everything it started), dies with its parent, receives one call
+through the socket, answers once and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    # The parent is gone (parent-death signal): nobody will stop our group
+    # for us, so take the grandchildren down now.
+    if os.getppid() != _parent_pid:
+        os.killpg(0, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
+_parent_pid = -1
+
+
+def main(argv: list[str]) -> None:
+    global _parent_pid
+    fd, _parent_pid = int(argv[1]), int(argv[2])
+    from fedgpu.isolation.procs import die_with_parent
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    die_with_parent(_parent_pid, signal.SIGTERM)
+    sock = socket.socket(fileno=fd)
+    from fedgpu.isolation.serve import serve_one_call
+
+    serve_one_call(sock)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

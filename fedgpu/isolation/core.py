@@ -1,0 +1,294 @@
+"""Run a callable in a short-lived child and get its result back.
+
+One ``Isolator`` owns every child it starts: it detects a child's death through
+its process sentinel (a pidfd), not by polling; it stops a child by its process
+group (TERM, a grace period, then KILL), so grandchildren go too; and its
+``shutdown`` is the one place that tears down whatever is still running.
+
+Modes are launchers: ``spawn`` starts a fresh interpreter per call; ``none``
+runs the call in this process (the naive baseline). A warm forking mode is one
+more launcher that hands back a child with the same four operations.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
+
+from fedgpu.isolation import wire
+from fedgpu.isolation.errors import ChildDied, ChildRaised, ChildTimedOut, RemoteTraceback
+from fedgpu.isolation.procs import open_sentinel, signal_group, stop_group, wait_readable
+
+DEFAULT_GRACE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A call's value and what it cost."""
+
+    value: Any
+    pid: int
+    seconds: float  # call sent -> result received, as the parent saw it
+    work_seconds: float  # inside the callable, as the child measured it
+    max_rss_kib: int  # the child's peak resident memory
+    mode: str
+
+    @property
+    def overhead_seconds(self) -> float:
+        return max(0.0, self.seconds - self.work_seconds)
+
+
+class Child(Protocol):
+    """A started child, as the Isolator drives it."""
+
+    pid: int
+    sock: socket.socket
+
+    def wait_exit(self, timeout: float | None) -> bool:
+        """True once the child has exited (it may stay unreaped)."""
+
+    def stop(self, grace: float) -> None:
+        """TERM the child's process group, wait ``grace``, KILL what is left."""
+
+    def finish(self) -> int:
+        """Kill leftovers of the group, reap, release; return the returncode."""
+
+
+class SpawnedChild:
+    """A fresh interpreter running ``fedgpu.isolation.child``."""
+
+    def __init__(self, popen: subprocess.Popen, sock: socket.socket) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.sock = sock
+        self._sentinel = open_sentinel(self.pid)
+
+    def wait_exit(self, timeout: float | None) -> bool:
+        if self._sentinel is not None:
+            return wait_readable(self._sentinel, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # no pidfd: peek without reaping
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if info is not None:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def stop(self, grace: float) -> None:
+        stop_group(self.pid, grace, self.wait_exit)
+
+    def finish(self) -> int:
+        # The leader is at worst a zombie here, so its group id is still ours.
+        signal_group(self.pid, signal.SIGKILL)
+        returncode = self.popen.wait()
+        if self._sentinel is not None:
+            os.close(self._sentinel)
+            self._sentinel = None
+        self.sock.close()
+        return returncode
+
+    @property
+    def sentinel(self) -> int | None:
+        return self._sentinel
+
+
+class SpawnLauncher:
+    """``spawn``: a new Python process per call; nothing is inherited but env."""
+
+    name = "spawn"
+
+    def start(self, env: Mapping[str, str]) -> SpawnedChild:
+        parent_sock, child_sock = socket.socketpair()
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "fedgpu.isolation.child", str(child_sock.fileno()), str(os.getpid())],
+                env=dict(env),
+                pass_fds=(child_sock.fileno(),),
+                start_new_session=True,  # its own group: stoppable with its children
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        return SpawnedChild(popen, parent_sock)
+
+
+LAUNCHERS: dict[str, Callable[[], Any]] = {"spawn": SpawnLauncher}
+MODES = ("spawn", "none")
+
+
+def _load_exception(pickled: tuple[str, bytes] | None) -> BaseException | None:
+    """The child's exception object, if its module is already loaded here."""
+    if pickled is None:
+        return None
+    module, data = pickled
+    if module != "builtins" and module not in sys.modules:
+        return None
+    try:
+        return pickle.loads(data)
+    except Exception:  # noqa: BLE001 - the formatted traceback still travels
+        return None
+
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Isolator:
+    """Runs callables in short-lived children (or in-process with mode ``none``).
+
+    Children are started from the calling thread; on Linux a child gets SIGTERM
+    when that thread ends, so call from a thread that lives as long as you do.
+    """
+
+    def __init__(
+        self,
+        mode: str = "spawn",
+        *,
+        env: Mapping[str, str] | None = None,
+        grace: float = DEFAULT_GRACE_SECONDS,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown isolation mode {mode!r} (choose from {', '.join(MODES)})")
+        self.mode = mode
+        self.env = dict(env or {})
+        self.grace = grace
+        self._launcher = LAUNCHERS[mode]() if mode != "none" else None
+        self._live: set[Child] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        args: tuple = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Outcome:
+        """Run ``fn(*args, **kwargs)`` in a child and return its Outcome.
+
+        Raises ChildRaised (with the child's traceback), ChildDied (naming the
+        exit code or signal) or ChildTimedOut.
+        """
+        kwargs = dict(kwargs or {})
+        if self._launcher is None:
+            return self._run_in_process(fn, args, kwargs, env)
+        child = self._start({**os.environ, **self._child_env(), **self.env, **(env or {})})
+        try:
+            return self._call(child, fn, args, kwargs, timeout)
+        finally:
+            with self._lock:
+                self._live.discard(child)
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop every child still running (TERM, grace, KILL) and refuse new calls."""
+        with self._lock:
+            self._closed = True
+            children = list(self._live)
+        for child in children:
+            signal_group(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + (self.grace if grace is None else grace)
+        for child in children:
+            child.stop(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> "Isolator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- internals -------------------------------------------------------
+
+    def _child_env(self) -> dict[str, str]:
+        # The bootstrap module must import even from a source checkout.
+        path = os.environ.get("PYTHONPATH", "")
+        return {"PYTHONPATH": _package_root() + (os.pathsep + path if path else "")}
+
+    def _start(self, env: Mapping[str, str]) -> Child:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this Isolator has been shut down")
+            child = self._launcher.start(env)
+            self._live.add(child)
+            return child
+
+    def _call(self, child: Child, fn: Callable, args: tuple, kwargs: dict, timeout: float | None) -> Outcome:
+        started = time.perf_counter()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            child.sock.settimeout(timeout)
+            wire.send_object(child.sock, list(sys.path))
+            wire.send_object(child.sock, (fn, args, kwargs))
+        except socket.timeout:
+            self._kill_for_timeout(child, timeout)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died before reading everything: the wait below says how
+        reply = self._await_reply(child, deadline, timeout)
+        seconds = time.perf_counter() - started
+        if reply is None:
+            raise ChildDied(child.finish(), pid=child.pid)
+        if not child.wait_exit(self.grace):
+            child.stop(self.grace)
+        child.finish()
+        status, *body, facts = reply
+        if status == "ok":
+            return Outcome(body[0], child.pid, seconds, facts["work_seconds"], facts["max_rss_kib"], self.mode)
+        type_name, message, text, pickled = body
+        original = _load_exception(pickled)
+        error = ChildRaised(type_name, message, text, pid=child.pid, original=original)
+        if original is not None:
+            original.__cause__ = RemoteTraceback(text)
+        raise error from original
+
+    def _await_reply(self, child: Child, deadline: float | None, timeout: float | None) -> Any:
+        """The child's reply, or None if it exited without one."""
+        poller = select.poll()
+        poller.register(child.sock.fileno(), select.POLLIN)
+        sentinel = getattr(child, "sentinel", None)
+        if sentinel is not None:
+            poller.register(sentinel, select.POLLIN)
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                self._kill_for_timeout(child, timeout)
+            events = dict(poller.poll(None if remaining is None else int(remaining * 1000) + 1))
+            if child.sock.fileno() in events:
+                try:
+                    child.sock.settimeout(remaining)
+                    return wire.recv_object(child.sock)
+                except socket.timeout:
+                    self._kill_for_timeout(child, timeout)
+                except (EOFError, ConnectionResetError):
+                    return None
+            elif sentinel is not None and sentinel in events:
+                return None
+
+    def _kill_for_timeout(self, child: Child, timeout: float | None) -> None:
+        child.stop(self.grace)
+        child.finish()
+        raise ChildTimedOut(timeout or 0.0, pid=child.pid)
+
+    def _run_in_process(self, fn: Callable, args: tuple, kwargs: dict, env: Mapping[str, str] | None) -> Outcome:
+        # The baseline: whatever the call allocates stays with this process.
+        os.environ.update({**self.env, **(env or {})})
+        started = time.perf_counter()
+        value = fn(*args, **kwargs)
+        seconds = time.perf_counter() - started
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return Outcome(value, os.getpid(), seconds, seconds, rss, "none")

@@ -1,0 +1,88 @@
+"""Process plumbing: parent-death signals and process-group teardown.
+
+Shared by the isolation core, the client node and the server, so that one
+implementation decides how anything we start is stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import sys
+import time
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``signum`` when our parent (the thread that forked us) dies.
+
+    Returns False where unsupported. Callers must check ``os.getppid()`` right
+    after, since the parent may have died before the request took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def die_with_parent(expected_parent: int | None = None, signum: int = signal.SIGTERM) -> None:
+    """Arrange to get ``signum`` when our parent dies; exit now if it already has."""
+    set_parent_death_signal(signum)
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(128 + signum)
+
+
+def open_sentinel(pid: int) -> int | None:
+    """A file descriptor that becomes readable when ``pid`` exits (Linux pidfd).
+
+    The process stays a zombie until reaped, so its pid and group id cannot be
+    reused while we still hold it: group kills after exit are safe.
+    """
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def wait_readable(fd: int, timeout: float | None) -> bool:
+    """True when ``fd`` became readable within ``timeout`` seconds."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+
+
+def signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to process group ``pgid``; False if no member is left."""
+    try:
+        os.killpg(pgid, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process (zombies included) is in group ``pgid``."""
+    return signal_group(pgid, 0)
+
+
+def stop_group(pgid: int, grace: float, exited=None) -> None:
+    """SIGTERM the group, wait up to ``grace`` seconds, then SIGKILL what is left.
+
+    ``exited(timeout) -> bool`` waits for the group leader; without it the group
+    itself is polled.
+    """
+    if not signal_group(pgid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + grace
+    if exited is not None:
+        exited(grace)
+    else:
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    signal_group(pgid, signal.SIGKILL)
