@@ -86,3 +86,30 @@ def stop_group(pgid: int, grace: float, exited=None) -> None:
         while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
     signal_group(pgid, signal.SIGKILL)
+
+
+def stop_tree(pid: int, grace: float) -> None:
+    """TERM a process and all its descendants, wait ``grace``, KILL survivors.
+
+    For process trees we do not lead as a group (e.g. Flower's SuperLink and
+    the SuperExec and ServerApp processes it starts).
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)

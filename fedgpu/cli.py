@@ -1,0 +1,193 @@
+"""The ``fedgpu`` command: ``server`` and ``client``.
+
+Bad input is one line on stderr and exit code 2, before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from fedgpu.flower.settings import ISOLATION_MODES, RunSettings
+
+EXIT_USAGE = 2
+
+# Quiet and predictable Flower processes everywhere below us.
+_FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+class UsageFailure(click.UsageError):
+    """Bad input found after click's own parsing."""
+
+
+def _fail(message: str) -> None:
+    raise UsageFailure(message)
+
+
+def _check_task(task: str) -> None:
+    from fedgpu.tasks import UnknownTaskError, resolve_task
+
+    try:
+        resolve_task(task)
+    except UnknownTaskError as err:
+        _fail(str(err))
+
+
+def _watch_parent(parent_pid: int | None) -> None:
+    if parent_pid is None:
+        return
+    from fedgpu.isolation.procs import die_with_parent
+
+    die_with_parent(parent_pid, signal.SIGTERM)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        # As servers do: connections of a previous run in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+positive = click.IntRange(min=1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Flower federations whose clients hold GPU memory only while they train."""
+    for key, value in _FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@cli.command()
+@click.option("--rounds", type=positive, default=3, show_default=True, help="Federated rounds.")
+@click.option("--min-clients", type=positive, default=2, show_default=True, help="Clients connected before round 1.")
+@click.option("--sampled", type=positive, default=2, show_default=True, help="Clients that train in each round.")
+@click.option("--eval-sampled", type=click.IntRange(min=0), default=0, show_default=True, help="Clients that evaluate in each round.")
+@click.option("--task", default="digits", show_default=True, help="Task name or package.module:TaskClass.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the SuperLink listens on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True, help="SuperLink port (Fleet, Control, Runtime APIs).")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Output directory [default: runs/<timestamp>].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=RunSettings.lr, show_default=True)
+@click.option("--lr-decay", type=click.FloatRange(min=0, min_open=True), default=RunSettings.lr_decay, show_default=True, help="lr of round r = lr * decay^(r-1).")
+@click.option("--local-epochs", type=positive, default=RunSettings.local_epochs, show_default=True)
+@click.option("--batch-size", type=positive, default=RunSettings.batch_size, show_default=True)
+@click.option("--partitioner", type=click.Choice(["iid", "dirichlet"]), default="iid", show_default=True)
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=RunSettings.alpha, show_default=True, help="Dirichlet concentration.")
+@click.option("--seed", type=int, default=RunSettings.seed, show_default=True)
+@click.option("--data-files", default="", help="Local dataset files for tasks that would download (e.g. cifar10).")
+@click.option("--isolation", type=click.Choice(ISOLATION_MODES), default="spawn", show_default=True, help="How the server's own torch work runs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="torch CPU threads per child (0: torch's default).")
+@click.option("--message-timeout", type=click.FloatRange(min=0, min_open=True), default=RunSettings.message_timeout, show_default=True, help="Seconds a round waits for replies.")
+@click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
+def server(**options: object) -> None:
+    """Run a SuperLink and the fedgpu ServerApp until the run ends."""
+    from fedgpu.flower.server import Federation, ServerError, ServerSettings
+
+    _watch_parent(options.pop("parent_pid"))  # type: ignore[arg-type]
+    _check_task(str(options["task"]))
+    host, port = str(options.pop("host")), int(options.pop("port"))  # type: ignore[call-overload]
+    if not _port_free(host, port):
+        _fail(f"port {port} on {host} is in use")
+    run_dir = Path(options.pop("run_dir") or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()  # type: ignore[operator]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        _fail(f"run directory {run_dir} is not writable: {err.strerror or err}")
+    options["num_rounds"] = options.pop("rounds")
+    run = RunSettings(run_dir=str(run_dir), **options)  # type: ignore[arg-type]
+    flwr_home = run_dir / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+    federation = Federation(run, ServerSettings(host=host, port=port), env)
+    from fedgpu.flower.server import write_connection
+
+    write_connection(flwr_home, federation.server)
+    click.echo(f"[fedgpu] run directory {run_dir}", err=True)
+    status = "unknown"
+    try:
+        federation.start_superlink()
+        click.echo(f"[fedgpu] SuperLink ready on {host}:{port}", err=True)
+        status = federation.submit_and_wait(sys.stdout)
+    except ServerError as err:
+        click.echo(f"[fedgpu] error: {err}", err=True)
+        sys.exit(1)
+    finally:
+        federation.close()
+    click.echo(f"[fedgpu] run {status}; outputs in {run_dir}")
+    sys.exit(0 if status == "finished:completed" else 1)
+
+
+@cli.command()
+@click.option("--superlink", required=True, help="SuperLink address HOST:PORT.")
+@click.option("--partition-id", type=click.IntRange(min=0), required=True)
+@click.option("--num-partitions", type=positive, required=True)
+@click.option("--mp/--no-mp", default=False, help="Run each message in a short-lived child (--mp) or in this process.")
+@click.option("--isolation", type=click.Choice([m for m in ISOLATION_MODES if m != "none"]), default="spawn", show_default=True, help="Child mode with --mp.")
+@click.option("--task", default=None, help="Refuse runs of any other task.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds a message may run before its child is killed.")
+@click.option("--runtime-port", type=click.IntRange(1, 65535), default=None, help="Port of this node's Runtime API on 127.0.0.1 [default: a free one].")
+@click.option("--max-wait-time", type=click.FloatRange(min=0, min_open=True), default=None, help="Give up after this many seconds without the SuperLink.")
+@click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
+def client(**options: object) -> None:
+    """Run a long-lived client node; with --mp each message runs in a child."""
+    _watch_parent(options["parent_pid"])  # type: ignore[arg-type]
+    if int(options["partition_id"]) >= int(options["num_partitions"]):  # type: ignore[call-overload]
+        _fail(f"--partition-id {options['partition_id']} must be below --num-partitions {options['num_partitions']}")
+    superlink = str(options["superlink"])
+    host, _, port = superlink.rpartition(":")
+    if not host or not port.isdigit():
+        _fail(f"--superlink {superlink!r} is not HOST:PORT")
+    node_config: dict[str, object] = {
+        "partition-id": options["partition_id"],
+        "num-partitions": options["num_partitions"],
+    }
+    if options["task"]:
+        _check_task(str(options["task"]))
+        node_config["task"] = options["task"]
+    # A private Flower home: nodes on one host must not install FABs into the same directory at once.
+    flwr_home = tempfile.mkdtemp(prefix="fedgpu-node-")
+    os.environ["FLWR_HOME"] = flwr_home
+    from fedgpu.flower.node import NodeSettings, run_client_node
+
+    settings = NodeSettings(
+        superlink=superlink,
+        node_config=node_config,
+        isolation=str(options["isolation"]) if options["mp"] else "none",
+        timeout=options["timeout"],  # type: ignore[arg-type]
+        runtime_port=options["runtime_port"],  # type: ignore[arg-type]
+        max_wait_time=options["max_wait_time"],  # type: ignore[arg-type]
+    )
+    try:
+        run_client_node(settings)
+    finally:
+        import shutil
+
+        shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="fedgpu", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as err:
+        message = err.format_message().replace("\n", " ")
+        click.echo(f"fedgpu: error: {message}", err=True)
+        sys.exit(EXIT_USAGE if isinstance(err, click.UsageError) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The fedgpu ClientApp: train and evaluate a fedgpu Task on this node's partition.
+
+Runs wherever the node's runner puts it: in a short-lived child (``--mp``) or
+in the node's own process (the baseline). torch is imported by the task work
+functions when they run, never when this module is imported.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedgpu.flower.settings import RunSettings
+from fedgpu.tasks.work import evaluate_partition, train_partition
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    config = msg.content["config"]
+    arrays, metrics = train_partition(
+        settings.work(),
+        msg.content["arrays"].to_numpy_ndarrays(),
+        *_partition(context),
+        epochs=int(config["local-epochs"]),
+        lr=float(config["lr"]),
+    )
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    metrics = evaluate_partition(settings.work(), msg.content["arrays"].to_numpy_ndarrays(), *_partition(context))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

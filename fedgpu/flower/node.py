@@ -1,0 +1,102 @@
+"""A fedgpu client node: Flower's SuperNode plus a task runner, in one light process.
+
+The SuperNode runs in this process in ``--isolation process`` mode, so it
+launches nothing itself; the task runner thread is its SuperExec and ClientApp
+runtime and sends each ClientApp call to a child. One process per node keeps an
+idle node at the cost of Flower's SuperNode alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from logging import ERROR, INFO
+
+from flwr.supercore import log
+from flwr.supercore.exit import add_exit_handler
+
+from fedgpu.flower.runner import TaskRunner
+from fedgpu.isolation import Isolator
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class NodeSettings:
+    superlink: str
+    node_config: dict[str, object]
+    isolation: str = "spawn"  # "none": the ClientApp runs in this process (baseline)
+    timeout: float | None = None  # per message, in the child
+    runtime_port: int | None = None
+    child_env: dict[str, str] = field(default_factory=dict)
+    max_wait_time: float | None = None  # give up on an unreachable SuperLink
+    root_certificates: str | None = None  # TLS to the SuperLink; insecure without
+
+
+def format_node_config(config: dict[str, object]) -> str:
+    """Flower's ``--node-config`` syntax: space-separated TOML key=value pairs."""
+    parts = []
+    for key, value in config.items():
+        rendered = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        parts.append(f"{key}={rendered}")
+    return " ".join(parts)
+
+
+def supernode_argv(settings: NodeSettings, runtime_port: int) -> list[str]:
+    argv = ["flower-supernode", "--superlink", settings.superlink]
+    argv += ["--root-certificates", settings.root_certificates] if settings.root_certificates else ["--insecure"]
+    argv += ["--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
+    argv += ["--node-config", format_node_config(settings.node_config)]
+    if settings.max_wait_time is not None:
+        argv += ["--max-wait-time", str(settings.max_wait_time)]
+    return argv
+
+
+def run_client_node(settings: NodeSettings) -> None:
+    """Run until the SuperNode exits (signal, or the SuperLink gone for good)."""
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    port = settings.runtime_port or free_port()
+    isolator = Isolator(settings.isolation, env=settings.child_env)
+    runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout)
+    add_exit_handler(runner.stop)  # Flower's SIGTERM/SIGINT path stops our children too
+
+    def serve() -> None:
+        try:
+            _wait_for_health(port)
+            log(INFO, "[fedgpu] task runner ready (isolation=%s, node pid %d)", settings.isolation, os.getpid())
+            runner.serve_forever()
+        except BaseException as err:  # a node that cannot serve must not linger
+            log(ERROR, "[fedgpu] task runner stopped: %r; stopping the node", err, exc_info=err)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # Children are started from this thread: it lives as long as the node, so
+    # their parent-death signal fires only when the node is gone.
+    threading.Thread(target=serve, name="fedgpu-task-runner", daemon=True).start()
+    sys.argv = supernode_argv(settings, port)
+    try:
+        flower_supernode()
+    finally:
+        runner.stop()
+
+
+def _wait_for_health(port: int) -> None:
+    url = f"http://127.0.0.1:{port}/health"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)

@@ -1,0 +1,173 @@
+"""The task runner: SuperExec and ClientApp runtime for one SuperNode.
+
+It acquires each ClientApp task from its SuperNode's Runtime API (as
+``flower-superexec`` would), pulls the message, context and FAB (as
+``flwr-clientapp`` would), and sends the ClientApp call itself, message in and
+reply out, to a short-lived child through the isolation core. The runner's
+process never loads the ClientApp, so it never imports torch or touches CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from logging import ERROR, INFO, WARNING
+
+from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore import log
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+import fedgpu.flower.transfer  # noqa: F401 - Flower Arrays travel out of band
+from fedgpu.isolation import IsolationError, Isolator, Outcome
+
+# Key of the ConfigRecord the runner adds to every reply: how it was isolated.
+FEDGPU_RECORD = "fedgpu"
+
+
+@dataclass(frozen=True)
+class ClientAppCall:
+    """Everything a child needs to run one ClientApp call, and nothing live."""
+
+    fab_id: str
+    fab_version: str
+    fab_hash: str
+    identity: tuple[int, int, int]  # task id, run id, node id
+    message: Message
+    context: Context
+
+
+def run_client_app(call: ClientAppCall) -> tuple[Message, Context]:
+    """Load the run's ClientApp and run it on one message (inside the child)."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = call.identity
+    load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+    client_app = load(call.fab_id, call.fab_version, call.fab_hash)
+    reply = client_app(message=call.message, context=call.context)
+    return reply, call.context
+
+
+class TaskRunner:
+    """Serves one SuperNode's ClientApp tasks, one at a time, each in a child."""
+
+    def __init__(
+        self,
+        runtime_address: str,
+        isolator: Isolator,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 0.2,
+    ) -> None:
+        self.runtime_address = runtime_address
+        self.isolator = isolator
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Stop polling and stop any child in flight (TERM, grace, KILL)."""
+        self._stopping.set()
+        self.isolator.shutdown()
+
+    def serve_forever(self) -> None:
+        client = self._client(component="SuperExec")
+        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+        try:
+            while not self._stopping.is_set():
+                try:
+                    response = client.AcquireTask(request)
+                except Exception as err:  # noqa: BLE001 - the SuperNode may be starting or stopping
+                    log(WARNING, "[fedgpu] Runtime API not reachable yet: %s", err)
+                    self._stopping.wait(1.0)
+                    continue
+                if response.HasField("task") and response.token:
+                    self._run_task(response.token)
+                else:
+                    self._stopping.wait(self.poll_interval)
+        finally:
+            client.close()
+
+    def _client(self, component: str, token: str | None = None) -> RuntimeHttpClient:
+        interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
+        if token is not None:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_address,
+            insecure=True,  # loopback, inside this process's own host
+            root_certificates=None,
+            interceptors=interceptors,
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+    def _run_task(self, token: str) -> None:
+        client = self._client(component="flwr-clientapp", token=token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message: Message | None = None
+        context: Context | None = None
+        reply: Message | None = None
+        sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            install_from_fab(fab.content, skip_prompt=True)
+            call = ClientAppCall(
+                run.fab_id,
+                run.fab_version,
+                fab.hash_str,
+                (TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id),
+                message,
+                context,
+            )
+            outcome = self.isolator.run(run_client_app, (call,), timeout=self.timeout)
+            reply, context = outcome.value
+            _stamp(reply, outcome)
+            sub_status, details = SubStatus.COMPLETED, ""
+            log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid, outcome.seconds)
+        except IsolationError as err:
+            details = f"{err.reason} (child pid {err.pid})"
+            log(ERROR, "[fedgpu] ClientApp failed in its child: %s", err)
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        except Exception as err:  # noqa: BLE001 - answer the server instead of dying
+            details = f"{type(err).__name__}: {err}"
+            log(ERROR, "[fedgpu] ClientApp task failed: %s", details, exc_info=err)
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+                push_task_output(client, context, sub_status, details)
+            except Exception as err:  # noqa: BLE001
+                log(ERROR, "[fedgpu] could not push the reply: %s", err)
+            heartbeat.stop()
+            client.close()
+
+
+def _stamp(reply: Message, outcome: Outcome) -> None:
+    """Record where and how the reply was computed, for the server's report."""
+    if reply.has_error():
+        return
+    reply.content[FEDGPU_RECORD] = ConfigRecord(
+        {
+            "isolation": outcome.mode,
+            "child-pid": outcome.pid,
+            "child-seconds": outcome.seconds,
+            "work-seconds": outcome.work_seconds,
+            "child-max-rss-mib": outcome.max_rss_kib / 1024,
+            "node-pid": os.getpid(),
+            "node-torch-loaded": "torch" in sys.modules,
+            "finished-at": time.time(),
+        }
+    )

@@ -1,0 +1,68 @@
+"""The work a child does for a federation, in terms of Tasks and NumPy arrays.
+
+These functions run inside isolated children (or in-process for the baseline);
+they import torch when called, never at import. Arrays in and out are NumPy,
+so the parent never needs torch to read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedgpu.tasks import load_task
+
+
+@dataclass(frozen=True)
+class WorkSettings:
+    """Which task, with which options, on which device."""
+
+    task: str
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"  # auto: cuda when available, else cpu
+    threads: int = 1  # CPU threads per child: K children share the host's cores
+
+
+def _setup(settings: WorkSettings):
+    import torch
+
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_task(settings.task, settings.options), device
+
+
+def initial_arrays(settings: WorkSettings) -> list:
+    task, _ = _setup(settings)
+    return task.get_arrays(task.build_model())
+
+
+def _model_with(task: Any, arrays: list, device: str) -> Any:
+    model = task.build_model()
+    task.set_arrays(model, arrays)
+    return model.to(device)
+
+
+def evaluate_global(settings: WorkSettings, arrays: list) -> dict:
+    """Server side: the global model on the task's held-out test split."""
+    task, device = _setup(settings)
+    return task.evaluate(_model_with(task, arrays, device), task.load_test_split(), device=device)
+
+
+def train_partition(
+    settings: WorkSettings, arrays: list, partition_id: int, num_partitions: int, *, epochs: int, lr: float
+) -> tuple[list, dict]:
+    """Client side: local training on one partition; returns new arrays and metrics."""
+    task, device = _setup(settings)
+    model = _model_with(task, arrays, device)
+    metrics = task.train(model, task.load_train_partition(partition_id, num_partitions), epochs=epochs, lr=lr, device=device)
+    return task.get_arrays(model), metrics
+
+
+def evaluate_partition(settings: WorkSettings, arrays: list, partition_id: int, num_partitions: int) -> dict:
+    """Client side: the global model on this client's own data."""
+    task, device = _setup(settings)
+    model = _model_with(task, arrays, device)
+    return task.evaluate(model, task.load_train_partition(partition_id, num_partitions), device=device)
