@@ -81,7 +81,7 @@ def cli() -> None:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=RunSettings.lr, show_default=True)
 @click.option("--lr-decay", type=click.FloatRange(min=0, min_open=True), default=RunSettings.lr_decay, show_default=True, help="lr of round r = lr * decay^(r-1).")
 @click.option("--local-epochs", type=positive, default=RunSettings.local_epochs, show_default=True)
-@click.option("--batch-size", type=positive, default=RunSettings.batch_size, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=0), default=RunSettings.batch_size, show_default=True, help="0: the task's default.")
 @click.option("--partitioner", type=click.Choice(["iid", "dirichlet"]), default="iid", show_default=True)
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=RunSettings.alpha, show_default=True, help="Dirichlet concentration.")
 @click.option("--seed", type=int, default=RunSettings.seed, show_default=True)

@@ -19,8 +19,8 @@ class RunSettings:
     eval_sampled: int = 0  # clients that evaluate the global model on their data
     lr: float = 0.05
     lr_decay: float = 1.0  # lr of round r = lr * lr_decay ** (r - 1)
-    local_epochs: int = 2
-    batch_size: int = 32
+    local_epochs: int = 3
+    batch_size: int = 0  # 0: the task's own default
     partitioner: str = "iid"
     alpha: float = 0.5  # Dirichlet concentration
     seed: int = 42
@@ -51,12 +51,9 @@ class RunSettings:
         return WorkSettings(self.task, self.task_options(), self.device, self.threads)
 
     def task_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {
-            "partitioner": self.partitioner,
-            "alpha": self.alpha,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-        }
+        options: dict[str, Any] = {"partitioner": self.partitioner, "alpha": self.alpha, "seed": self.seed}
+        if self.batch_size:
+            options["batch_size"] = self.batch_size
         if self.data_files:
             options["data_files"] = self.data_files
         return options

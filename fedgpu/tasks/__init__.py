@@ -1,0 +1,75 @@
+"""Tasks: a model factory, partitioned data, train and test.
+
+The parent (server/launcher) side only resolves task names, so this module must
+stay free of torch, torchvision, datasets, flwr_datasets and sklearn; the task
+modules themselves are imported only inside child processes by `load_task`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedgpu.tasks.base import Task
+
+BUILTIN_TASKS: dict[str, str] = {
+    "digits": "fedgpu.tasks.digits:DigitsTask",
+    "cifar10": "fedgpu.tasks.cifar10:Cifar10Task",
+}
+
+
+class UnknownTaskError(ValueError):
+    """A task name that is neither builtin nor an importable `module:Class`."""
+
+    def __init__(self, name: str, reason: str = "") -> None:
+        known = ", ".join(sorted(BUILTIN_TASKS))
+        detail = f": {reason}" if reason else ""
+        super().__init__(
+            f"unknown task {name!r}{detail} "
+            f"(known: {known}; or give package.module:TaskClass)"
+        )
+        self.name = name
+
+
+def _module_exists(module: str) -> bool:
+    # find_spec imports parent packages of a dotted name and raises (instead of
+    # returning None) when one of them is missing.
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_task(name: str) -> str:
+    """Return the `module:Class` reference for a builtin name or a user reference.
+
+    A user reference is only checked for an existing module, not imported.
+    """
+    name = name.strip()
+    if name in BUILTIN_TASKS:
+        return BUILTIN_TASKS[name]
+    if ":" not in name:
+        raise UnknownTaskError(name)
+    module, _, class_name = name.partition(":")
+    if not module or not class_name.isidentifier():
+        raise UnknownTaskError(name, "expected package.module:TaskClass")
+    if not _module_exists(module):
+        raise UnknownTaskError(name, f"module {module!r} not found")
+    return name
+
+
+def load_task(name: str, options: dict[str, Any] | None = None) -> Task:
+    """Resolve, import and instantiate a task (child processes only)."""
+    module_name, _, class_name = resolve_task(name).partition(":")
+    module = importlib.import_module(module_name)
+    task_class = getattr(module, class_name, None)
+    if not isinstance(task_class, type):
+        raise UnknownTaskError(
+            name, f"module {module_name!r} has no class {class_name!r}"
+        )
+    return task_class(**(options or {}))
+
+
+__all__ = ["BUILTIN_TASKS", "UnknownTaskError", "load_task", "resolve_task"]

@@ -1,0 +1,20 @@
+# Sourced by the launchers: make sure .venv exists and has this project installed.
+# Re-installs when pyproject.toml changed since the last install.
+
+fedgpu_ensure_env() {
+    local root=$1
+    local venv="$root/.venv"
+    local stamp="$venv/.fedgpu-installed"
+    local want
+    want=$(cd "$root" && cat pyproject.toml | cksum | cut -d' ' -f1)
+    if [[ -x $venv/bin/python && -f $stamp && $(<"$stamp") == "$want" ]]; then
+        return 0
+    fi
+    command -v python3 >/dev/null || { echo "fedgpu: python3 not found" >&2; return 1; }
+    echo "fedgpu: installing into $venv (first time: several minutes, torch is large)" >&2
+    if [[ ! -x $venv/bin/python ]]; then
+        python3 -m venv "$venv" || return 1
+    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test]" >&2 || return 1
+    echo "$want" >"$stamp"
+}

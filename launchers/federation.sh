@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# A fedgpu federation on this host: one server (SuperLink + ServerApp) and N client
+# nodes in the background, each logging to its own file in the run directory.
+# Ctrl-C or TERM at any moment stops everything this script started.
+#
+#   launchers/federation.sh [clients] [min] [sampled] [rounds] [options]   (defaults: 10 10 5 3)
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+GRACE_SECONDS=5
+READY_TIMEOUT=120
+
+started=()  # leaders of the process groups we started
+stopping=0
+
+stop_all() {
+    local pid deadline
+    ((${#started[@]})) || return 0
+    for pid in "${started[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+    deadline=$((SECONDS + GRACE_SECONDS))
+    while ((SECONDS < deadline)) && any_alive; do sleep 0.1; done
+    for pid in "${started[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
+    wait 2>/dev/null
+    started=()
+}
+
+any_alive() {
+    local pid
+    for pid in "${started[@]}"; do kill -0 -- "-$pid" 2>/dev/null && return 0; done
+    return 1
+}
+
+on_signal() {
+    ((stopping)) && return
+    stopping=1
+    echo "run.sh: $1 received, stopping the federation" >&2
+    stop_all
+    exit $((128 + $2))
+}
+
+# Installed before anything starts, even the environment set-up.
+trap 'on_signal SIGINT 2' INT
+trap 'on_signal SIGTERM 15' TERM
+trap 'stop_all' EXIT
+
+usage() {
+    cat <<'USAGE'
+usage: ./run.sh [clients] [min] [sampled] [rounds] [options]
+  clients  client nodes to start (default 10)
+  min      clients connected before round 1 starts (default 10)
+  sampled  clients that train in each round (default 5)
+  rounds   federated rounds (default 3)
+options:
+  --task NAME          digits (default), cifar10, or package.module:TaskClass
+  --no-mp              run each message inside the long-lived client (baseline)
+  --port P             SuperLink port (default: a free one)
+  --run-dir DIR        output directory (default: runs/<timestamp>)
+  --timeout S          seconds a message may run before its child is killed
+  server options passed through: --eval-sampled --lr --lr-decay --local-epochs
+    --batch-size --partitioner --alpha --seed --data-files --device --threads
+    --message-timeout --isolation
+USAGE
+}
+
+die_usage() {
+    echo "run.sh: $1" >&2
+    exit 2
+}
+
+positional=()
+server_args=()
+client_args=()
+mp=1
+port=""
+run_dir=""
+while (($#)); do
+    case $1 in
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    --no-mp) mp=0 && shift ;;
+    --task | --port | --run-dir | --timeout | --eval-sampled | --lr | --lr-decay | --local-epochs | --batch-size | \
+        --partitioner | --alpha | --seed | --data-files | --device | --threads | --message-timeout | --isolation)
+        (($# >= 2)) || die_usage "option $1 needs a value"
+        case $1 in
+        --task) server_args+=(--task "$2") && client_args+=(--task "$2") ;;
+        --port) port=$2 ;;
+        --run-dir) run_dir=$2 ;;
+        --timeout) client_args+=(--timeout "$2") ;;
+        *) server_args+=("$1" "$2") ;;
+        esac
+        shift 2
+        ;;
+    -*) die_usage "unknown option $1 (see ./run.sh --help)" ;;
+    *) positional+=("$1") && shift ;;
+    esac
+done
+
+((${#positional[@]} <= 4)) || die_usage "too many arguments: expected at most <clients> <min> <sampled> <rounds>"
+names=(clients min sampled rounds)
+defaults=(10 10 5 3)
+for i in 0 1 2 3; do
+    value=${positional[$i]:-${defaults[$i]}}
+    [[ $value =~ ^[0-9]+$ ]] && ((10#$value >= 1)) ||
+        die_usage "${names[$i]} must be a whole number >= 1, got '$value'"
+    printf -v "${names[$i]}" '%d' "$((10#$value))"
+done
+((min <= clients)) || die_usage "min ($min) must not exceed clients ($clients)"
+((sampled <= clients)) || die_usage "sampled ($sampled) must not exceed clients ($clients)"
+if [[ -n $port ]]; then
+    [[ $port =~ ^[0-9]+$ ]] && ((10#$port >= 1 && 10#$port <= 65535)) || die_usage "--port must be 1..65535, got '$port'"
+fi
+command -v setsid >/dev/null || die_usage "setsid (util-linux) is required"
+
+# shellcheck source=launchers/env.sh
+source "$ROOT/launchers/env.sh"
+fedgpu_ensure_env "$ROOT" || { echo "run.sh: could not set up $ROOT/.venv" >&2; exit 1; }
+PY=$ROOT/.venv/bin/python
+FEDGPU=$ROOT/.venv/bin/fedgpu
+
+if [[ -z $run_dir ]]; then
+    run_dir=$ROOT/runs/$(date +%Y%m%d-%H%M%S)
+    [[ -e $run_dir ]] && run_dir=$run_dir-$$
+fi
+mkdir -p "$run_dir" 2>/dev/null && [[ -w $run_dir ]] || die_usage "run directory $run_dir is not writable"
+run_dir=$(cd "$run_dir" && pwd)
+[[ -n $port ]] || port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
+# Every process below carries the run directory: a marker to find them all.
+export FEDGPU_RUN_DIR=$run_dir FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+
+wait_ready() { # url pid timeout
+    local deadline=$((SECONDS + $3))
+    while ((SECONDS < deadline)); do
+        kill -0 "$2" 2>/dev/null || return 1
+        "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "$1" 2>/dev/null && return 0
+        sleep 0.2 & wait $!
+    done
+    return 1
+}
+
+server_failed() { # pid: one line from the server's log, and its exit code
+    local code=1
+    wait "$1"
+    code=$?
+    echo "run.sh: server failed (exit $code): $(grep -v '^\s*$' "$run_dir/server.log" | tail -n 1)" >&2
+    exit "$code"
+}
+
+echo "run.sh: $clients clients, $min to start, $sampled per round, $rounds rounds; run directory $run_dir" >&2
+setsid "$FEDGPU" server --rounds "$rounds" --min-clients "$min" --sampled "$sampled" --port "$port" \
+    --run-dir "$run_dir" --parent-pid $$ "${server_args[@]}" 2>"$run_dir/server.log" &
+server=$!
+started+=("$server")
+wait_ready "http://127.0.0.1:$port/health" "$server" "$READY_TIMEOUT" || server_failed "$server"
+
+mp_flag=--mp
+((mp)) || mp_flag=--no-mp
+clients_pids=()
+for ((i = 0; i < clients; i++)); do
+    setsid "$FEDGPU" client "$mp_flag" --superlink "127.0.0.1:$port" --partition-id "$i" --num-partitions "$clients" \
+        --parent-pid $$ "${client_args[@]}" >"$run_dir/client-$i.log" 2>&1 &
+    started+=("$!")
+    clients_pids+=("$!")
+done
+echo "run.sh: server and $clients client nodes started; logs in $run_dir" >&2
+
+# Wait for the server, watching the client nodes: a run cannot finish with
+# fewer live nodes than it samples.
+while kill -0 "$server" 2>/dev/null; do
+    alive=0
+    for pid in "${clients_pids[@]}"; do kill -0 "$pid" 2>/dev/null && ((alive++)); done
+    if ((alive < sampled)); then
+        echo "run.sh: only $alive of $clients client nodes are alive, fewer than the $sampled sampled per round; see $run_dir/client-*.log" >&2
+        exit 1
+    fi
+    sleep 0.5 & wait $!
+done
+wait "$server"
+status=$?
+((status == 0)) || echo "run.sh: run failed (exit $status); see $run_dir/server.log" >&2
+exit "$status"
