@@ -67,6 +67,10 @@ def cli() -> None:
     """Flower federations whose clients hold GPU memory only while they train."""
     for key, value in _FLOWER_ENV.items():
         os.environ.setdefault(key, value)
+    # Flower starts its own helpers (flower-superexec, flwr-serverapp) by name:
+    # make those of the environment running us win, whatever PATH the caller had.
+    bin_dir = os.path.dirname(sys.executable)
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
 @cli.command()

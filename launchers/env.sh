@@ -15,6 +15,10 @@ fedgpu_ensure_env() {
     if [[ ! -x $venv/bin/python ]]; then
         python3 -m venv "$venv" || return 1
     fi
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test]" >&2 || return 1
+    if ! "$venv/bin/python" -m pip install --disable-pip-version-check -e "$root[test]" >"$venv/install.log" 2>&1; then
+        tail -n 20 "$venv/install.log" >&2
+        echo "fedgpu: installation failed; full log in $venv/install.log" >&2
+        return 1
+    fi
     echo "$want" >"$stamp"
 }

@@ -148,7 +148,7 @@ server_failed() { # pid: one line from the server's log, and its exit code
     exit "$code"
 }
 
-echo "run.sh: $clients clients, $min to start, $sampled per round, $rounds rounds; run directory $run_dir" >&2
+echo "run.sh: $clients clients, $min to start, $sampled per round, $rounds rounds; run directory $run_dir"
 setsid "$FEDGPU" server --rounds "$rounds" --min-clients "$min" --sampled "$sampled" --port "$port" \
     --run-dir "$run_dir" --parent-pid $$ "${server_args[@]}" 2>"$run_dir/server.log" &
 server=$!
@@ -164,7 +164,7 @@ for ((i = 0; i < clients; i++)); do
     started+=("$!")
     clients_pids+=("$!")
 done
-echo "run.sh: server and $clients client nodes started; logs in $run_dir" >&2
+echo "run.sh: server and $clients client nodes started; logs in $run_dir"
 
 # Wait for the server, watching the client nodes: a run cannot finish with
 # fewer live nodes than it samples.

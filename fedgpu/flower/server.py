@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -98,12 +97,6 @@ def superlink_command(server: ServerSettings) -> list[str]:
     return command + ["--disable-runtime-dependency-installation"]
 
 
-def _bin(name: str) -> str:
-    # The console scripts of the interpreter running us, whatever PATH says.
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def _die_with_us() -> None:
     set_parent_death_signal(signal.SIGTERM)
 
@@ -120,10 +113,8 @@ class Federation:
 
     def start_superlink(self) -> None:
         log_file = open(self.run_dir / "superlink.log", "ab")  # noqa: SIM115 - lives as long as the process
-        command = superlink_command(self.server)
-        command[0] = _bin(command[0])
         self.superlink = subprocess.Popen(
-            command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_us
+            superlink_command(self.server), env=self.env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_us
         )
         log_file.close()
         self._wait_ready()
@@ -155,7 +146,7 @@ class Federation:
         """Submit the run, stream its log, and return its final Flower status."""
         app_dir = self.run_dir / "app"
         write_app(app_dir, self.run)
-        command = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        command = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
         with open(self.run_dir / "serverapp.log", "a") as log_file:
             stream = subprocess.Popen(
                 command,
@@ -177,7 +168,7 @@ class Federation:
 
     def final_status(self) -> str:
         listing = subprocess.run(
-            [_bin("flwr"), "ls", CONNECTION, "--format", "json"],
+            ["flwr", "ls", CONNECTION, "--format", "json"],
             env=self.env,
             capture_output=True,
             text=True,
