@@ -1,0 +1,95 @@
+"""Helpers for tests that drive real federations: find our processes, free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_SH = ROOT / "run.sh"
+FEDGPU = ROOT / ".venv" / "bin" / "fedgpu"
+
+
+def processes_with_env(key: str, value: str) -> dict[int, str]:
+    """pid -> command line of every process whose environment has key=value."""
+    needle = f"{key}={value}".encode()
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return found
+
+
+def maps_torch(pid: int) -> bool | None:
+    """Whether ``pid`` has torch's or CUDA's native libraries mapped (None: gone)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return None
+    return "libtorch" in maps or "libcuda" in maps
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def start_run_sh(args: list[str], **kwargs) -> subprocess.Popen:
+    """run.sh in its own session, as a terminal would run a foreground job."""
+    return subprocess.Popen(
+        [str(RUN_SH), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def kill_leftovers(run_dir: Path) -> list[str]:
+    """SIGKILL any process still carrying the run's marker; return what was found."""
+    left = processes_with_env("FEDGPU_RUN_DIR", str(run_dir))
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return list(left.values())

@@ -1,0 +1,111 @@
+"""End to end through ./run.sh: a real SuperLink, real client nodes, real children."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import RUN_SH, kill_leftovers, maps_torch, pid_alive, processes_with_env
+
+LONG_LIVED = ("fedgpu client", "fedgpu server", "flower-superlink", "flower-superexec", "flwr-serverapp")
+
+
+class ProcessSampler(threading.Thread):
+    """Watches every process of a run: which ones had torch or CUDA mapped."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.run_dir = run_dir
+        self.seen: dict[int, str] = {}
+        self.torch_pids: set[int] = set()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            for pid, cmdline in processes_with_env("FEDGPU_RUN_DIR", str(self.run_dir)).items():
+                self.seen[pid] = cmdline
+                if maps_torch(pid):
+                    self.torch_pids.add(pid)
+            self._stop.wait(0.3)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+    def long_lived(self, torch: bool) -> list[str]:
+        return [
+            cmd for pid, cmd in self.seen.items()
+            if any(name in cmd for name in LONG_LIVED) and (pid in self.torch_pids) == torch
+        ]
+
+
+def run_federation(run_dir: Path, *args: str, timeout: float = 420) -> tuple[int, str, ProcessSampler]:
+    import subprocess
+
+    sampler = ProcessSampler(run_dir)
+    sampler.start()
+    try:
+        done = subprocess.run(
+            [str(RUN_SH), *args, "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=timeout
+        )
+    finally:
+        sampler.stop()
+        leftovers = kill_leftovers(run_dir)
+    assert not leftovers, f"processes outlived run.sh: {leftovers}"
+    return done.returncode, done.stdout + done.stderr, sampler
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_three_nodes_two_rounds_with_mp(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, output, sampler = run_federation(run_dir, "3", "3", "3", "2", "--eval-sampled", "1")
+    assert code == 0, output
+
+    rows = read_metrics(run_dir)
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert all(int(r["results"]) == 3 and int(r["failures"]) == 0 for r in rows), rows
+    assert all(int(r["eval_results"]) == 1 for r in rows), rows
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "completed"
+    accuracies = [report["initial"]["accuracy"]] + [float(r["server_accuracy"]) for r in rows]
+    assert accuracies[-1] > accuracies[0] + 0.3, accuracies
+    assert (run_dir / "model.npz").exists()
+    assert output.count("[fedgpu] round ") == 2, output  # one console line per round
+
+    messages = [m for r in report["rounds"] for m in r["messages"]]
+    train = [m for m in messages if m["type"] == "train"]
+    assert len(train) == 6
+    child_pids = [m["child-pid"] for m in messages]
+    node_pids = {m["node-pid"] for m in messages}
+    assert len(set(child_pids)) == len(child_pids), "every message ran in its own child"
+    assert not node_pids & set(child_pids)
+    assert len(node_pids) == 3
+    assert not any(pid_alive(pid) for pid in child_pids), "children are gone afterwards"
+    assert all(m["isolation"] == "spawn" and m["node-torch-loaded"] is False for m in messages)
+
+    # The parent side never mapped torch or CUDA; the children did.
+    assert len(sampler.long_lived(torch=False)) >= 5, sampler.seen
+    assert sampler.long_lived(torch=True) == []
+    assert any(pid in sampler.torch_pids for pid in child_pids), "the sampler must see torch in children"
+
+
+def test_without_mp_the_node_itself_loads_torch(tmp_path: Path) -> None:
+    """The baseline that holds memory: proves the check above can fail."""
+    run_dir = tmp_path / "run"
+    code, output, sampler = run_federation(run_dir, "2", "2", "2", "1", "--no-mp")
+    assert code == 0, output
+    report = json.loads((run_dir / "report.json").read_text())
+    messages = report["rounds"][0]["messages"]
+    assert len(messages) == 2
+    assert all(m["isolation"] == "none" and m["child-pid"] == m["node-pid"] for m in messages)
+    assert all(m["node-torch-loaded"] is True for m in messages)
+    assert any("fedgpu client" in cmd for cmd in sampler.long_lived(torch=True))

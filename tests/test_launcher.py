@@ -1,0 +1,152 @@
+"""run.sh and fedgpu: bad input is one line and exit 2; signals stop everything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import (
+    FEDGPU,
+    RUN_SH,
+    free_port,
+    kill_leftovers,
+    port_free,
+    processes_with_env,
+    start_run_sh,
+    wait_for,
+)
+
+RUN_SH_BAD_INPUT = [
+    (["abc"], "clients must be a whole number"),
+    (["0"], "clients must be a whole number"),
+    (["3", "-1"], "unknown option -1"),
+    (["3", "2.5"], "min must be a whole number"),
+    (["3", "4"], "min (4) must not exceed clients (3)"),
+    (["3", "3", "4"], "sampled (4) must not exceed clients (3)"),
+    (["3", "3", "2", "0"], "rounds must be a whole number"),
+    (["1", "2", "3", "4", "5"], "too many arguments"),
+    (["--bogus"], "unknown option --bogus"),
+    (["2", "2", "1", "1", "--task"], "option --task needs a value"),
+    (["2", "2", "1", "1", "--port", "99999"], "--port must be 1..65535"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), RUN_SH_BAD_INPUT, ids=[" ".join(a) for a, _ in RUN_SH_BAD_INPUT])
+def test_run_sh_rejects_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
+    run_dir = tmp_path / "run"
+    done = subprocess.run([str(RUN_SH), "--run-dir", str(run_dir), *args], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.sh: ") and message in lines[0], done.stderr
+    assert not run_dir.exists(), "nothing is created for bad input"
+
+
+def test_run_sh_unknown_task_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [str(RUN_SH), "2", "2", "1", "1", "--task", "nosuchtask", "--run-dir", str(run_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown task 'nosuchtask'" in lines[0], done.stderr
+    assert not processes_with_env("FEDGPU_RUN_DIR", str(run_dir))
+
+
+def _port_in_use() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+FEDGPU_BAD_INPUT = [
+    (["server", "--rounds", "0"], "--rounds"),
+    (["server", "--sampled", "x"], "--sampled"),
+    (["server", "--task", "bogus"], "unknown task 'bogus'"),
+    (["server", "--task", "nosuch.module:Task"], "module 'nosuch.module' not found"),
+    (["server", "--partitioner", "zipf"], "--partitioner"),
+    (["server", "--no-such-flag"], "--no-such-flag"),
+    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "3", "--num-partitions", "2"], "must be below --num-partitions"),
+    (["client", "--superlink", "nocolon", "--partition-id", "0", "--num-partitions", "2"], "not HOST:PORT"),
+    (["client", "--superlink", "127.0.0.1:9", "--num-partitions", "2"], "--partition-id"),
+    (["bogus-command"], "bogus-command"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), FEDGPU_BAD_INPUT, ids=[" ".join(a) for a, _ in FEDGPU_BAD_INPUT])
+def test_fedgpu_rejects_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
+    done = subprocess.run([str(FEDGPU), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedgpu: error: ") and message in lines[0], done.stderr
+
+
+def test_fedgpu_server_port_in_use(tmp_path: Path) -> None:
+    sock, port = _port_in_use()
+    with sock:
+        done = subprocess.run([str(FEDGPU), "server", "--port", str(port), "--run-dir", str(tmp_path / "r")],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"fedgpu: error: port {port} on 127.0.0.1 is in use"
+
+
+def test_fedgpu_server_unwritable_run_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    done = subprocess.run([str(FEDGPU), "server", "--port", str(free_port()), "--run-dir", str(blocker / "run")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not writable" in lines[0], done.stderr
+
+
+def _stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: int, to_group: bool) -> None:
+    """Signal run.sh; everything it started must be gone within 10 s, port freed."""
+    if to_group:  # what a terminal's Ctrl-C does: the whole foreground group
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    started = time.monotonic()
+    try:
+        proc.wait(timeout=10)
+        gone = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), 10 - (time.monotonic() - started))
+        left = processes_with_env("FEDGPU_RUN_DIR", str(run_dir))
+    finally:
+        leftovers = kill_leftovers(run_dir)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert gone and not leftovers, f"still running {time.monotonic() - started:.1f} s after the signal: {left}"
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 128 + signum, proc.stderr.read() if proc.stderr else ""
+    assert port_free(port), f"port {port} still bound"
+
+
+def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
+    run_dir, port = tmp_path / "run", free_port()
+    proc = start_run_sh(["3", "3", "2", "3", "--port", str(port), "--run-dir", str(run_dir)])
+    # Mid-training: a training child of ours is alive.
+    training = wait_for(
+        lambda: any("fedgpu.isolation.child" in c for c in processes_with_env("FEDGPU_RUN_DIR", str(run_dir)).values()),
+        timeout=180,
+    )
+    if not training:
+        kill_leftovers(run_dir)
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("no training child appeared")
+    _stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True)
+
+
+def test_sigterm_before_round_one_stops_everything(tmp_path: Path) -> None:
+    run_dir, port = tmp_path / "run", free_port()
+    # min 3 of 3 clients, so round 1 cannot start before all connect: stop while it waits.
+    proc = start_run_sh(["3", "3", "2", "2", "--port", str(port), "--run-dir", str(run_dir)])
+    # The launcher starts the client nodes only once the SuperLink answers.
+    assert wait_for(lambda: (run_dir / "client-2.log").exists(), timeout=120), "client nodes never started"
+    _stop_and_check(proc, run_dir, port, signal.SIGTERM, to_group=False)
