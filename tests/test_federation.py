@@ -23,18 +23,18 @@ class ProcessSampler(threading.Thread):
         self.run_dir = run_dir
         self.seen: dict[int, str] = {}
         self.torch_pids: set[int] = set()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             for pid, cmdline in processes_with_env("FEDGPU_RUN_DIR", str(self.run_dir)).items():
                 self.seen[pid] = cmdline
                 if maps_torch(pid):
                     self.torch_pids.add(pid)
-            self._stop.wait(0.3)
+            self._halt.wait(0.3)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
     def long_lived(self, torch: bool) -> list[str]:

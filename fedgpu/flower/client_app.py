@@ -16,13 +16,21 @@ from fedgpu.tasks.work import evaluate_partition, train_partition
 app = ClientApp()
 
 
+def _settings(context: Context) -> RunSettings:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    served = context.node_config.get("task")
+    if served is not None and served != settings.task:
+        raise ValueError(f"this node serves task {served!r}; the run asks for {settings.task!r}")
+    return settings
+
+
 def _partition(context: Context) -> tuple[int, int]:
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    settings = RunSettings.from_run_config(dict(context.run_config))
+    settings = _settings(context)
     config = msg.content["config"]
     arrays, metrics = train_partition(
         settings.work(),
@@ -37,6 +45,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    settings = RunSettings.from_run_config(dict(context.run_config))
+    settings = _settings(context)
     metrics = evaluate_partition(settings.work(), msg.content["arrays"].to_numpy_ndarrays(), *_partition(context))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
