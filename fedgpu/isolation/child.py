@@ -18,7 +18,10 @@ def _on_sigterm(signum: int, _frame: object) -> None:
     # for us, so take the grandchildren down now.
     if os.getppid() != _parent_pid:
         os.killpg(0, signal.SIGKILL)
-    raise SystemExit(128 + signum)
+    # Die of the signal itself, so the parent reports "killed by SIGTERM" and
+    # not an exception raised inside the user's function.
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 _parent_pid = -1

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from fedgpu.isolation import wire
-from fedgpu.isolation.errors import ChildDied, ChildRaised, ChildTimedOut, RemoteTraceback
+from fedgpu.isolation.errors import ChildDied, ChildRaised, ChildTimedOut, IsolationError, RemoteTraceback
 from fedgpu.isolation.procs import open_sentinel, signal_group, stop_group, wait_readable
 
 DEFAULT_GRACE_SECONDS = 3.0
@@ -64,38 +64,49 @@ class Child(Protocol):
 
 
 class SpawnedChild:
-    """A fresh interpreter running ``fedgpu.isolation.child``."""
+    """A fresh interpreter running ``fedgpu.isolation.child``.
+
+    ``stop`` may come from another thread (``Isolator.shutdown``) while the
+    calling thread finishes: both take the lock, and nothing is done twice.
+    """
 
     def __init__(self, popen: subprocess.Popen, sock: socket.socket) -> None:
         self.popen = popen
         self.pid = popen.pid
         self.sock = sock
         self._sentinel = open_sentinel(self.pid)
+        self._lock = threading.Lock()
+        self._returncode: int | None = None
 
     def wait_exit(self, timeout: float | None) -> bool:
+        if self._returncode is not None:
+            return True
         if self._sentinel is not None:
             return wait_readable(self._sentinel, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:  # no pidfd: peek without reaping
-            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            if info is not None:
+            if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(0.02)
 
     def stop(self, grace: float) -> None:
-        stop_group(self.pid, grace, self.wait_exit)
+        with self._lock:
+            if self._returncode is None:
+                stop_group(self.pid, grace, self.wait_exit)
 
     def finish(self) -> int:
-        # The leader is at worst a zombie here, so its group id is still ours.
-        signal_group(self.pid, signal.SIGKILL)
-        returncode = self.popen.wait()
-        if self._sentinel is not None:
-            os.close(self._sentinel)
-            self._sentinel = None
-        self.sock.close()
-        return returncode
+        with self._lock:
+            if self._returncode is None:
+                # The leader is at worst a zombie here, so its group id is still ours.
+                signal_group(self.pid, signal.SIGKILL)
+                self._returncode = self.popen.wait()
+                if self._sentinel is not None:
+                    os.close(self._sentinel)
+                    self._sentinel = None
+                self.sock.close()
+            return self._returncode
 
     @property
     def sentinel(self) -> int | None:
@@ -185,12 +196,20 @@ class Isolator:
         exit code or signal) or ChildTimedOut.
         """
         kwargs = dict(kwargs or {})
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if self._launcher is None:
+            if self._closed:
+                raise RuntimeError("this Isolator has been shut down")
             return self._run_in_process(fn, args, kwargs, env)
         child = self._start({**os.environ, **self._child_env(), **self.env, **(env or {})})
         try:
             return self._call(child, fn, args, kwargs, timeout)
         finally:
+            # Whatever went wrong here (an argument that does not pickle, a result
+            # that does not unpickle), the child and its group do not outlive the call.
+            child.stop(self.grace)
+            child.finish()
             with self._lock:
                 self._live.discard(child)
 
@@ -274,6 +293,8 @@ class Isolator:
                     self._kill_for_timeout(child, timeout)
                 except (EOFError, ConnectionResetError):
                     return None
+                except Exception as err:  # noqa: BLE001 - e.g. a result of a class we cannot import
+                    raise IsolationError(f"cannot load the result of child (pid {child.pid}): {err!r}", pid=child.pid) from err
             elif sentinel is not None and sentinel in events:
                 return None
 
