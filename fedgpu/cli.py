@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -46,17 +45,6 @@ def _watch_parent(parent_pid: int | None) -> None:
     from fedgpu.isolation.procs import die_with_parent
 
     die_with_parent(parent_pid, signal.SIGTERM)
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        # As servers do: connections of a previous run in TIME_WAIT do not count.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 positive = click.IntRange(min=1)
@@ -102,7 +90,9 @@ def server(**options: object) -> None:
     _watch_parent(options.pop("parent_pid"))  # type: ignore[arg-type]
     _check_task(str(options["task"]))
     host, port = str(options.pop("host")), int(options.pop("port"))  # type: ignore[call-overload]
-    if not _port_free(host, port):
+    from fedgpu.flower.node import port_free
+
+    if not port_free(port, host):
         _fail(f"port {port} on {host} is in use")
     run_dir = Path(options.pop("run_dir") or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()  # type: ignore[operator]
     try:

@@ -23,15 +23,26 @@ import os
 from typing import Any, Callable
 
 from flwr.app import Context, Message
+from flwr.supercore.task_identity import TaskIdentity
 
 import fedgpu.flower.transfer  # noqa: F401 - Flower Arrays travel out of band
 from fedgpu.isolation import Isolator
 
-_IN_CHILD = "FEDGPU_ISOLATED_CALL"
+# Set in every child that runs ClientApp code (here and in `fedgpu client --mp`):
+# there a decorated function runs directly instead of starting a nested child.
+IN_ISOLATED_CHILD = "FEDGPU_ISOLATED_CALL"
 ClientAppFunction = Callable[[Message, Context], Message]
 
 
-def _call_in_child(module: str, qualname: str, message: Message, context: Context) -> tuple[Message, Context]:
+def _task_identity() -> tuple[int | None, int | None, int | None]:
+    # Flower's per-process identity of the running task (set by its runtime).
+    return TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id  # noqa: SLF001
+
+
+def _call_in_child(
+    identity: tuple[int | None, int | None, int | None], module: str, qualname: str, message: Message, context: Context
+) -> tuple[Message, Context]:
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity  # noqa: SLF001
     target: Any = importlib.import_module(module)
     for part in qualname.split("."):
         target = getattr(target, part)
@@ -54,15 +65,15 @@ def isolate(
 
         @functools.wraps(function)
         def wrapper(message: Message, context: Context) -> Message:
-            if os.environ.get(_IN_CHILD) == "1" or mode == "none":
+            if os.environ.get(IN_ISOLATED_CHILD) == "1" or mode == "none":
                 return function(message, context)
             if not isolator:
-                isolator.append(Isolator(mode, env={**(env or {}), _IN_CHILD: "1"}))
+                isolator.append(Isolator(mode, env={**(env or {}), IN_ISOLATED_CHILD: "1"}))
                 atexit.register(isolator[0].shutdown)
             if function.__module__ == "__main__":
                 call: tuple[Any, ...] = (lambda m, c: (function(m, c), c), (message, context))
             else:
-                call = (_call_in_child, (function.__module__, function.__qualname__, message, context))
+                call = (_call_in_child, (_task_identity(), function.__module__, function.__qualname__, message, context))
             reply, child_context = isolator[0].run(*call, timeout=timeout).value
             context.state = child_context.state
             return reply

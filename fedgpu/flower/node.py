@@ -21,6 +21,7 @@ from logging import ERROR, INFO
 from flwr.supercore import log
 from flwr.supercore.exit import add_exit_handler
 
+from fedgpu.flower.isolate import IN_ISOLATED_CHILD
 from fedgpu.flower.runner import TaskRunner
 from fedgpu.isolation import Isolator
 
@@ -29,6 +30,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on host:port now."""
+    with socket.socket() as sock:
+        # As servers do: connections of a previous run in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
@@ -67,7 +80,11 @@ def run_client_node(settings: NodeSettings) -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     port = settings.runtime_port or free_port()
-    isolator = Isolator(settings.isolation, env=settings.child_env)
+    child_env = dict(settings.child_env)
+    if settings.isolation != "none":
+        # The ClientApp already runs in a child: @isolate inside it must not nest another.
+        child_env[IN_ISOLATED_CHILD] = "1"
+    isolator = Isolator(settings.isolation, env=child_env)
     runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout)
     add_exit_handler(runner.stop)  # Flower's SIGTERM/SIGINT path stops our children too
 

@@ -1,0 +1,1 @@
+"""isolated-app: a Flower app whose ClientApp work runs in short-lived children."""

@@ -1,0 +1,209 @@
+"""examples/isolate-clientapp: a user's own ClientApp isolated with ``@isolate()``.
+
+The example runs for real on Flower's deployment runtime (SuperLink, two
+SuperNodes, ``flwr run``) on 127.0.0.1; every process it starts inherits a
+unique EXAMPLE_MARKER, so "nothing left behind" is checked by scanning
+/proc/*/environ for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "isolate-clientapp"
+RUN_SH = EXAMPLE / "run.sh"
+RUN_TIMEOUT = 240
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc, setsid)"),
+    pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid (util-linux)"),
+]
+
+
+def _environ(pid: str) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # gone, or not ours
+        return []
+
+
+def _marked(marker: str, *also: str) -> list[int]:
+    """Live processes whose environment holds EXAMPLE_MARKER=marker (and every ``also``)."""
+    wanted = [f"EXAMPLE_MARKER={marker}".encode(), *(item.encode() for item in also)]
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            env = _environ(entry)
+            if all(item in env for item in wanted):
+                found.append(int(entry))
+    return found
+
+
+def _describe(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"{pid}: {command[:160]}")  # short: Flower passes run tokens on the command line
+        except OSError:
+            out.append(f"{pid}: (gone)")
+    return out
+
+
+def _leftovers(marker: str, settle: float = 3.0) -> list[int]:
+    """Marked processes still alive ``settle`` seconds after the example exited."""
+    deadline = time.monotonic() + settle
+    while (left := _marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def _kill_marked(marker: str) -> None:
+    """Clean-up only, after the assertions have looked: never leak into other tests."""
+    for pid in _marked(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """TERM run.sh (its trap stops what it started), then KILL if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start(tmp_path: Path, marker: str) -> tuple[subprocess.Popen, Path, Path]:
+    log = tmp_path / "run.out"
+    result = tmp_path / "result.json"
+    env = {**os.environ, "EXAMPLE_MARKER": marker, "WORK_DIR": str(tmp_path / "work"), "RUN_TIMEOUT": str(RUN_TIMEOUT)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(RUN_SH), str(result)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    return proc, log, result
+
+
+def _per_node(metrics: dict, key: str) -> list[int]:
+    value = metrics[key]
+    assert isinstance(value, list), f"{key} should be a per-node list, got {value!r}"
+    return [int(v) for v in value]
+
+
+def test_host_process_never_imports_torch() -> None:
+    """Calling the decorated train() runs torch in children only; state comes back."""
+    script = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1  # as flwr-clientapp sets them
+from isolated_app import client_app, task
+content = RecordDict({"arrays": ArrayRecord(task.initial_arrays(0)),
+    "config": ConfigRecord({"server-round": 1, "lr": 0.1, "local-epochs": 1, "batch-size": 32})})
+msg = Message(content=content, dst_node_id=1, message_type="train")
+ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
+              run_config={"seed": 0})
+replies = [dict(client_app.train(msg, ctx).content["metrics"]) for _ in range(2)]
+print(json.dumps({"host": os.getpid(), "torch": "torch" in sys.modules, "replies": replies,
+                  "state": dict(ctx.state["example"])}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "FEDGPU_ISOLATED_CALL"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(EXAMPLE)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["torch"] is False, "the process hosting the ClientApp imported torch"
+    pids = [reply["pid"] for reply in facts["replies"]]
+    assert len(set(pids)) == 2 and facts["host"] not in pids, facts
+    assert all(reply["isolated"] == 1 and reply["num-examples"] > 0 for reply in facts["replies"]), facts
+    # context.state written in the child came back: the second call saw the first one's count.
+    assert [reply["train-calls"] for reply in facts["replies"]] == [1, 2]
+    assert facts["state"] == {"train-calls": 2}
+
+
+def test_example_runs_on_flower_deployment_runtime(tmp_path: Path) -> None:
+    marker = f"fedgpu-test-{uuid.uuid4()}"
+    started = time.monotonic()
+    proc, log, result_file = _start(tmp_path, marker)
+    try:
+        try:
+            proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            pytest.fail(f"run.sh did not finish within {RUN_TIMEOUT}s:\n{log.read_text(errors='replace')[-4000:]}")
+        seconds = time.monotonic() - started
+        output = log.read_text(errors="replace")
+        left = _leftovers(marker)
+        assert proc.returncode == 0, f"run.sh exited {proc.returncode} after {seconds:.0f}s:\n{output[-4000:]}"
+        assert "run status finished:completed" in output
+        assert not left, "processes started by the example outlived it:\n" + "\n".join(_describe(left))
+    finally:
+        _kill_marked(marker)
+
+    result = json.loads(result_file.read_text())
+    assert result["status"] == "completed" and result["num_rounds"] == 2
+    assert result["final_accuracy"] > 0.5, result
+    assert result["final_accuracy"] > result["initial_accuracy"], result
+    assert result["serverapp_imported_torch"] is False
+
+    train = result["train_metrics_clientapp"]
+    evaluate = result["evaluate_metrics_clientapp"]
+    assert sorted(train) == sorted(evaluate) == ["1", "2"]
+    train_pids = [pid for r in ("1", "2") for pid in _per_node(train[r], "pid")]
+    evaluate_pids = [pid for r in ("1", "2") for pid in _per_node(evaluate[r], "pid")]
+    # Every train reply came from its own short-lived child.
+    assert len(train_pids) == 4 and len(set(train_pids)) == 4, train
+    assert not set(train_pids) & set(evaluate_pids), (train, evaluate)
+    for r in ("1", "2"):
+        assert _per_node(train[r], "partition-id") == [0, 1]
+        assert _per_node(train[r], "isolated") == [1, 1]
+        assert _per_node(evaluate[r], "isolated") == [1, 1]
+        # context.state made it back from each child to the SuperNode and into the next call.
+        assert _per_node(train[r], "train-calls") == [int(r), int(r)]
+    assert result["evaluate_metrics_clientapp"]["2"]["accuracy"] > 0.5
+
+
+def test_example_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    """TERM while a client's isolated child is training: nothing may outlive run.sh."""
+    marker = f"fedgpu-test-{uuid.uuid4()}"
+    proc, log, _ = _start(tmp_path, marker)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not _marked(marker, "FEDGPU_ISOLATED_CALL=1"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc)
+                pytest.fail(f"no isolated child appeared:\n{log.read_text(errors='replace')[-4000:]}")
+            time.sleep(0.1)
+        assert len(_marked(marker)) >= 5  # SuperLink, SuperExecs, SuperNodes, flwr-clientapp, child, ...
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            pytest.fail("run.sh did not stop within 30s of SIGTERM")
+        took = time.monotonic() - stopped
+        left = _leftovers(marker)
+        assert proc.returncode == 128 + signal.SIGTERM, log.read_text(errors="replace")[-3000:]
+        assert not left, f"outlived run.sh ({took:.1f}s to stop):\n" + "\n".join(_describe(left))
+        assert "SIGTERM received" in log.read_text(errors="replace")
+    finally:
+        _kill_marked(marker)
