@@ -111,6 +111,10 @@ def server(**options: object) -> None:
     write_connection(flwr_home, federation.server)
     click.echo(f"[fedgpu] run directory {run_dir}", err=True)
     status = "unknown"
+    # TERM/INT unwind through `finally`, which stops the SuperLink's whole tree:
+    # Flower starts its SuperExec in a new session, out of reach of group kills.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _frame: sys.exit(128 + received))
     try:
         federation.start_superlink()
         click.echo(f"[fedgpu] SuperLink ready on {host}:{port}", err=True)
