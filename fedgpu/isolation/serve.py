@@ -50,6 +50,15 @@ def _error_reply(exc: BaseException, prefix: str = "") -> tuple[Any, ...]:
 
 
 def _max_rss_kib() -> int:
+    # VmHWM starts afresh at exec; ru_maxrss would carry the peak of the parent
+    # we were forked from (a large parent would show as a large child).
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
