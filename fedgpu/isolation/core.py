@@ -206,8 +206,9 @@ class Isolator:
         try:
             return self._call(child, fn, args, kwargs, timeout)
         finally:
-            # Whatever went wrong here (an argument that does not pickle, a result
-            # that does not unpickle), the child and its group do not outlive the call.
+            # The one place a call's child is stopped and reaped: whatever ended
+            # the call (result, death, timeout, an argument that does not pickle),
+            # the child and its group do not outlive it.
             child.stop(self.grace)
             child.finish()
             with self._lock:
@@ -253,16 +254,14 @@ class Isolator:
             wire.send_object(child.sock, list(sys.path))
             wire.send_object(child.sock, (fn, args, kwargs))
         except socket.timeout:
-            self._kill_for_timeout(child, timeout)
+            raise ChildTimedOut(timeout, pid=child.pid) from None
         except (BrokenPipeError, ConnectionResetError):
             pass  # it died before reading everything: the wait below says how
         reply = self._await_reply(child, deadline, timeout)
         seconds = time.perf_counter() - started
         if reply is None:
             raise ChildDied(child.finish(), pid=child.pid)
-        if not child.wait_exit(self.grace):
-            child.stop(self.grace)
-        child.finish()
+        child.wait_exit(self.grace)  # let it exit by itself before `run` stops its group
         status, *body, facts = reply
         if status == "ok":
             return Outcome(body[0], child.pid, seconds, facts["work_seconds"], facts["max_rss_kib"], self.mode)
@@ -283,25 +282,20 @@ class Isolator:
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                self._kill_for_timeout(child, timeout)
+                raise ChildTimedOut(timeout, pid=child.pid)
             events = dict(poller.poll(None if remaining is None else int(remaining * 1000) + 1))
             if child.sock.fileno() in events:
                 try:
                     child.sock.settimeout(remaining)
                     return wire.recv_object(child.sock)
                 except socket.timeout:
-                    self._kill_for_timeout(child, timeout)
+                    raise ChildTimedOut(timeout, pid=child.pid) from None
                 except (EOFError, ConnectionResetError):
                     return None
                 except Exception as err:  # noqa: BLE001 - e.g. a result of a class we cannot import
                     raise IsolationError(f"cannot load the result of child (pid {child.pid}): {err!r}", pid=child.pid) from err
             elif sentinel is not None and sentinel in events:
                 return None
-
-    def _kill_for_timeout(self, child: Child, timeout: float | None) -> None:
-        child.stop(self.grace)
-        child.finish()
-        raise ChildTimedOut(timeout or 0.0, pid=child.pid)
 
     def _run_in_process(self, fn: Callable, args: tuple, kwargs: dict, env: Mapping[str, str] | None) -> Outcome:
         # The baseline: whatever the call allocates stays with this process.
