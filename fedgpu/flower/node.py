@@ -13,16 +13,16 @@ import signal
 import socket
 import sys
 import threading
-import time
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import ERROR, INFO
 
 from flwr.supercore import log
 from flwr.supercore.exit import add_exit_handler
 
 from fedgpu.flower.isolate import IN_ISOLATED_CHILD
+from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
+from fedgpu.flower.settings import toml_value
 from fedgpu.isolation import Isolator
 
 
@@ -51,23 +51,16 @@ class NodeSettings:
     isolation: str = "spawn"  # "none": the ClientApp runs in this process (baseline)
     timeout: float | None = None  # per message, in the child
     runtime_port: int | None = None
-    child_env: dict[str, str] = field(default_factory=dict)
     max_wait_time: float | None = None  # give up on an unreachable SuperLink
-    root_certificates: str | None = None  # TLS to the SuperLink; insecure without
 
 
 def format_node_config(config: dict[str, object]) -> str:
     """Flower's ``--node-config`` syntax: space-separated TOML key=value pairs."""
-    parts = []
-    for key, value in config.items():
-        rendered = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
-        parts.append(f"{key}={rendered}")
-    return " ".join(parts)
+    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
 def supernode_argv(settings: NodeSettings, runtime_port: int) -> list[str]:
-    argv = ["flower-supernode", "--superlink", settings.superlink]
-    argv += ["--root-certificates", settings.root_certificates] if settings.root_certificates else ["--insecure"]
+    argv = ["flower-supernode", "--superlink", settings.superlink, "--insecure"]
     argv += ["--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
     argv += ["--node-config", format_node_config(settings.node_config)]
     if settings.max_wait_time is not None:
@@ -80,17 +73,15 @@ def run_client_node(settings: NodeSettings) -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     port = settings.runtime_port or free_port()
-    child_env = dict(settings.child_env)
-    if settings.isolation != "none":
-        # The ClientApp already runs in a child: @isolate inside it must not nest another.
-        child_env[IN_ISOLATED_CHILD] = "1"
+    # The ClientApp already runs in a child: @isolate inside it must not nest another.
+    child_env = {IN_ISOLATED_CHILD: "1"} if settings.isolation != "none" else {}
     isolator = Isolator(settings.isolation, env=child_env)
     runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout)
     add_exit_handler(runner.stop)  # Flower's SIGTERM/SIGINT path stops our children too
 
     def serve() -> None:
         try:
-            _wait_for_health(port)
+            wait_for_health(f"http://127.0.0.1:{port}/health")
             log(INFO, "[fedgpu] task runner ready (isolation=%s, node pid %d)", settings.isolation, os.getpid())
             runner.serve_forever()
         except BaseException as err:  # a node that cannot serve must not linger
@@ -105,15 +96,3 @@ def run_client_node(settings: NodeSettings) -> None:
         flower_supernode()
     finally:
         runner.stop()
-
-
-def _wait_for_health(port: int) -> None:
-    url = f"http://127.0.0.1:{port}/health"
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)

@@ -9,16 +9,14 @@ run failed).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from fedgpu.flower.settings import RunSettings
+from fedgpu.flower.probe import wait_for_health
+from fedgpu.flower.settings import RunSettings, toml_value
 from fedgpu.isolation.procs import set_parent_death_signal, stop_tree
 
 CONNECTION = "fedgpu"
@@ -58,43 +56,25 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 9092
     ready_timeout: float = 60.0
-    ssl_ca_certfile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
 def write_app(app_dir: Path, run: RunSettings) -> None:
     from fedgpu import __version__
 
     app_dir.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{key} = {_toml_value(value)}" for key, value in run.to_run_config().items())
+    config = "\n".join(f"{key} = {toml_value(value)}" for key, value in run.to_run_config().items())
     (app_dir / "pyproject.toml").write_text(_APP_PYPROJECT.format(version=__version__, config=config))
 
 
 def write_connection(flwr_home: Path, server: ServerSettings) -> None:
     flwr_home.mkdir(parents=True, exist_ok=True)
     address = f"{server.host}:{server.port}"
-    lines = [f"[superlink.{CONNECTION}]", f'address = "{address}"']
-    lines.append(f'root-certificates = "{server.ssl_ca_certfile}"' if server.ssl_ca_certfile else "insecure = true")
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+    (flwr_home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n')
 
 
 def superlink_command(server: ServerSettings) -> list[str]:
-    command = ["flower-superlink", "--host", server.host, "--port", str(server.port)]
-    if server.ssl_certfile:
-        command += ["--ssl-ca-certfile", str(server.ssl_ca_certfile), "--ssl-certfile", server.ssl_certfile]
-        command += ["--ssl-keyfile", str(server.ssl_keyfile)]
-    else:
-        command += ["--insecure"]
-    return command + ["--disable-runtime-dependency-installation"]
+    return ["flower-superlink", "--host", server.host, "--port", str(server.port), "--insecure",
+            "--disable-runtime-dependency-installation"]
 
 
 def _die_with_us() -> None:
@@ -120,26 +100,13 @@ class Federation:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        scheme = "https" if self.server.ssl_certfile else "http"
-        url = f"{scheme}://{self.server.host}:{self.server.port}/health"
-        deadline = time.monotonic() + self.server.ready_timeout
-        context = None
-        if self.server.ssl_certfile:
-            import ssl
-
-            context = ssl.create_default_context(cafile=self.server.ssl_ca_certfile)
-        while time.monotonic() < deadline:
-            assert self.superlink is not None
-            if self.superlink.poll() is not None:
-                tail = _tail(self.run_dir / "superlink.log")
-                raise ServerError(f"SuperLink exited with code {self.superlink.returncode} while starting: {tail}")
-            try:
-                with urllib.request.urlopen(url, timeout=2, context=context) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
+        assert self.superlink is not None
+        url = f"http://{self.server.host}:{self.server.port}/health"
+        if wait_for_health(url, self.server.ready_timeout, alive=lambda: self.superlink.poll() is None):
+            return
+        if self.superlink.poll() is not None:
+            tail = _tail(self.run_dir / "superlink.log")
+            raise ServerError(f"SuperLink exited with code {self.superlink.returncode} while starting: {tail}")
         raise ServerError(f"SuperLink not ready at {url} after {self.server.ready_timeout:g} s")
 
     def submit_and_wait(self, console: IO[str]) -> str:

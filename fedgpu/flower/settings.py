@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from fedgpu.tasks.work import WorkSettings
 
 ISOLATION_MODES = ("spawn", "none")
+
+
+def toml_value(value: object) -> str:
+    """A value as TOML, as Flower reads run and node config."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
 @dataclass(frozen=True)
