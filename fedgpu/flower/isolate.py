@@ -23,9 +23,8 @@ import os
 from typing import Any, Callable
 
 from flwr.app import Context, Message
-from flwr.supercore.task_identity import TaskIdentity
 
-import fedgpu.flower.transfer  # noqa: F401 - Flower Arrays travel out of band
+from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
 from fedgpu.isolation import Isolator
 
 # Set in every child that runs ClientApp code (here and in `fedgpu client --mp`):
@@ -34,15 +33,10 @@ IN_ISOLATED_CHILD = "FEDGPU_ISOLATED_CALL"
 ClientAppFunction = Callable[[Message, Context], Message]
 
 
-def _task_identity() -> tuple[int | None, int | None, int | None]:
-    # Flower's per-process identity of the running task (set by its runtime).
-    return TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id  # noqa: SLF001
-
-
 def _call_in_child(
-    identity: tuple[int | None, int | None, int | None], module: str, qualname: str, message: Message, context: Context
+    identity: TaskIds, module: str, qualname: str, message: Message, context: Context
 ) -> tuple[Message, Context]:
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity  # noqa: SLF001
+    adopt_task_identity(identity)
     target: Any = importlib.import_module(module)
     for part in qualname.split("."):
         target = getattr(target, part)
@@ -73,7 +67,7 @@ def isolate(
             if function.__module__ == "__main__":
                 call: tuple[Any, ...] = (lambda m, c: (function(m, c), c), (message, context))
             else:
-                call = (_call_in_child, (_task_identity(), function.__module__, function.__qualname__, message, context))
+                call = (_call_in_child, (task_identity(), function.__module__, function.__qualname__, message, context))
             reply, child_context = isolator[0].run(*call, timeout=timeout).value
             context.state = child_context.state
             return reply

@@ -27,10 +27,9 @@ from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_htt
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-import fedgpu.flower.transfer  # noqa: F401 - Flower Arrays travel out of band
+from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
 from fedgpu.isolation import IsolationError, Isolator, Outcome
 
 # Key of the ConfigRecord the runner adds to every reply: how it was isolated.
@@ -44,14 +43,14 @@ class ClientAppCall:
     fab_id: str
     fab_version: str
     fab_hash: str
-    identity: tuple[int, int, int]  # task id, run id, node id
+    identity: TaskIds
     message: Message
     context: Context
 
 
 def run_client_app(call: ClientAppCall) -> tuple[Message, Context]:
     """Load the run's ClientApp and run it on one message (inside the child)."""
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = call.identity
+    adopt_task_identity(call.identity)
     load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
     client_app = load(call.fab_id, call.fab_version, call.fab_hash)
     reply = client_app(message=call.message, context=call.context)
@@ -125,7 +124,7 @@ class TaskRunner:
                 run.fab_id,
                 run.fab_version,
                 fab.hash_str,
-                (TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id),
+                task_identity(),  # set by pull_task_input
                 message,
                 context,
             )
@@ -137,14 +136,12 @@ class TaskRunner:
         except IsolationError as err:
             details = f"{err.reason} (child pid {err.pid})"
             log(ERROR, "[fedgpu] ClientApp failed in its child: %s", err)
-            if message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
         except Exception as err:  # noqa: BLE001 - answer the server instead of dying
             details = f"{type(err).__name__}: {err}"
             log(ERROR, "[fedgpu] ClientApp task failed: %s", details, exc_info=err)
-            if message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
         finally:
+            if sub_status == SubStatus.FAILED and message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
