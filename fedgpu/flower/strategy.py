@@ -34,16 +34,13 @@ class ExactFedAvg(FedAvg):
         self.settings = settings
         self.recorder = recorder
 
-    def _sample(self, grid: Grid, server_round: int, size: int) -> list[int]:
-        needed = self.settings.min_clients if server_round == 1 else size
-        node_ids, _ = sample_nodes(grid, needed, size)
-        return node_ids
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.recorder.round_started(server_round)
-        node_ids = self._sample(grid, server_round, self.settings.sampled)
+        sampled = self.settings.sampled
+        # sample_nodes(grid, connected, size) waits until `connected` nodes are up.
+        node_ids, _ = sample_nodes(grid, self.settings.min_clients if server_round == 1 else sampled, sampled)
         round_config = ConfigRecord(
             {
                 **config,
@@ -67,7 +64,7 @@ class ExactFedAvg(FedAvg):
     ) -> Iterable[Message]:
         if not self.settings.eval_sampled:
             return []
-        node_ids = self._sample(grid, server_round + 1, self.settings.eval_sampled)
+        node_ids, _ = sample_nodes(grid, self.settings.eval_sampled, self.settings.eval_sampled)
         record = RecordDict(
             {self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**config, "server-round": server_round})}
         )
