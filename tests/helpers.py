@@ -15,15 +15,16 @@ RUN_SH = ROOT / "run.sh"
 FEDGPU = ROOT / ".venv" / "bin" / "fedgpu"
 
 
-def processes_with_env(key: str, value: str) -> dict[int, str]:
-    """pid -> command line of every process whose environment has key=value."""
-    needle = f"{key}={value}".encode()
+def processes_with_env(key: str, value: str, *also: str) -> dict[int, str]:
+    """pid -> command line of every process whose environment has key=value (and each ``also``)."""
+    wanted = [f"{key}={value}".encode(), *(item.encode() for item in also)]
     found: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if all(item in environ for item in wanted):
                 found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
@@ -69,12 +70,17 @@ def start_run_sh(args: list[str], **kwargs) -> subprocess.Popen:
     )
 
 
-def kill_leftovers(run_dir: Path) -> list[str]:
-    """SIGKILL any process still carrying the run's marker; return what was found."""
-    left = processes_with_env("FEDGPU_RUN_DIR", str(run_dir))
+def kill_processes_with_env(key: str, value: str) -> list[str]:
+    """SIGKILL every process carrying key=value; return the command lines found."""
+    left = processes_with_env(key, value)
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
     return list(left.values())
+
+
+def kill_leftovers(run_dir: Path) -> list[str]:
+    """SIGKILL any process still carrying the run's marker; return what was found."""
+    return kill_processes_with_env("FEDGPU_RUN_DIR", str(run_dir))

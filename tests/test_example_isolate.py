@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import kill_processes_with_env, processes_with_env, wait_for
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "isolate-clientapp"
 RUN_SH = EXAMPLE / "run.sh"
@@ -31,51 +33,16 @@ pytestmark = [
 ]
 
 
-def _environ(pid: str) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:  # gone, or not ours
-        return []
+def _marked(marker: str, *also: str) -> dict[int, str]:
+    """Processes started by the example run with this marker (pid -> command line)."""
+    return processes_with_env("EXAMPLE_MARKER", marker, *also)
 
 
-def _marked(marker: str, *also: str) -> list[int]:
-    """Live processes whose environment holds EXAMPLE_MARKER=marker (and every ``also``)."""
-    wanted = [f"EXAMPLE_MARKER={marker}".encode(), *(item.encode() for item in also)]
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            env = _environ(entry)
-            if all(item in env for item in wanted):
-                found.append(int(entry))
-    return found
-
-
-def _describe(pids: list[int]) -> list[str]:
-    out = []
-    for pid in pids:
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            out.append(f"{pid}: {command[:160]}")  # short: Flower passes run tokens on the command line
-        except OSError:
-            out.append(f"{pid}: (gone)")
-    return out
-
-
-def _leftovers(marker: str, settle: float = 3.0) -> list[int]:
+def _leftovers(marker: str, settle: float = 3.0) -> list[str]:
     """Marked processes still alive ``settle`` seconds after the example exited."""
-    deadline = time.monotonic() + settle
-    while (left := _marked(marker)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
-
-
-def _kill_marked(marker: str) -> None:
-    """Clean-up only, after the assertions have looked: never leak into other tests."""
-    for pid in _marked(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    wait_for(lambda: not _marked(marker), settle, interval=0.1)
+    # Short: Flower passes run tokens on the command line.
+    return [f"{pid}: {command[:160]}" for pid, command in _marked(marker).items()]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -154,9 +121,9 @@ def test_example_runs_on_flower_deployment_runtime(tmp_path: Path) -> None:
         left = _leftovers(marker)
         assert proc.returncode == 0, f"run.sh exited {proc.returncode} after {seconds:.0f}s:\n{output[-4000:]}"
         assert "run status finished:completed" in output
-        assert not left, "processes started by the example outlived it:\n" + "\n".join(_describe(left))
+        assert not left, "processes started by the example outlived it:\n" + "\n".join(left)
     finally:
-        _kill_marked(marker)
+        kill_processes_with_env("EXAMPLE_MARKER", marker)
 
     result = json.loads(result_file.read_text())
     assert result["status"] == "completed" and result["num_rounds"] == 2
@@ -203,7 +170,7 @@ def test_example_stops_everything_on_sigterm(tmp_path: Path) -> None:
         took = time.monotonic() - stopped
         left = _leftovers(marker)
         assert proc.returncode == 128 + signal.SIGTERM, log.read_text(errors="replace")[-3000:]
-        assert not left, f"outlived run.sh ({took:.1f}s to stop):\n" + "\n".join(_describe(left))
+        assert not left, f"outlived run.sh ({took:.1f}s to stop):\n" + "\n".join(left)
         assert "SIGTERM received" in log.read_text(errors="replace")
     finally:
-        _kill_marked(marker)
+        kill_processes_with_env("EXAMPLE_MARKER", marker)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import threading
-import time
 from pathlib import Path
 
-import pytest
 
 from helpers import RUN_SH, kill_leftovers, maps_torch, pid_alive, processes_with_env
 
