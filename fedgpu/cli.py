@@ -1,4 +1,4 @@
-"""The ``fedgpu`` command: ``server`` and ``client``.
+"""The ``fedgpu`` command: ``server``, ``client`` and ``zygote``.
 
 Bad input is one line on stderr and exit code 2, before anything starts.
 """
@@ -47,6 +47,13 @@ def _watch_parent(parent_pid: int | None) -> None:
     die_with_parent(parent_pid, signal.SIGTERM)
 
 
+def _package_root_path() -> str:
+    # So that `python -m fedgpu...` finds this very package, even from a source tree.
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    return root + (os.pathsep + path if path else "")
+
+
 positive = click.IntRange(min=1)
 
 
@@ -78,7 +85,7 @@ def cli() -> None:
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=RunSettings.alpha, show_default=True, help="Dirichlet concentration.")
 @click.option("--seed", type=int, default=RunSettings.seed, show_default=True)
 @click.option("--data-files", default="", help="Local dataset files for tasks that would download (e.g. cifar10).")
-@click.option("--isolation", type=click.Choice(ISOLATION_MODES), default="spawn", show_default=True, help="How the server's own torch work runs.")
+@click.option("--isolation", type=click.Choice(ISOLATION_MODES), default="zygote", show_default=True, help="How the server's own torch work runs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="torch CPU threads per child (0: torch's default).")
 @click.option("--message-timeout", type=click.FloatRange(min=0, min_open=True), default=RunSettings.message_timeout, show_default=True, help="Seconds a round waits for replies.")
@@ -104,6 +111,9 @@ def server(**options: object) -> None:
     options["num_rounds"] = options.pop("rounds")
     run = RunSettings(run_dir=str(run_dir), **options)  # type: ignore[arg-type]
     flwr_home = run_dir / "flwr-home"
+    # Every process of the run carries this marker (the launcher sets it for
+    # the client nodes too): the host-memory sampler finds them by it.
+    os.environ.setdefault("FEDGPU_RUN_DIR", str(run_dir))
     env = {**os.environ, "FLWR_HOME": str(flwr_home)}
     federation = Federation(run, ServerSettings(host=host, port=port), env)
     from fedgpu.flower.server import write_connection
@@ -115,6 +125,9 @@ def server(**options: object) -> None:
     # Flower starts its SuperExec in a new session, out of reach of group kills.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: sys.exit(128 + received))
+    from fedgpu.monitor.host import HostMemorySampler, merge_into_report
+
+    sampler = HostMemorySampler(os.environ["FEDGPU_RUN_DIR"]).start()
     try:
         federation.start_superlink()
         click.echo(f"[fedgpu] SuperLink ready on {host}:{port}", err=True)
@@ -124,6 +137,13 @@ def server(**options: object) -> None:
         sys.exit(1)
     finally:
         federation.close()
+        memory = sampler.stop()
+        merge_into_report(str(run_dir / "report.json"), "host_memory", memory)
+        click.echo(
+            f"[fedgpu] peak memory of the run's processes: {memory['peak_total_pss_mib']:.0f} MiB PSS "
+            f"({memory['peak_total_rss_mib']:.0f} MiB summed RSS); see report.json",
+            err=True,
+        )
     click.echo(f"[fedgpu] run {status}; outputs in {run_dir}")
     sys.exit(0 if status == "finished:completed" else 1)
 
@@ -133,7 +153,8 @@ def server(**options: object) -> None:
 @click.option("--partition-id", type=click.IntRange(min=0), required=True)
 @click.option("--num-partitions", type=positive, required=True)
 @click.option("--mp/--no-mp", default=False, help="Run each message in a short-lived child (--mp) or in this process.")
-@click.option("--isolation", type=click.Choice([m for m in ISOLATION_MODES if m != "none"]), default="spawn", show_default=True, help="Child mode with --mp.")
+@click.option("--isolation", type=click.Choice([m for m in ISOLATION_MODES if m != "none"]), default="zygote", show_default=True, help="Child mode with --mp.")
+@click.option("--zygote", "zygote_dir", envvar="FEDGPU_ZYGOTE", type=click.Path(), default=None, help="Directory of the host's shared zygote (`fedgpu zygote`) [default: $FEDGPU_ZYGOTE, else a private one].")
 @click.option("--task", default=None, help="Refuse runs of any other task.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds a message may run before its child is killed.")
 @click.option("--runtime-port", type=click.IntRange(1, 65535), default=None, help="Port of this node's Runtime API on 127.0.0.1 [default: a free one].")
@@ -155,6 +176,9 @@ def client(**options: object) -> None:
     if options["task"]:
         _check_task(str(options["task"]))
         node_config["task"] = options["task"]
+    zygote_dir = options["zygote_dir"]
+    if zygote_dir and options["mp"] and options["isolation"] == "zygote" and not Path(str(zygote_dir)).is_dir():
+        _fail(f"--zygote {zygote_dir}: no such directory (start `fedgpu zygote --dir {zygote_dir}` first)")
     # A private Flower home: nodes on one host must not install FABs into the same directory at once.
     flwr_home = tempfile.mkdtemp(prefix="fedgpu-node-")
     os.environ["FLWR_HOME"] = flwr_home
@@ -164,6 +188,7 @@ def client(**options: object) -> None:
         superlink=superlink,
         node_config=node_config,
         isolation=str(options["isolation"]) if options["mp"] else "none",
+        zygote=zygote_dir,
         timeout=options["timeout"],  # type: ignore[arg-type]
         runtime_port=options["runtime_port"],  # type: ignore[arg-type]
         max_wait_time=options["max_wait_time"],  # type: ignore[arg-type]
@@ -174,6 +199,33 @@ def client(**options: object) -> None:
         import shutil
 
         shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+@cli.command()
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Private directory for its socket and key (created 0700 if missing).")
+@click.option("--task", "tasks", multiple=True, help="Task to warm up for (repeatable) [default: digits].")
+@click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
+def zygote(directory: str, tasks: tuple[str, ...], parent_pid: int | None) -> None:
+    """Serve this host's client nodes: fork each message's child from one warm process."""
+    _watch_parent(parent_pid)
+    tasks = tasks or ("digits",)
+    for task in tasks:
+        _check_task(task)
+    path = Path(directory)
+    if path.exists() and (not path.is_dir() or path.stat().st_mode & 0o077):
+        _fail(f"--dir {directory}: must be a private directory (mode 0700)")
+    if path.exists() and (path / "zygote.sock").exists():
+        _fail(f"--dir {directory}: a zygote socket is already there")
+    from fedgpu.flower.settings import zygote_warm_ups
+    from fedgpu.isolation.zygote import SINGLE_THREADED_ENV
+
+    # This process has loaded flwr and numpy (and their thread pools) already:
+    # become a fresh interpreter, same pid, with single-threaded libraries.
+    parent = ["--parent-pid", str(parent_pid)] if parent_pid else []
+    argv = [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", directory, *parent, *zygote_warm_ups(*tasks)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, {**SINGLE_THREADED_ENV, **os.environ, "PYTHONPATH": _package_root_path()})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ READY_TIMEOUT=120
 
 started=()  # leaders of the process groups we started
 stopping=0
+zygote_dir=""
 
 stop_all() {
     local pid deadline
@@ -22,6 +23,7 @@ stop_all() {
     for pid in "${started[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
     wait 2>/dev/null
     started=()
+    [[ -z $zygote_dir ]] || rm -rf "$zygote_dir"
 }
 
 any_alive() {
@@ -56,9 +58,11 @@ options:
   --port P             SuperLink port (default: a free one)
   --run-dir DIR        output directory (default: runs/<timestamp>)
   --timeout S          seconds a message may run before its child is killed
+  --isolation MODE     zygote (default: one warm process per host forks each
+                       message's child) or spawn (a fresh interpreter each)
   server options passed through: --eval-sampled --lr --lr-decay --local-epochs
     --batch-size --partitioner --alpha --seed --data-files --device --threads
-    --message-timeout --isolation
+    --message-timeout
 USAGE
 }
 
@@ -71,6 +75,8 @@ positional=()
 server_args=()
 client_args=()
 mp=1
+task=digits
+isolation=zygote
 port=""
 run_dir=""
 while (($#)); do
@@ -84,7 +90,8 @@ while (($#)); do
         --partitioner | --alpha | --seed | --data-files | --device | --threads | --message-timeout | --isolation)
         (($# >= 2)) || die_usage "option $1 needs a value"
         case $1 in
-        --task) server_args+=(--task "$2") && client_args+=(--task "$2") ;;
+        --task) task=$2 ;;
+        --isolation) isolation=$2 ;;
         --port) port=$2 ;;
         --run-dir) run_dir=$2 ;;
         --timeout) client_args+=(--timeout "$2") ;;
@@ -111,6 +118,9 @@ done
 if [[ -n $port ]]; then
     [[ $port =~ ^[0-9]+$ ]] && ((10#$port >= 1 && 10#$port <= 65535)) || die_usage "--port must be 1..65535, got '$port'"
 fi
+[[ $isolation == zygote || $isolation == spawn ]] || die_usage "--isolation must be zygote or spawn, got '$isolation'"
+server_args+=(--task "$task" --isolation "$isolation")
+client_args+=(--task "$task" --isolation "$isolation")
 command -v setsid >/dev/null || die_usage "setsid (util-linux) is required"
 
 # shellcheck source=launchers/env.sh
@@ -149,6 +159,16 @@ server_failed() { # pid: one line from the server's log, and its exit code
 }
 
 echo "run.sh: $clients clients, $min to start, $sampled per round, $rounds rounds; run directory $run_dir"
+zygote=""
+if [[ $isolation == zygote ]]; then
+    # One warm zygote for the host: every client node (and the server's own
+    # evaluation) forks its children from it. It warms up while the rest start.
+    zygote_dir=$(mktemp -d "${TMPDIR:-/tmp}/fedgpu-zygote.XXXXXX") || die_usage "cannot create a private directory for the zygote"
+    export FEDGPU_ZYGOTE=$zygote_dir
+    setsid "$FEDGPU" zygote --dir "$zygote_dir" --task "$task" --parent-pid $$ >"$run_dir/zygote.log" 2>&1 &
+    zygote=$!
+    started+=("$zygote")
+fi
 setsid "$FEDGPU" server --rounds "$rounds" --min-clients "$min" --sampled "$sampled" --port "$port" \
     --run-dir "$run_dir" --parent-pid $$ "${server_args[@]}" 2>"$run_dir/server.log" &
 server=$!
@@ -169,6 +189,10 @@ echo "run.sh: server and $clients client nodes started; logs in $run_dir"
 # Wait for the server, watching the client nodes: a run cannot finish with
 # fewer live nodes than it samples.
 while kill -0 "$server" 2>/dev/null; do
+    if [[ -n $zygote ]] && ! kill -0 "$zygote" 2>/dev/null; then
+        echo "run.sh: the zygote exited: $(grep -v '^\s*$' "$run_dir/zygote.log" | tail -n 1); see $run_dir/zygote.log" >&2
+        exit 1
+    fi
     alive=0
     for pid in "${clients_pids[@]}"; do kill -0 "$pid" 2>/dev/null && ((alive++)); done
     if ((alive < sampled)); then

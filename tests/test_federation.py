@@ -20,6 +20,7 @@ class ProcessSampler(threading.Thread):
         super().__init__(daemon=True)
         self.run_dir = run_dir
         self.seen: dict[int, str] = {}
+        self.parent: dict[int, int] = {}
         self.torch_pids: set[int] = set()
         self._halt = threading.Event()
 
@@ -27,6 +28,10 @@ class ProcessSampler(threading.Thread):
         while not self._halt.is_set():
             for pid, cmdline in processes_with_env("FEDGPU_RUN_DIR", str(self.run_dir)).items():
                 self.seen[pid] = cmdline
+                try:
+                    self.parent[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass
                 if maps_torch(pid):
                     self.torch_pids.add(pid)
             self._halt.wait(0.3)
@@ -63,7 +68,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_three_nodes_two_rounds_with_mp(tmp_path: Path) -> None:
+def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output, sampler = run_federation(run_dir, "3", "3", "3", "2", "--eval-sampled", "1")
     assert code == 0, output
@@ -88,12 +93,36 @@ def test_three_nodes_two_rounds_with_mp(tmp_path: Path) -> None:
     assert not node_pids & set(child_pids)
     assert len(node_pids) == 3
     assert not any(pid_alive(pid) for pid in child_pids), "children are gone afterwards"
-    assert all(m["isolation"] == "spawn" and m["node-torch-loaded"] is False for m in messages)
+    assert all(m["isolation"] == "zygote" and m["node-torch-loaded"] is False for m in messages)
 
-    # The parent side never mapped torch or CUDA; the children did.
+    # The parent side never mapped torch or CUDA; the zygote and its children did.
     assert len(sampler.long_lived(torch=False)) >= 5, sampler.seen
     assert sampler.long_lived(torch=True) == []
-    assert any(pid in sampler.torch_pids for pid in child_pids), "the sampler must see torch in children"
+    zygotes = [pid for pid, cmd in sampler.seen.items() if "fedgpu.isolation.zygote" in cmd and sampler.parent.get(pid) not in sampler.seen]
+    assert len(zygotes) == 1, "one zygote for the host, no private ones"
+    assert zygotes[0] in sampler.torch_pids
+    seen_children = [pid for pid in child_pids if pid in sampler.seen]
+    assert seen_children, "the sampler must see some children"
+    assert all(sampler.parent[pid] == zygotes[0] for pid in seen_children), "forked by the shared zygote"
+    assert any(pid in sampler.torch_pids for pid in seen_children)
+
+    # The server recorded the memory of every process of the run.
+    memory = report["host_memory"]
+    assert memory["samples"] > 5 and memory["peak_total_pss_mib"] > 0
+    assert memory["by_kind"]["client-node"]["most_at_once"] == 3
+    assert memory["by_kind"]["zygote"]["processes_seen"] == 1
+    assert memory["by_kind"]["call-child"]["processes_seen"] >= 1
+
+
+def test_spawn_remains_a_mode(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, output, sampler = run_federation(run_dir, "2", "2", "2", "1", "--isolation", "spawn")
+    assert code == 0, output
+    report = json.loads((run_dir / "report.json").read_text())
+    messages = report["rounds"][0]["messages"]
+    assert len(messages) == 2
+    assert all(m["isolation"] == "spawn" and m["node-torch-loaded"] is False for m in messages)
+    assert not any("fedgpu.isolation.zygote" in cmd for cmd in sampler.seen.values())
 
 
 def test_without_mp_the_node_itself_loads_torch(tmp_path: Path) -> None:

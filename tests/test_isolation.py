@@ -81,6 +81,36 @@ def reap():
                 pass
 
 
+CHILD_MODES = ["spawn", "zygote"]
+
+
+@pytest.fixture(scope="module")
+def shared_zygote(tmp_path_factory):
+    """One zygote for this module's zygote-mode tests, as a launcher runs it: (dir, pid)."""
+    directory = tmp_path_factory.mktemp("zygote")
+    os.chmod(directory, 0o700)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", str(directory), "--parent-pid", str(os.getpid()), "numpy"],
+        stdin=subprocess.DEVNULL,
+    )
+    yield str(directory), proc.pid
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(params=CHILD_MODES)
+def make_isolator(request):
+    """Isolator factory for each child mode; zygote mode uses the shared zygote."""
+
+    def make(**kwargs) -> Isolator:
+        if request.param == "zygote":
+            kwargs.setdefault("zygote", request.getfixturevalue("shared_zygote")[0])
+        return Isolator(request.param, **kwargs)
+
+    make.mode = request.param
+    return make
+
+
 def _gone(pid: int) -> bool:
     """True if ``pid`` no longer runs; a zombie (state Z) counts as gone.
 
@@ -237,10 +267,10 @@ def _grandchild_and_unloadable_result(scripts_dir: str, pidfile: str):
 N_FLOATS = 25_000_000  # float32: 100 MB
 
 
-def test_100mb_round_trip_returns_equal_writable_array():
+def test_100mb_round_trip_returns_equal_writable_array(make_isolator):
     arr = np.arange(N_FLOATS, dtype=np.float32)
     assert arr.nbytes == 100_000_000
-    with Isolator("spawn") as iso:
+    with make_isolator() as iso:
         outcome = iso.run(_double_plus_one, (arr,), timeout=30)
     out = outcome.value
     assert isinstance(out, np.ndarray)
@@ -249,10 +279,11 @@ def test_100mb_round_trip_returns_equal_writable_array():
     assert out.flags.writeable
     out[0] = 42.0  # really writable, not just flagged
     assert out[0] == 42.0
-    assert outcome.pid != os.getpid() and outcome.mode == "spawn"
+    assert outcome.pid != os.getpid() and outcome.mode == make_isolator.mode
     assert outcome.seconds >= outcome.work_seconds > 0
-    # Input (100 MB) + result (100 MB) + interpreter; an in-band pickle of the
-    # result would add at least 100 MB more on the child's side.
+    # Input (100 MB) + result (100 MB) + interpreter (for a zygote's child, the
+    # zygote's pages too: numpy only here); an in-band pickle of the result
+    # would add at least 100 MB more on the child's side.
     assert outcome.max_rss_kib < 330 * 1024, outcome.max_rss_kib
 
 
@@ -326,8 +357,8 @@ def test_wire_send_recv_over_socketpair():
 # --- 2./3. exceptions ----------------------------------------------------------------
 
 
-def test_child_exception_carries_remote_traceback():
-    with Isolator("spawn") as iso:
+def test_child_exception_carries_remote_traceback(make_isolator):
+    with make_isolator() as iso:
         with pytest.raises(ChildRaised) as info:
             iso.run(_raise_deep, (42,), timeout=30)
     err = info.value
@@ -347,7 +378,7 @@ def test_child_exception_carries_remote_traceback():
     assert isinstance(err, IsolationError) and "ValueError" in err.reason
 
 
-def test_child_exception_from_unimported_module_is_not_imported(monkeypatch):
+def test_child_exception_from_unimported_module_is_not_imported(monkeypatch, make_isolator):
     assert PROBE_MODULE not in sys.modules
     # Make the module importable here too, so that naively unpickling the
     # exception in the parent would succeed (and import it).
@@ -355,7 +386,7 @@ def test_child_exception_from_unimported_module_is_not_imported(monkeypatch):
     assert importlib.util.find_spec(PROBE_MODULE) is not None  # found, not imported
     assert PROBE_MODULE not in sys.modules
 
-    with Isolator("spawn") as iso:
+    with make_isolator() as iso:
         with pytest.raises(ChildRaised) as info:
             iso.run(_raise_probe_error, (str(SCRIPTS_DIR), "probe failure 7"), timeout=30)
     err = info.value
@@ -367,8 +398,8 @@ def test_child_exception_from_unimported_module_is_not_imported(monkeypatch):
     assert PROBE_MODULE not in sys.modules
 
 
-def test_child_exception_from_imported_module_is_rebuilt():
-    with Isolator("spawn") as iso:
+def test_child_exception_from_imported_module_is_rebuilt(make_isolator):
+    with make_isolator() as iso:
         with pytest.raises(ChildRaised) as info:
             iso.run(_raise_called_process_error, timeout=30)
     original = info.value.original
@@ -390,8 +421,8 @@ def test_child_exception_from_imported_module_is_rebuilt():
     ],
     ids=["sigkill", "segfault", "exit3"],
 )
-def test_child_death_is_named(fn, returncode, signal_name, words):
-    with Isolator("spawn") as iso:
+def test_child_death_is_named(fn, returncode, signal_name, words, make_isolator):
+    with make_isolator() as iso:
         with pytest.raises(ChildDied) as info:
             iso.run(fn, timeout=30)
     err = info.value
@@ -413,9 +444,9 @@ def test_child_death_is_named(fn, returncode, signal_name, words):
 # --- 5./6./7. timeouts and process groups ---------------------------------------------
 
 
-def test_timeout_kills_child_and_grandchild(tmp_path, reap):
+def test_timeout_kills_child_and_grandchild(tmp_path, reap, make_isolator):
     pidfile = tmp_path / "pids"
-    with Isolator("spawn", grace=0.5) as iso:
+    with make_isolator(grace=0.5) as iso:
         started = time.monotonic()
         with pytest.raises(ChildTimedOut) as info:
             iso.run(_grandchild_then_sleep, (str(pidfile),), timeout=3)
@@ -429,10 +460,10 @@ def test_timeout_kills_child_and_grandchild(tmp_path, reap):
     assert _wait_gone([child, grandchild], 1.0) == []
 
 
-def test_timeout_kills_child_that_ignores_sigterm(tmp_path, reap):
+def test_timeout_kills_child_that_ignores_sigterm(tmp_path, reap, make_isolator):
     pidfile = tmp_path / "pids"
     grace = 0.5
-    with Isolator("spawn", grace=grace) as iso:
+    with make_isolator(grace=grace) as iso:
         started = time.monotonic()
         with pytest.raises(ChildTimedOut) as info:
             iso.run(_trap_sigterm_then_sleep, (str(pidfile),), timeout=2.5)
@@ -447,8 +478,8 @@ def test_timeout_kills_child_that_ignores_sigterm(tmp_path, reap):
     assert _wait_gone([child], 1.0) == []
 
 
-def test_grandchild_left_after_success_is_killed(reap):
-    with Isolator("spawn") as iso:
+def test_grandchild_left_after_success_is_killed(reap, make_isolator):
+    with make_isolator() as iso:
         outcome = iso.run(_leave_grandchild, timeout=30)
     grandchild = outcome.value
     reap.append(grandchild)
@@ -460,10 +491,14 @@ def test_grandchild_left_after_success_is_killed(reap):
 # --- 8./9. real parent processes --------------------------------------------------------
 
 
-def test_child_dies_with_its_parent(tmp_path, reap):
+@pytest.mark.parametrize("how", ["spawn", "private-zygote", "shared-zygote"])
+def test_child_dies_with_its_parent(tmp_path, reap, how, request):
     pidfile = tmp_path / "pids"
+    args = {"spawn": ["spawn"], "private-zygote": ["zygote"]}.get(how)
+    if args is None:
+        args = ["zygote", request.getfixturevalue("shared_zygote")[0]]
     parent = subprocess.Popen(
-        [sys.executable, str(SCRIPTS_DIR / "parent_dies.py"), str(pidfile)],
+        [sys.executable, str(SCRIPTS_DIR / "parent_dies.py"), str(pidfile), *args],
         stdin=subprocess.DEVNULL,
     )
     reap.append(parent.pid)
@@ -471,7 +506,14 @@ def test_child_dies_with_its_parent(tmp_path, reap):
         child, grandchild = _wait_pids(pidfile, 20)
         reap.extend([child, grandchild])
         assert not _gone(child) and not _gone(grandchild)
-        assert psutil.Process(child).ppid() == parent.pid
+        forker = psutil.Process(child).ppid()
+        if how == "spawn":
+            assert forker == parent.pid
+        elif how == "private-zygote":  # the zygote is the caller's child
+            assert psutil.Process(forker).ppid() == parent.pid
+            reap.append(forker)
+        else:  # the shared zygote sees its caller's connection close
+            assert forker == request.getfixturevalue("shared_zygote")[1]
         assert os.getpgid(grandchild) == child  # the child leads its own group
         parent.kill()
         assert parent.wait(5) == -signal.SIGKILL
@@ -482,9 +524,10 @@ def test_child_dies_with_its_parent(tmp_path, reap):
             parent.wait(5)
 
 
-def test_main_module_functions_closures_and_lambdas_travel():
+@pytest.mark.parametrize("mode", CHILD_MODES)
+def test_main_module_functions_closures_and_lambdas_travel(mode):
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS_DIR / "main_functions.py")],
+        [sys.executable, str(SCRIPTS_DIR / "main_functions.py"), mode],
         capture_output=True,
         text=True,
         timeout=30,
@@ -526,15 +569,17 @@ def test_env_reaches_child_at_interpreter_start():
         assert sys.dont_write_bytecode is False
 
 
-def test_each_call_is_a_new_child_leading_its_own_group_and_session():
-    with Isolator("spawn") as iso:
+def test_each_call_is_a_new_child_leading_its_own_group_and_session(make_isolator, request):
+    with make_isolator() as iso:
         outcomes = [iso.run(_process_ids, timeout=30) for _ in range(3)]
+    # A spawned child is ours; a zygote's child is the zygote's, which reaps it.
+    parent = request.getfixturevalue("shared_zygote")[1] if make_isolator.mode == "zygote" else os.getpid()
     pids = [o.value["pid"] for o in outcomes]
     assert len(set(pids)) == 3 and os.getpid() not in pids
     for outcome in outcomes:
         ids = outcome.value
         assert outcome.pid == ids["pid"]
-        assert ids["ppid"] == os.getpid()
+        assert ids["ppid"] == parent
         assert ids["pgid"] == ids["pid"] != os.getpgid(0)
         assert ids["sid"] == ids["pid"] != os.getsid(0)
         assert _gone(ids["pid"])
@@ -575,10 +620,10 @@ def test_mode_none_runs_in_process():
     [_pid_then_sleep, _ignore_sigterm_pid_then_sleep],
     ids=["cooperative", "ignores-sigterm"],
 )
-def test_shutdown_from_another_thread_stops_call_in_flight(tmp_path, reap, fn):
+def test_shutdown_from_another_thread_stops_call_in_flight(tmp_path, reap, fn, make_isolator):
     pidfile = tmp_path / "pids"
     grace = 0.5
-    iso = Isolator("spawn", grace=grace)
+    iso = make_isolator(grace=grace)
     stopper_errors: list[BaseException] = []
     shutdown_at: list[float] = []
 
@@ -623,14 +668,14 @@ def test_unknown_mode_is_refused(mode):
     with pytest.raises(ValueError) as info:
         Isolator(mode)
     assert repr(mode) in str(info.value)
-    assert "spawn" in str(info.value) and "none" in str(info.value)
+    assert all(name in str(info.value) for name in ("zygote", "spawn", "none"))
 
 
 # --- failures on our side of the pipe still clean up -------------------------------------
 
 
-def test_unpicklable_argument_leaks_no_descriptor_or_child():
-    with Isolator("spawn") as iso:
+def test_unpicklable_argument_leaks_no_descriptor_or_child(make_isolator):
+    with make_isolator() as iso:
         iso.run(_process_ids, timeout=30)  # warm up lazy imports and fds
         gc.collect()
         before = _open_fds()
@@ -642,9 +687,9 @@ def test_unpicklable_argument_leaks_no_descriptor_or_child():
     assert after == before, f"leaked fds: {sorted(after - before)}"
 
 
-def test_unloadable_result_still_stops_the_group(tmp_path, reap):
+def test_unloadable_result_still_stops_the_group(tmp_path, reap, make_isolator):
     pidfile = tmp_path / "pids"
-    with Isolator("spawn") as iso:
+    with make_isolator() as iso:
         with pytest.raises(IsolationError):
             iso.run(_grandchild_and_unloadable_result, (str(SCRIPTS_DIR), str(pidfile)), timeout=30)
     (grandchild,) = _wait_pids(pidfile, 0)
@@ -663,9 +708,9 @@ def _stubborn_grandchild_and_sleep() -> None:
     time.sleep(300)
 
 
-def test_shutdown_with_two_stubborn_children_in_flight_stops_both():
+def test_shutdown_with_two_stubborn_children_in_flight_stops_both(make_isolator):
     """shutdown() races with the calling threads finishing their children."""
-    iso = Isolator("spawn", grace=1)
+    iso = make_isolator(grace=1)
     outcomes: dict[str, str] = {}
 
     def call(name: str, fn) -> None:
@@ -688,6 +733,22 @@ def test_shutdown_with_two_stubborn_children_in_flight_stops_both():
     assert outcomes == {"stubborn": "ChildDied", "grandchild": "ChildDied"}, outcomes
 
 
-def test_timeout_must_be_positive():
-    with Isolator("spawn") as iso, pytest.raises(ValueError, match="timeout"):
+def test_timeout_must_be_positive(make_isolator):
+    with make_isolator() as iso, pytest.raises(ValueError, match="timeout"):
         iso.run(len, ((),), timeout=0)
+
+
+def _allocate_then_sigkill_self() -> None:
+    hold = np.ones(300_000_000 // 8)  # 300 MB, touched
+    assert hold.sum() > 0
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_death_names_the_childs_peak_memory(make_isolator):
+    """For an OOM kill, the peak RSS is the first thing a reader wants to know."""
+    with make_isolator() as iso:
+        with pytest.raises(ChildDied) as info:
+            iso.run(_allocate_then_sigkill_self, timeout=30)
+    assert info.value.signal_name == "SIGKILL"
+    peak_mib = int(str(info.value).split("peak RSS was ")[1].split(" MiB")[0])
+    assert 300 <= peak_mib < 2000, str(info.value)

@@ -22,7 +22,7 @@ from flwr.supercore.exit import add_exit_handler
 from fedgpu.flower.isolate import IN_ISOLATED_CHILD
 from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
-from fedgpu.flower.settings import toml_value
+from fedgpu.flower.settings import toml_value, zygote_warm_ups
 from fedgpu.isolation import Isolator
 
 
@@ -48,7 +48,8 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 class NodeSettings:
     superlink: str
     node_config: dict[str, object]
-    isolation: str = "spawn"  # "none": the ClientApp runs in this process (baseline)
+    isolation: str = "zygote"  # "none": the ClientApp runs in this process (baseline)
+    zygote: str | None = None  # the host's shared zygote; None: $FEDGPU_ZYGOTE, else a private one
     timeout: float | None = None  # per message, in the child
     runtime_port: int | None = None
     max_wait_time: float | None = None  # give up on an unreachable SuperLink
@@ -75,7 +76,8 @@ def run_client_node(settings: NodeSettings) -> None:
     port = settings.runtime_port or free_port()
     # The ClientApp already runs in a child: @isolate inside it must not nest another.
     child_env = {IN_ISOLATED_CHILD: "1"} if settings.isolation != "none" else {}
-    isolator = Isolator(settings.isolation, env=child_env)
+    task = settings.node_config.get("task")
+    isolator = Isolator(settings.isolation, env=child_env, zygote=settings.zygote, warm_ups=zygote_warm_ups(*([str(task)] if task else [])))
     runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout)
     add_exit_handler(runner.stop)  # Flower's SIGTERM/SIGINT path stops our children too
 

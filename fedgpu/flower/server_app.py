@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedgpu.flower.recorder import RunRecorder
-from fedgpu.flower.settings import RunSettings
+from fedgpu.flower.settings import RunSettings, zygote_warm_ups
 from fedgpu.flower.strategy import ExactFedAvg
 from fedgpu.isolation import Isolator
 from fedgpu.tasks.work import evaluate_global, initial_arrays
@@ -26,7 +26,8 @@ def main(grid: Grid, context: Context) -> None:
     work = settings.work()
     arrays = None
     try:
-        with Isolator(settings.isolation) as isolator:
+        # A launcher's shared zygote ($FEDGPU_ZYGOTE) serves us too; else a private one.
+        with Isolator(settings.isolation, warm_ups=zygote_warm_ups(settings.task)) as isolator:
 
             def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
                 outcome = isolator.run(evaluate_global, (work, arrays.to_numpy_ndarrays()))

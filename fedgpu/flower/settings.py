@@ -8,7 +8,18 @@ from typing import Any
 
 from fedgpu.tasks.work import WorkSettings
 
-ISOLATION_MODES = ("spawn", "none")
+ISOLATION_MODES = ("zygote", "spawn", "none")
+
+
+def zygote_warm_ups(*tasks: str) -> list[str]:
+    """What a zygote serving these tasks imports and exercises before it forks.
+
+    The runner and the ClientApp module (and the flwr modules they import) are
+    what every child unpickles its call into; each task's own warm-up builds its
+    model and runs one CPU step.
+    """
+    warm_ups = ["torch", "fedgpu.flower.runner", "fedgpu.flower.client_app"]
+    return warm_ups + [f"fedgpu.tasks.work:warm_up={task}" for task in tasks]
 
 
 def toml_value(value: object) -> str:
@@ -36,7 +47,7 @@ class RunSettings:
     seed: int = 42
     data_files: str = ""  # local dataset files instead of a hub download
     run_dir: str = ""
-    isolation: str = "spawn"  # how the server's own torch work is isolated
+    isolation: str = "zygote"  # how the server's own torch work is isolated
     device: str = "auto"
     threads: int = 1
     message_timeout: float = 600.0  # how long a round waits for its replies

@@ -2,7 +2,8 @@
 
 The child is the leader of its own session and process group (so the parent can
 stop it with everything it started), dies with its parent, receives one call
-through the socket, answers once and exits.
+through the socket, answers once and exits. A child forked by the zygote goes
+through the same ``become_call_child`` before serving its call.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import signal
 import socket
 import sys
+
+_parent_pid = -1
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:
@@ -24,16 +27,19 @@ def _on_sigterm(signum: int, _frame: object) -> None:
     os.kill(os.getpid(), signum)
 
 
-_parent_pid = -1
+def become_call_child(parent_pid: int) -> None:
+    """TERM kills us (and our group when orphaned); so does our parent's death."""
+    global _parent_pid
+    from fedgpu.isolation.procs import die_with_parent
+
+    _parent_pid = parent_pid
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    die_with_parent(parent_pid, signal.SIGTERM)
 
 
 def main(argv: list[str]) -> None:
-    global _parent_pid
-    fd, _parent_pid = int(argv[1]), int(argv[2])
-    from fedgpu.isolation.procs import die_with_parent
-
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    die_with_parent(_parent_pid, signal.SIGTERM)
+    fd, parent_pid = int(argv[1]), int(argv[2])
+    become_call_child(parent_pid)
     sock = socket.socket(fileno=fd)
     from fedgpu.isolation.serve import serve_one_call
 

@@ -5,9 +5,11 @@ its process sentinel (a pidfd), not by polling; it stops a child by its process
 group (TERM, a grace period, then KILL), so grandchildren go too; and its
 ``shutdown`` is the one place that tears down whatever is still running.
 
-Modes are launchers: ``spawn`` starts a fresh interpreter per call; ``none``
-runs the call in this process (the naive baseline). A warm forking mode is one
-more launcher that hands back a child with the same four operations.
+Modes are launchers: ``zygote`` forks each call from a warm process that has
+imported everything but never touched CUDA (``fedgpu.isolation.zygote``);
+``spawn`` starts a fresh interpreter per call; ``none`` runs the call in this
+process (the naive baseline). Each launcher hands back a child with the same
+four operations.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from fedgpu.isolation import wire
 from fedgpu.isolation.errors import ChildDied, ChildRaised, ChildTimedOut, IsolationError, RemoteTraceback
@@ -52,6 +54,7 @@ class Child(Protocol):
 
     pid: int
     sock: socket.socket
+    max_rss_kib: int  # known once it has exited; 0 if not
 
     def wait_exit(self, timeout: float | None) -> bool:
         """True once the child has exited (it may stay unreaped)."""
@@ -77,6 +80,7 @@ class SpawnedChild:
         self._sentinel = open_sentinel(self.pid)
         self._lock = threading.Lock()
         self._returncode: int | None = None
+        self.max_rss_kib = 0  # from the kernel once reaped (kept across exec: an upper bound)
 
     def wait_exit(self, timeout: float | None) -> bool:
         if self._returncode is not None:
@@ -101,7 +105,12 @@ class SpawnedChild:
             if self._returncode is None:
                 # The leader is at worst a zombie here, so its group id is still ours.
                 signal_group(self.pid, signal.SIGKILL)
-                self._returncode = self.popen.wait()
+                try:
+                    _, status, usage = os.wait4(self.pid, 0)
+                    self._returncode = self.popen.returncode = os.waitstatus_to_exitcode(status)
+                    self.max_rss_kib = usage.ru_maxrss
+                except ChildProcessError:
+                    self._returncode = self.popen.wait()
                 if self._sentinel is not None:
                     os.close(self._sentinel)
                     self._sentinel = None
@@ -117,6 +126,9 @@ class SpawnLauncher:
     """``spawn``: a new Python process per call; nothing is inherited but env."""
 
     name = "spawn"
+
+    def close(self) -> None:
+        pass
 
     def start(self, env: Mapping[str, str]) -> SpawnedChild:
         parent_sock, child_sock = socket.socketpair()
@@ -136,8 +148,7 @@ class SpawnLauncher:
         return SpawnedChild(popen, parent_sock)
 
 
-LAUNCHERS: dict[str, Callable[[], Any]] = {"spawn": SpawnLauncher}
-MODES = ("spawn", "none")
+MODES = ("zygote", "spawn", "none")
 
 
 def _load_exception(pickled: tuple[str, bytes] | None) -> BaseException | None:
@@ -170,13 +181,24 @@ class Isolator:
         *,
         env: Mapping[str, str] | None = None,
         grace: float = DEFAULT_GRACE_SECONDS,
+        zygote: str | None = None,
+        warm_ups: Sequence[str] = (),
     ) -> None:
+        """``zygote``: a shared zygote's directory (default ``$FEDGPU_ZYGOTE``);
+        without one, mode ``zygote`` starts a private zygote warmed with
+        ``warm_ups`` (see ``fedgpu.isolation.zygote``)."""
         if mode not in MODES:
             raise ValueError(f"unknown isolation mode {mode!r} (choose from {', '.join(MODES)})")
         self.mode = mode
         self.env = dict(env or {})
         self.grace = grace
-        self._launcher = LAUNCHERS[mode]() if mode != "none" else None
+        self._launcher: Any = None
+        if mode == "spawn":
+            self._launcher = SpawnLauncher()
+        elif mode == "zygote":
+            from fedgpu.isolation.zygote import ZygoteLauncher
+
+            self._launcher = ZygoteLauncher(zygote, warm_ups=warm_ups)
         self._live: set[Child] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -224,6 +246,8 @@ class Isolator:
         deadline = time.monotonic() + (self.grace if grace is None else grace)
         for child in children:
             child.stop(max(0.0, deadline - time.monotonic()))
+        if self._launcher is not None:
+            self._launcher.close()  # a private zygote goes with us
 
     def __enter__(self) -> "Isolator":
         return self
@@ -260,7 +284,9 @@ class Isolator:
         reply = self._await_reply(child, deadline, timeout)
         seconds = time.perf_counter() - started
         if reply is None:
-            raise ChildDied(child.finish(), pid=child.pid)
+            returncode = child.finish()
+            peak = f"its peak RSS was {child.max_rss_kib / 1024:.0f} MiB" if child.max_rss_kib else ""
+            raise ChildDied(returncode, pid=child.pid, detail=peak)
         child.wait_exit(self.grace)  # let it exit by itself before `run` stops its group
         status, *body, facts = reply
         if status == "ok":

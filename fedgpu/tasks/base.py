@@ -24,6 +24,9 @@ class Task:
     # Recommended client hyper-parameters for this task (callers may override).
     default_local_epochs: int = 1
     default_lr: float = 0.01
+    # What a zygote loads before it forks children for this task (see warm_up).
+    preload_modules: tuple[str, ...] = ()
+    input_shape: tuple[int, ...] | None = None  # one example, for warm_up's dummy batch
 
     def __init__(
         self,
@@ -64,6 +67,24 @@ class Task:
     def load_test_split(self) -> Iterable:
         """Batches of the held-out test split (server-side central evaluation)."""
         raise NotImplementedError
+
+    def warm_up(self) -> None:
+        """Import and exercise the CPU paths once, in a zygote, before it forks.
+
+        Children forked afterwards skip these imports and the lazy ones behind
+        the first optimizer step. Must never initialise CUDA.
+        """
+        import importlib
+
+        import torch
+
+        for module in self.preload_modules:
+            importlib.import_module(module)
+        model = self.build_model()
+        if self.input_shape is not None:
+            batch = [(torch.zeros((2, *self.input_shape)), torch.zeros(2, dtype=torch.long))]
+            self.train(model, batch, epochs=1, lr=0.0, device="cpu")
+            self.evaluate(model, batch, device="cpu")
 
     # --- partitioning -------------------------------------------------------
 

@@ -49,6 +49,8 @@ class Cifar10Task(Task):
     name = "cifar10"
     default_local_epochs = 1
     default_lr = 0.01
+    preload_modules = ("datasets", "flwr_datasets", "torchvision.transforms")
+    input_shape = (3, 32, 32)
 
     def __init__(self, *, data_files: str = "", **options: Any) -> None:
         super().__init__(**options)

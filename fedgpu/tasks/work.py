@@ -34,6 +34,11 @@ def _setup(settings: WorkSettings):
     return load_task(settings.task, settings.options), device
 
 
+def warm_up(task: str) -> None:
+    """A zygote's warm-up for ``task`` (on CPU; CUDA stays untouched)."""
+    load_task(task).warm_up()
+
+
 def initial_arrays(settings: WorkSettings) -> list:
     task, _ = _setup(settings)
     return task.get_arrays(task.build_model())

@@ -1,4 +1,4 @@
-"""Run as __main__: functions defined here travel to a spawned child by value.
+"""Run as __main__: functions defined here travel to a child (spawned or forked by a zygote) by value.
 
 Prints one JSON object with the results of a module-level function that uses a
 module-level global and an imported module, a closure and a lambda.
@@ -7,6 +7,7 @@ module-level global and an imported module, a closure and a lambda.
 import json
 import math
 import os
+import sys
 
 from fedgpu.isolation import Isolator
 
@@ -33,7 +34,7 @@ def whoami():
 if __name__ == "__main__":
     add7 = make_adder(7)
     square = lambda x: x * x  # noqa: E731
-    with Isolator("spawn") as iso:
+    with Isolator(sys.argv[1] if len(sys.argv) > 1 else "spawn") as iso:
         results = {
             "hypot_scaled": iso.run(hypot_scaled, (3, 4)).value,
             "closure": iso.run(add7, (1,)).value,

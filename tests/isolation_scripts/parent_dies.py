@@ -1,7 +1,8 @@
 """A parent that runs a long call in an isolated child, to be SIGKILLed by the test.
 
-usage: python parent_dies.py PIDFILE
-The child writes "CHILD_PID GRANDCHILD_PID" to PIDFILE, then sleeps.
+usage: python parent_dies.py PIDFILE [MODE [ZYGOTE_DIR]]
+The child writes "CHILD_PID GRANDCHILD_PID" to PIDFILE, then sleeps. MODE is
+spawn (default) or zygote; without ZYGOTE_DIR a zygote is private to us.
 """
 
 import sys
@@ -22,5 +23,7 @@ def long_call(pidfile: str) -> None:
 
 
 if __name__ == "__main__":
-    with Isolator("spawn", grace=0.5) as iso:
+    mode = sys.argv[2] if len(sys.argv) > 2 else "spawn"
+    zygote = sys.argv[3] if len(sys.argv) > 3 else None
+    with Isolator(mode, grace=0.5, zygote=zygote) as iso:
         iso.run(long_call, (sys.argv[1],))

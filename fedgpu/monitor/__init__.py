@@ -1,0 +1,1 @@
+"""Monitoring of a run's processes (host memory); never imports torch."""

@@ -1,0 +1,158 @@
+"""Host memory of every process of one run, sampled in a background thread.
+
+A process is ours when its environment carries the run's marker (the launcher
+exports ``FEDGPU_RUN_DIR``; every process below inherits it, zygote children
+included). RSS counts pages shared between processes once per process, so the
+sum over-counts forked children and the zygote; PSS (proportional set size)
+splits shared pages among their users, and its sum is the memory really used.
+Both totals are recorded. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+MIB = 1024 * 1024
+MARKER = "FEDGPU_RUN_DIR"
+
+
+def process_kind(cmdline: list[str], zygote_pids: set[int], ppid: int) -> str:
+    """What a process of ours is, from its command line and parent."""
+    if ppid in zygote_pids or "fedgpu.isolation.child" in cmdline:
+        return "call-child"
+    if "fedgpu.isolation.zygote" in cmdline:
+        return "zygote"
+    for position, arg in enumerate(cmdline[:-1]):
+        if os.path.basename(arg) == "fedgpu":  # `fedgpu SUBCOMMAND ...`
+            return {"client": "client-node", "zygote": "zygote"}.get(cmdline[position + 1], "server-side")
+    return "server-side"  # SuperLink, SuperExec, ServerApp, flwr run, probes
+
+
+def pss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@dataclass
+class _Peak:
+    total_rss: int = 0
+    total_pss: int = 0
+    processes: int = 0
+    at: float = 0.0
+
+
+@dataclass
+class HostMemorySampler:
+    """Samples RSS and PSS of the run's processes every ``interval`` seconds."""
+
+    marker_value: str
+    interval: float = 1.0
+    marker: str = MARKER
+    samples: int = 0
+    peak: _Peak = field(default_factory=_Peak)
+    _ours: dict[tuple[int, float], bool] = field(default_factory=dict)
+    _per_kind: dict[str, dict[int, int]] = field(default_factory=dict)  # kind -> pid -> peak rss
+    _kind_counts: dict[str, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _started: float = 0.0
+
+    def start(self) -> "HostMemorySampler":
+        self._started = time.time()
+        self._thread = threading.Thread(target=self._loop, name="fedgpu-host-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.summary()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.sample()
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def _is_ours(self, proc: psutil.Process) -> bool:
+        key = (proc.pid, proc.info["create_time"] or 0.0)
+        if key not in self._ours:
+            try:
+                self._ours[key] = proc.environ().get(self.marker) == self.marker_value
+            except (psutil.Error, OSError):
+                self._ours[key] = False
+        return self._ours[key]
+
+    def sample(self) -> None:
+        ours = []
+        for proc in psutil.process_iter(["create_time", "ppid", "cmdline", "memory_info"]):
+            if proc.info["memory_info"] is not None and self._is_ours(proc):
+                ours.append(proc)
+        zygote_pids = {p.pid for p in ours if process_kind(p.info["cmdline"] or [], set(), -1) == "zygote"}
+        total_rss = total_pss = 0
+        counts: dict[str, int] = {}
+        for proc in ours:
+            rss = proc.info["memory_info"].rss
+            total_rss += rss
+            total_pss += pss_bytes(proc.pid) or rss
+            kind = process_kind(proc.info["cmdline"] or [], zygote_pids, proc.info["ppid"])
+            counts[kind] = counts.get(kind, 0) + 1
+            peaks = self._per_kind.setdefault(kind, {})
+            peaks[proc.pid] = max(peaks.get(proc.pid, 0), rss)
+        for kind, count in counts.items():
+            self._kind_counts[kind] = max(self._kind_counts.get(kind, 0), count)
+        self.samples += 1
+        if total_pss > self.peak.total_pss:
+            self.peak = _Peak(total_rss, total_pss, len(ours), time.time())
+        self.peak.total_rss = max(self.peak.total_rss, total_rss)
+
+    def summary(self) -> dict[str, Any]:
+        by_kind = {}
+        for kind, peaks in sorted(self._per_kind.items()):
+            values = [rss / MIB for rss in peaks.values()]
+            by_kind[kind] = {
+                "processes_seen": len(values),
+                "most_at_once": self._kind_counts.get(kind, 0),
+                "median_peak_rss_mib": round(statistics.median(values), 1),
+                "max_peak_rss_mib": round(max(values), 1),
+            }
+        return {
+            "what": f"processes whose environment has {self.marker}={self.marker_value}",
+            "interval_s": self.interval,
+            "samples": self.samples,
+            "peak_total_rss_mib": round(self.peak.total_rss / MIB, 1),
+            "peak_total_pss_mib": round(self.peak.total_pss / MIB, 1),
+            "processes_at_pss_peak": self.peak.processes,
+            "by_kind": by_kind,
+        }
+
+
+def merge_into_report(report_path: str, key: str, value: Any) -> None:
+    """Add ``key`` to a JSON report (created if the run never wrote one)."""
+    import json
+
+    report: dict[str, Any] = {}
+    try:
+        with open(report_path) as existing:
+            report = json.load(existing)
+    except (OSError, ValueError):
+        pass
+    report[key] = value
+    tmp = report_path + ".tmp"
+    with open(tmp, "w") as out:
+        json.dump(report, out, indent=2)
+    os.replace(tmp, report_path)

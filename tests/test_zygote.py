@@ -1,0 +1,190 @@
+"""The zygote: a real zygote process, real forks, a real Unix socket; no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedgpu.isolation import Isolator
+from fedgpu.isolation.zygote import KEY_NAME, READY_NAME, SOCKET_NAME, connect, read_key
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS_DIR = Path(__file__).resolve().parent / "isolation_scripts"
+FEDGPU = ROOT / ".venv" / "bin" / "fedgpu"
+
+
+def start_zygote(directory: Path, *warm_ups: str, log: Path | None = None, parent_pid: int | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", str(directory),
+         "--parent-pid", str(parent_pid or os.getpid()), *warm_ups],
+        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(SCRIPTS_DIR)},
+    )
+
+
+def wait_ready(directory: Path, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while not (directory / READY_NAME).exists():
+        assert proc.poll() is None, f"zygote exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "zygote not ready"
+        time.sleep(0.05)
+    return int((directory / READY_NAME).read_text())
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    """A zygote warmed like a federation's (torch and the digits task): (dir, pid, log)."""
+    directory = tmp_path_factory.mktemp("zygote")
+    os.chmod(directory, 0o700)
+    log = directory.parent / "zygote.log"
+    proc = start_zygote(directory, "torch", "fedgpu.tasks.work:warm_up=digits", log=log)
+    pid = wait_ready(directory, proc)
+    yield directory, pid, log
+    proc.terminate()
+    assert proc.wait(10) == 128 + signal.SIGTERM  # it cleans up, then exits
+    assert not (directory / SOCKET_NAME).exists() and not (directory / KEY_NAME).exists()
+
+
+# --- functions that run in children ----------------------------------------------
+
+
+def _torch_state() -> dict:
+    torch_was_loaded = "torch" in sys.modules  # before this call imported anything
+    import torch
+
+    return {
+        "torch_was_loaded": torch_was_loaded,
+        "dynamo_was_loaded": "torch._dynamo" in sys.modules,
+        "cuda_initialized": torch.cuda.is_initialized(),
+        "threads": len(os.listdir("/proc/self/task")),
+    }
+
+
+def _random_draws() -> tuple:
+    import torch
+
+    return random.random(), float(np.random.random()), float(torch.rand(1))
+
+
+# --- tests -----------------------------------------------------------------------
+
+
+def test_zygote_files_are_private_and_a_caller_without_the_key_is_refused(zygote):
+    directory, _, _ = zygote
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / SOCKET_NAME).stat().st_mode) == 0o600
+    assert stat.S_IMODE((directory / KEY_NAME).stat().st_mode) == 0o600
+    for key in (None, b"\0" * 32, read_key(str(directory))[:-1] + b"!"):
+        control, accepted = connect(str(directory), key)
+        assert accepted is False
+        assert control.recv(1) == b""  # and it hung up on us
+        control.close()
+    control, accepted = connect(str(directory), read_key(str(directory)))
+    assert accepted is True
+    control.close()
+    # The refusals did not disturb it.
+    with Isolator("zygote", zygote=str(directory)) as iso:
+        assert iso.run(sum, ([1, 2, 3],), timeout=30).value == 6
+
+
+def test_zygote_is_warm_single_threaded_and_never_touched_cuda(zygote):
+    directory, pid, log = zygote
+    assert len(os.listdir(f"/proc/{pid}/task")) == 1
+    assert "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    with Isolator("zygote", zygote=str(directory)) as iso:
+        state = iso.run(_torch_state, timeout=30).value
+    # torch and the lazy imports behind the first optimizer step came with the fork.
+    assert state == {"torch_was_loaded": True, "dynamo_was_loaded": True, "cuda_initialized": False, "threads": 1}
+    assert "ready in" in log.read_text()
+
+
+def test_zygote_children_do_not_share_random_state(zygote):
+    directory, _, _ = zygote
+    with Isolator("zygote", zygote=str(directory)) as iso:
+        first, second = (iso.run(_random_draws, timeout=30).value for _ in range(2))
+    for a, b in zip(first, second):  # Python's, NumPy's and torch's generators
+        assert a != b
+
+
+def test_zygote_child_has_the_callers_env_cwd_and_stdout(zygote, tmp_path):
+    directory, _, log = zygote
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS_DIR / "zygote_caller.py"), str(directory)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "HELLO FROM THE CHILD" in proc.stdout
+    assert "HELLO FROM THE CHILD" not in log.read_text()
+    seen = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert seen["var"] == "from-the-caller"
+    assert seen["cwd"] == str(tmp_path)
+    assert "FEDGPU_TEST_VAR" not in os.environ
+
+
+def test_zygote_refuses_to_fork_with_a_thread_running(tmp_path):
+    directory = tmp_path / "z"
+    proc = start_zygote(directory, "zygote_warmups:start_thread", log=tmp_path / "log")
+    assert proc.wait(60) == 2
+    text = (tmp_path / "log").read_text().strip()
+    assert text.startswith("fedgpu zygote: error:") and "single-threaded" in text, text
+    assert len(text.splitlines()) == 1
+    assert not (directory / SOCKET_NAME).exists()
+
+
+def test_zygote_dies_with_its_parent_and_takes_its_children(tmp_path):
+    directory = tmp_path / "z"
+    pidfile = tmp_path / "pids"
+    # A parent that starts a zygote, runs a long call through it, and is then killed.
+    parent = subprocess.Popen(
+        [sys.executable, str(SCRIPTS_DIR / "parent_dies.py"), str(pidfile), "zygote"],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not pidfile.exists():
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        child, grandchild = (int(word) for word in pidfile.read_text().split())
+        zygote_pid = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        parent.kill()
+        parent.wait(5)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in (zygote_pid, child, grandchild)):
+            assert time.monotonic() < deadline, "zygote or its child outlived the parent"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("case", ["unknown-task", "dir-not-private"])
+def test_fedgpu_zygote_bad_input_is_one_line_and_exit_2(tmp_path, case):
+    directory = tmp_path / "z"
+    if case == "unknown-task":
+        args, words = ["--dir", str(directory), "--task", "no-such-task"], "unknown task 'no-such-task'"
+    else:
+        directory.mkdir()
+        os.chmod(directory, 0o755)
+        args, words = ["--dir", str(directory)], "must be a private directory"
+    proc = subprocess.run([str(FEDGPU), "zygote", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc
+    assert proc.stderr.startswith("fedgpu: error:") and words in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
