@@ -1,12 +1,14 @@
 # Sourced by the launchers: make sure .venv exists and has this project installed.
-# Re-installs when pyproject.toml changed since the last install.
+# Re-installs when pyproject.toml or the wanted extras changed since the last install.
+#   fedgpu_ensure_env ROOT [EXTRAS]   (EXTRAS: comma-separated, default "test")
 
 fedgpu_ensure_env() {
     local root=$1
+    local extras=${2:-test}
     local venv="$root/.venv"
     local stamp="$venv/.fedgpu-installed"
     local want
-    want=$(cd "$root" && cat pyproject.toml | cksum | cut -d' ' -f1)
+    want="$(cd "$root" && cksum <pyproject.toml | cut -d' ' -f1) [$extras]"
     if [[ -x $venv/bin/python && -f $stamp && $(<"$stamp") == "$want" ]]; then
         return 0
     fi
@@ -15,7 +17,7 @@ fedgpu_ensure_env() {
     if [[ ! -x $venv/bin/python ]]; then
         python3 -m venv "$venv" || return 1
     fi
-    if ! "$venv/bin/python" -m pip install --disable-pip-version-check -e "$root[test]" >"$venv/install.log" 2>&1; then
+    if ! "$venv/bin/python" -m pip install --disable-pip-version-check -e "$root[$extras]" >"$venv/install.log" 2>&1; then
         tail -n 20 "$venv/install.log" >&2
         echo "fedgpu: installation failed; full log in $venv/install.log" >&2
         return 1

@@ -31,6 +31,20 @@ def processes_with_env(key: str, value: str, *also: str) -> dict[int, str]:
     return found
 
 
+def parent_pid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def call_children(run_dir: Path) -> list[int]:
+    """Pids of the run's message children: spawned ones, or forked by a zygote."""
+    ours = processes_with_env("FEDGPU_RUN_DIR", str(run_dir))
+    zygotes = {pid for pid, cmd in ours.items() if "fedgpu.isolation.zygote" in cmd}
+    return [pid for pid, cmd in ours.items() if "fedgpu.isolation.child" in cmd or parent_pid(pid) in zygotes]
+
+
 def maps_torch(pid: int) -> bool | None:
     """Whether ``pid`` has torch's or CUDA's native libraries mapped (None: gone)."""
     try:

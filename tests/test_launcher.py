@@ -14,6 +14,7 @@ import pytest
 from helpers import (
     FEDGPU,
     RUN_SH,
+    call_children,
     free_port,
     kill_leftovers,
     port_free,
@@ -130,12 +131,10 @@ def _stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: in
 
 def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
-    proc = start_run_sh(["3", "3", "2", "3", "--port", str(port), "--run-dir", str(run_dir)])
+    # Many local epochs: each child trains for seconds, long enough to be seen.
+    proc = start_run_sh(["3", "3", "2", "3", "--local-epochs", "40", "--port", str(port), "--run-dir", str(run_dir)])
     # Mid-training: a training child of ours is alive.
-    training = wait_for(
-        lambda: any("fedgpu.isolation.child" in c for c in processes_with_env("FEDGPU_RUN_DIR", str(run_dir)).values()),
-        timeout=180,
-    )
+    training = wait_for(lambda: bool(call_children(run_dir)), timeout=180)
     if not training:
         kill_leftovers(run_dir)
         os.killpg(proc.pid, signal.SIGKILL)
