@@ -7,9 +7,15 @@ fedgpu_ensure_env() {
     local extras=${2:-test}
     local venv="$root/.venv"
     local stamp="$venv/.fedgpu-installed"
-    local want
-    want="$(cd "$root" && cksum <pyproject.toml | cut -d' ' -f1) [$extras]"
-    if [[ -x $venv/bin/python && -f $stamp && $(<"$stamp") == "$want" ]]; then
+    local sum installed="" extra missing=0
+    sum=$(cd "$root" && cksum <pyproject.toml | cut -d' ' -f1)
+    # The stamp is "CHECKSUM EXTRA..."; an install with more extras than asked for will do.
+    [[ -f $stamp ]] && installed=" $(<"$stamp") "
+    [[ $installed == " $sum "* ]] || missing=1
+    for extra in ${extras//,/ }; do
+        [[ $installed == *" $extra "* ]] || missing=1
+    done
+    if [[ -x $venv/bin/python ]] && ((!missing)); then
         return 0
     fi
     command -v python3 >/dev/null || { echo "fedgpu: python3 not found" >&2; return 1; }
@@ -22,5 +28,5 @@ fedgpu_ensure_env() {
         echo "fedgpu: installation failed; full log in $venv/install.log" >&2
         return 1
     fi
-    echo "$want" >"$stamp"
+    echo "$sum ${extras//,/ }" >"$stamp"
 }
