@@ -49,7 +49,7 @@ def _echo_pipe(conn, count: int) -> None:
 
 
 def one_way_wire(arrays: list[np.ndarray], repeats: int) -> list[float]:
-    ours, theirs = socket.socketpair()
+    ours, theirs = wire.socketpair()
     child = multiprocessing.get_context("fork").Process(target=_echo_wire, args=(theirs, repeats))
     child.start()
     theirs.close()

@@ -131,7 +131,7 @@ class SpawnLauncher:
         pass
 
     def start(self, env: Mapping[str, str]) -> SpawnedChild:
-        parent_sock, child_sock = socket.socketpair()
+        parent_sock, child_sock = wire.socketpair()
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "fedgpu.isolation.child", str(child_sock.fileno()), str(os.getpid())],

@@ -60,6 +60,23 @@ class _Pickler(ForkingPickler):
         return NotImplemented
 
 
+# Larger socket buffers mean fewer wake-ups per megabyte (the kernel caps the
+# request at net.core.wmem_max / rmem_max).
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of Unix stream sockets sized for bulk transfer."""
+    pair = socket.socketpair()
+    for sock in pair:
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+            except OSError:
+                pass
+    return pair
+
+
 def dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """Pickle ``obj``; return the stream and the out-of-band buffers."""
     stream = io.BytesIO()
@@ -91,9 +108,16 @@ def recv_object(sock: socket.socket) -> Any:
     return loads(data, buffers)
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
+def _recv_exactly(sock: socket.socket, size: int) -> Any:
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and size >= OUT_OF_BAND_MIN_BYTES:
+        # Uninitialised (bytearray would zero it first: a second pass over
+        # memory) and, being numpy's, backed by huge pages where the kernel
+        # allows: the arrays unpickled from it use it in place.
+        buffer = numpy.empty(size, dtype=numpy.uint8)
+    else:
+        buffer = bytearray(size)
+    view = memoryview(buffer).cast("B")
     received = 0
     while received < size:
         n = sock.recv_into(view[received:], min(size - received, 1 << 24))

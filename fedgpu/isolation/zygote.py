@@ -485,7 +485,7 @@ class ZygoteLauncher:
         if not accepted:
             control.close()
             raise ZygoteError(f"the zygote at {self.directory} refused our key")
-        parent_sock, child_sock = socket.socketpair()
+        parent_sock, child_sock = wire.socketpair()
         try:
             socket.send_fds(control, [b"F"], [child_sock.fileno(), sys.stdout.fileno(), sys.stderr.fileno()])
             wire.send_object(control, {"env": dict(env), "cwd": os.getcwd()})
