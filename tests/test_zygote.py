@@ -188,3 +188,35 @@ def test_fedgpu_zygote_bad_input_is_one_line_and_exit_2(tmp_path, case):
     assert proc.returncode == 2, proc
     assert proc.stderr.startswith("fedgpu: error:") and words in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- @isolate(mode="zygote") on a plain Flower function -----------------------------
+
+
+def _state_and_pid(msg, context):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    context.state["seen"] = ConfigRecord({"pid": os.getpid(), "ppid": os.getppid(), "numpy": "numpy" in sys.modules})
+    return Message(RecordDict({"echo": ConfigRecord({"value": msg.content["in"]["value"] * 2})}), reply_to=msg)
+
+
+def test_isolate_decorator_forks_from_a_private_zygote_with_its_preloads(monkeypatch):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedgpu.flower import isolate
+    from fedgpu.flower.transfer import adopt_task_identity, task_identity
+
+    monkeypatch.delenv("FEDGPU_ZYGOTE", raising=False)
+    monkeypatch.setitem(globals(), "_isolated", isolate(_state_and_pid, mode="zygote", preload=("numpy",)))
+    saved = task_identity()
+    adopt_task_identity((7, 1, 1))  # as a Flower runtime would have set it
+    try:
+        message = Message(RecordDict({"in": ConfigRecord({"value": 21})}), dst_node_id=1, message_type="train")
+        context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+        replies = [globals()["_isolated"](message, context) for _ in range(2)]
+    finally:
+        adopt_task_identity(saved)
+    assert [r.content["echo"]["value"] for r in replies] == [42, 42]
+    seen = context.state["seen"]  # the state came back from the child
+    assert seen["pid"] != os.getpid() and seen["numpy"] is True
+    assert seen["ppid"] != os.getpid(), "forked by the zygote, not spawned by us"

@@ -51,8 +51,14 @@ def isolate(
     mode: str = "spawn",
     timeout: float | None = None,
     env: dict[str, str] | None = None,
+    preload: tuple[str, ...] = (),
 ) -> Any:
-    """Decorate a ``(msg, context) -> Message`` function to run in a child."""
+    """Decorate a ``(msg, context) -> Message`` function to run in a child.
+
+    ``mode="zygote"`` forks each call from a warm zygote: the host's shared one
+    (``$FEDGPU_ZYGOTE``) or one private to this process, which first imports
+    (or calls) each ``preload`` entry: ``module``, ``module:function``.
+    """
 
     def decorate(function: ClientAppFunction) -> ClientAppFunction:
         isolator: list[Isolator] = []
@@ -62,7 +68,7 @@ def isolate(
             if os.environ.get(IN_ISOLATED_CHILD) == "1" or mode == "none":
                 return function(message, context)
             if not isolator:
-                isolator.append(Isolator(mode, env={**(env or {}), IN_ISOLATED_CHILD: "1"}))
+                isolator.append(Isolator(mode, env={**(env or {}), IN_ISOLATED_CHILD: "1"}, warm_ups=preload))
                 atexit.register(isolator[0].shutdown)
             if function.__module__ == "__main__":
                 call: tuple[Any, ...] = (lambda m, c: (function(m, c), c), (message, context))
