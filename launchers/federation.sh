@@ -175,14 +175,32 @@ server=$!
 started+=("$server")
 wait_ready "http://127.0.0.1:$port/health" "$server" "$READY_TIMEOUT" || server_failed "$server"
 
+wait_nodes_registered() { # first last: until those nodes have a SuperNode ID (or died), at most READY_TIMEOUT
+    local i deadline=$((SECONDS + READY_TIMEOUT))
+    for ((i = $1; i <= $2; i++)); do
+        while ((SECONDS < deadline)) && kill -0 "${clients_pids[$i]}" 2>/dev/null &&
+            ! grep -q "SuperNode ID" "$run_dir/client-$i.log" 2>/dev/null; do
+            sleep 0.2 & wait $!
+        done
+    done
+}
+
 mp_flag=--mp
 ((mp)) || mp_flag=--no-mp
 clients_pids=()
+# In waves of 4 per core, each registered with the SuperLink before the next
+# starts: a hundred interpreters importing Flower at once on a small host starve
+# the SuperLink, registrations time out, and Flower's retry of a registration
+# that did go through is refused ("public key already in use", exit 305).
+wave=$(($(nproc 2>/dev/null || echo 2) * 4))
 for ((i = 0; i < clients; i++)); do
     setsid "$FEDGPU" client "$mp_flag" --superlink "127.0.0.1:$port" --partition-id "$i" --num-partitions "$clients" \
         --parent-pid $$ "${client_args[@]}" >"$run_dir/client-$i.log" 2>&1 &
     started+=("$!")
     clients_pids+=("$!")
+    if (((i + 1) % wave == 0 && i + 1 < clients)); then
+        wait_nodes_registered $((i + 1 - wave)) "$i"
+    fi
 done
 echo "run.sh: server and $clients client nodes started; logs in $run_dir"
 

@@ -143,7 +143,6 @@ def test_zygote_refuses_to_fork_with_a_thread_running(tmp_path):
 
 
 def test_zygote_dies_with_its_parent_and_takes_its_children(tmp_path):
-    directory = tmp_path / "z"
     pidfile = tmp_path / "pids"
     # A parent that starts a zygote, runs a long call through it, and is then killed.
     parent = subprocess.Popen(
@@ -157,12 +156,16 @@ def test_zygote_dies_with_its_parent_and_takes_its_children(tmp_path):
             time.sleep(0.05)
         child, grandchild = (int(word) for word in pidfile.read_text().split())
         zygote_pid = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        argv = Path(f"/proc/{zygote_pid}/cmdline").read_bytes().split(b"\0")
+        zygote_dir = Path(argv[argv.index(b"--dir") + 1].decode())
+        assert (zygote_dir / SOCKET_NAME).exists()
         parent.kill()
         parent.wait(5)
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in (zygote_pid, child, grandchild)):
             assert time.monotonic() < deadline, "zygote or its child outlived the parent"
             time.sleep(0.05)
+        assert not zygote_dir.exists(), "the private zygote removed its directory"
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -66,11 +66,14 @@ class TaskRunner:
         isolator: Isolator,
         *,
         timeout: float | None = None,
-        poll_interval: float = 0.2,
+        poll_interval: tuple[float, float] = (0.1, 1.0),
     ) -> None:
         self.runtime_address = runtime_address
         self.isolator = isolator
         self.timeout = timeout
+        # Fast right after a task (the next message of a round may follow),
+        # backing off to Flower's own SuperExec interval when idle: a hundred
+        # idle nodes polling five times a second would saturate a small host.
         self.poll_interval = poll_interval
         self._stopping = threading.Event()
 
@@ -82,6 +85,8 @@ class TaskRunner:
     def serve_forever(self) -> None:
         client = self._client(component="SuperExec")
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+        fastest, slowest = self.poll_interval
+        interval = slowest
         try:
             while not self._stopping.is_set():
                 try:
@@ -92,8 +97,10 @@ class TaskRunner:
                     continue
                 if response.HasField("task") and response.token:
                     self._run_task(response.token)
+                    interval = fastest
                 else:
-                    self._stopping.wait(self.poll_interval)
+                    self._stopping.wait(interval)
+                    interval = min(slowest, interval * 2)
         finally:
             client.close()
 

@@ -280,6 +280,10 @@ class ZygoteServer:
                 os.unlink(os.path.join(self.directory, name))
             except FileNotFoundError:
                 pass
+        try:
+            os.rmdir(self.directory)  # if nothing else is in it: a dead caller cannot clean up
+        except OSError:
+            pass
 
 
 def _reseed() -> None:

@@ -46,20 +46,36 @@ def pss_bytes(pid: int) -> int | None:
     return None
 
 
+def host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass
 class _Peak:
     total_rss: int = 0
-    total_pss: int = 0
     processes: int = 0
     at: float = 0.0
 
 
 @dataclass
 class HostMemorySampler:
-    """Samples RSS and PSS of the run's processes every ``interval`` seconds."""
+    """Samples RSS of the run's processes every ``interval`` seconds, PSS every ``pss_interval``.
+
+    RSS comes from ``/proc/PID/statm`` (cheap); PSS needs a walk of each
+    process's page tables (``smaps_rollup``), which for a hundred nodes costs
+    a sizeable part of a core, so it is sampled less often.
+    """
 
     marker_value: str
     interval: float = 1.0
+    pss_interval: float = 10.0
     marker: str = MARKER
     samples: int = 0
     peak: _Peak = field(default_factory=_Peak)
@@ -69,6 +85,10 @@ class HostMemorySampler:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _started: float = 0.0
+    _last_pss: float = float("-inf")
+    peak_total_pss: int = 0
+    pss_samples: int = 0
+    min_available: int | None = None  # the host's MemAvailable: the room left
 
     def start(self) -> "HostMemorySampler":
         self._started = time.time()
@@ -103,12 +123,11 @@ class HostMemorySampler:
             if proc.info["memory_info"] is not None and self._is_ours(proc):
                 ours.append(proc)
         zygote_pids = {p.pid for p in ours if process_kind(p.info["cmdline"] or [], set(), -1) == "zygote"}
-        total_rss = total_pss = 0
+        total_rss = 0
         counts: dict[str, int] = {}
         for proc in ours:
             rss = proc.info["memory_info"].rss
             total_rss += rss
-            total_pss += pss_bytes(proc.pid) or rss
             kind = process_kind(proc.info["cmdline"] or [], zygote_pids, proc.info["ppid"])
             counts[kind] = counts.get(kind, 0) + 1
             peaks = self._per_kind.setdefault(kind, {})
@@ -116,9 +135,16 @@ class HostMemorySampler:
         for kind, count in counts.items():
             self._kind_counts[kind] = max(self._kind_counts.get(kind, 0), count)
         self.samples += 1
-        if total_pss > self.peak.total_pss:
-            self.peak = _Peak(total_rss, total_pss, len(ours), time.time())
-        self.peak.total_rss = max(self.peak.total_rss, total_rss)
+        available = host_available_bytes()
+        if available is not None:
+            self.min_available = available if self.min_available is None else min(self.min_available, available)
+        if total_rss > self.peak.total_rss:
+            self.peak = _Peak(total_rss, len(ours), time.time())
+        if time.monotonic() - self._last_pss >= self.pss_interval:
+            self._last_pss = time.monotonic()
+            self.pss_samples += 1
+            total_pss = sum(pss_bytes(proc.pid) or proc.info["memory_info"].rss for proc in ours)
+            self.peak_total_pss = max(self.peak_total_pss, total_pss)
 
     def summary(self) -> dict[str, Any]:
         by_kind = {}
@@ -134,9 +160,13 @@ class HostMemorySampler:
             "what": f"processes whose environment has {self.marker}={self.marker_value}",
             "interval_s": self.interval,
             "samples": self.samples,
+            "pss_interval_s": self.pss_interval,
+            "pss_samples": self.pss_samples,
             "peak_total_rss_mib": round(self.peak.total_rss / MIB, 1),
-            "peak_total_pss_mib": round(self.peak.total_pss / MIB, 1),
-            "processes_at_pss_peak": self.peak.processes,
+            "processes_at_rss_peak": self.peak.processes,
+            "peak_total_pss_mib": round(self.peak_total_pss / MIB, 1),
+            "host_total_mib": round(psutil.virtual_memory().total / MIB, 1),
+            "host_min_available_mib": None if self.min_available is None else round(self.min_available / MIB, 1),
             "by_kind": by_kind,
         }
 
