@@ -31,7 +31,7 @@ from fedgpu.isolation.procs import stop_tree  # noqa: E402
 
 BIN = Path(sys.executable).parent
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-READY_LINE = "[fedgpu] task runner ready"
+READY_LINE = "SuperNode ID"  # registered with the SuperLink
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -70,6 +70,7 @@ def main() -> None:
     nodes: list[subprocess.Popen] = []
     raw: dict[str, dict] = {}
     rows = []
+    keep = False  # the logs, when something went wrong
     try:
         superlink = subprocess.Popen(superlink_command(ServerSettings(port=port)), env=env,
                                      stdout=open(work / "superlink.log", "w"), stderr=subprocess.STDOUT)
@@ -94,9 +95,11 @@ def main() -> None:
                     )
                     nodes.append(node)
                     batch.append((node, log))
-                for node, log in batch:  # ready before the next batch: 2 cores, 10 imports at a time
+                for node, log in batch:  # registered before the next batch: 2 cores, 10 imports at a time
                     while READY_LINE not in log.read_text(errors="replace"):
-                        assert node.poll() is None, f"node exited; see {log}"
+                        if node.poll() is not None:
+                            keep = True
+                            raise SystemExit(f"idle_memory: a node exited with {node.returncode}; see {log}")
                         time.sleep(0.2)
             print(f"{target} nodes ready; idling {args.settle:g} s", file=sys.stderr, flush=True)
             time.sleep(args.settle)
@@ -132,7 +135,8 @@ def main() -> None:
             stop_tree(proc.pid, 5.0)
             proc.wait()
         shutil.rmtree(zygote_dir, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
     body = table(
         ["nodes", "node RSS MiB (median)", "node RSS MiB (max)", "node PSS MiB", "node USS MiB", "zygote RSS MiB",
          "zygote PSS MiB", "nodes + zygote + SuperLink PSS GiB", "host MemAvailable GiB"],

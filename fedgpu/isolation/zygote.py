@@ -20,6 +20,7 @@ with its parent (the launcher, or the client node that started a private one).
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import hmac
 import importlib
@@ -322,6 +323,11 @@ def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> No
     for spec in warm_ups:
         call_warm_up(spec)
     assert_fork_safe()
+    # Every object alive now is shared with the children copy-on-write. A
+    # collection in a child would write to each object's header and copy
+    # nearly every page; frozen objects are never traversed.
+    gc.collect()
+    gc.freeze()
     key = os.urandom(32)
     _write_private(os.path.join(directory, KEY_NAME), key)
     server = ZygoteServer(directory, key)
