@@ -223,3 +223,25 @@ def test_isolate_decorator_forks_from_a_private_zygote_with_its_preloads(monkeyp
     seen = context.state["seen"]  # the state came back from the child
     assert seen["pid"] != os.getpid() and seen["numpy"] is True
     assert seen["ppid"] != os.getpid(), "forked by the zygote, not spawned by us"
+
+
+def _zygote_children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _wait_children(pid: int, count: int, timeout: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(children := _zygote_children(pid)) != count:
+        assert time.monotonic() < deadline, f"zygote has children {children}, expected {count}"
+        time.sleep(0.05)
+    return children
+
+
+def test_a_primed_spare_takes_the_next_call_and_is_replaced(zygote):
+    directory, pid, _ = zygote
+    (spare,) = _wait_children(pid, 1)  # forked ahead of any call, primed with the task's warm-up
+    with Isolator("zygote", zygote=str(directory)) as iso:
+        outcome = iso.run(os.getpid, timeout=30)
+    assert outcome.value == outcome.pid == spare
+    (next_spare,) = _wait_children(pid, 1)
+    assert next_spare != spare

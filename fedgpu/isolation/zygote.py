@@ -115,10 +115,15 @@ def assert_fork_safe() -> None:
 class ZygoteServer:
     """The serving loop; every method runs in the zygote's only thread."""
 
-    def __init__(self, directory: str, key: bytes, grace: float = 3.0) -> None:
+    def __init__(self, directory: str, key: bytes, grace: float = 3.0, primers: Sequence[str] = ()) -> None:
         self.directory = directory
         self.key = key
         self.grace = grace
+        # A spare child is forked ahead of the next call and runs the primers
+        # (the warm-ups that call something) once: the fork and the copy-on-write
+        # faults of the first training step are paid before the call arrives.
+        self.primers = list(primers)
+        self.spare: tuple[int, socket.socket, int | None] | None = None  # pid, channel, pidfd
         self.pid = os.getpid()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(os.path.join(directory, SOCKET_NAME))
@@ -139,6 +144,8 @@ class ZygoteServer:
                     self._reap(pid)
                 elif kind == "caller":
                     self._caller_gone(pid)
+                elif kind == "spare-exited":
+                    self._spare_died()
             for pid, (_, pidfd) in list(self.children.items()):
                 if pidfd is None and os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
                     self._reap(pid)
@@ -158,7 +165,9 @@ class ZygoteServer:
             request = wire.recv_object(conn)
             if len(fds) != 3:
                 raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
-            pid = self._fork(request, fds, conn)
+            pid, pidfd = self._assign_spare(request, fds)
+            if pid is None:
+                pid = self._fork(request, fds, conn)
         except Exception as err:  # noqa: BLE001 - one bad caller must not stop the zygote
             try:
                 wire.send_object(conn, ("refused", f"{type(err).__name__}: {err}"))
@@ -169,10 +178,8 @@ class ZygoteServer:
         finally:
             for fd in fds:
                 os.close(fd)
-        try:
-            pidfd: int | None = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            pidfd = None
+        if pidfd is None:
+            pidfd = _open_pidfd(pid)
         self.children[pid] = (conn, pidfd)
         if pidfd is not None:
             self.selector.register(pidfd, selectors.EVENT_READ, ("exited", pid))
@@ -180,8 +187,94 @@ class ZygoteServer:
             wire.send_object(conn, ("started", pid))
         except OSError:
             signal_group(pid, signal.SIGKILL)  # its caller is gone already
-            return
-        self.selector.register(conn, selectors.EVENT_READ, ("caller", pid))
+        else:
+            self.selector.register(conn, selectors.EVENT_READ, ("caller", pid))
+        if self.spare is None and self.primers:
+            self.fork_spare()  # after answering: the caller does not wait for it
+
+    def fork_spare(self) -> None:
+        ours, theirs = socket.socketpair()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            self._become_spare(theirs)  # never returns
+        theirs.close()
+        pidfd = _open_pidfd(pid)
+        if pidfd is not None:
+            self.selector.register(pidfd, selectors.EVENT_READ, ("spare-exited", pid))
+        self.spare = (pid, ours, pidfd)
+
+    def _assign_spare(self, request: Mapping[str, Any], fds: list[int]) -> tuple[int | None, int | None]:
+        """Hand the call to the spare: (its pid, its pidfd), or (None, None) to fork afresh."""
+        if self.spare is None:
+            return None, None
+        pid, channel, pidfd = self.spare
+        self.spare = None
+        if pidfd is not None:
+            self.selector.unregister(pidfd)
+        try:
+            socket.send_fds(channel, [b"F"], fds)
+            wire.send_object(channel, request)
+        except OSError:  # it died meanwhile: reap it, fork afresh
+            self._discard_spare(pid, channel, pidfd)
+            return None, None
+        channel.close()
+        return pid, pidfd
+
+    def _spare_died(self) -> None:
+        # Not re-forked at once: a spare whose primers fail would die in a loop.
+        assert self.spare is not None
+        pid, channel, pidfd = self.spare
+        self.spare = None
+        if pidfd is not None:
+            self.selector.unregister(pidfd)
+        self._discard_spare(pid, channel, pidfd)
+
+    def _discard_spare(self, pid: int, channel: socket.socket, pidfd: int | None) -> None:
+        channel.close()
+        signal_group(pid, signal.SIGKILL)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        if pidfd is not None:
+            os.close(pidfd)
+
+    def _become_spare(self, channel: socket.socket) -> None:
+        try:
+            os.setsid()
+            self._close_inherited()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            from fedgpu.isolation.child import become_call_child
+
+            become_call_child(self.pid)
+            for spec in self.primers:
+                call_warm_up(spec)
+            _, fds, _, _ = socket.recv_fds(channel, 1, 3)  # until a call arrives
+            if len(fds) != 3:
+                os._exit(0)  # the zygote closed the channel: it is going away
+            request = wire.recv_object(channel)
+            channel.close()
+        except BaseException:  # noqa: BLE001 - never return into the zygote's loop
+            traceback.print_exc()
+            os._exit(70)
+        self._become_child(request, None, *fds)
+
+    def _close_inherited(self) -> None:
+        """Hold no zygote descriptor: a control connection kept open here
+        would hide the zygote's death from its caller."""
+        self.selector.close()
+        self.listener.close()
+        for conn, pidfd in self.children.values():
+            conn.close()
+            if pidfd is not None:
+                os.close(pidfd)
+        if self.spare is not None:
+            self.spare[1].close()
+            if self.spare[2] is not None:
+                os.close(self.spare[2])
 
     def _authenticate(self, conn: socket.socket) -> bool:
         """Same user (peer credentials) and knows the key (HMAC of a fresh challenge)."""
@@ -202,23 +295,20 @@ class ZygoteServer:
             self._become_child(request, conn, *fds)  # never returns
         return pid
 
-    def _become_child(self, request: Mapping[str, Any], conn: socket.socket, data_fd: int, out_fd: int, err_fd: int) -> None:
+    def _become_child(
+        self, request: Mapping[str, Any], conn: socket.socket | None, data_fd: int, out_fd: int, err_fd: int
+    ) -> None:
+        """Serve one call in this forked process (fresh from the zygote, or a spare)."""
         code = 70
         try:
-            os.setsid()  # own session and group: stoppable with all it starts
-            # Hold no zygote descriptor: a control connection kept open here
-            # would hide the zygote's death from its caller.
-            conn.close()
-            self.selector.close()
-            self.listener.close()
-            for conn, pidfd in self.children.values():
+            if conn is not None:  # fresh from the zygote (a spare has done this already)
+                os.setsid()  # own session and group: stoppable with all it starts
                 conn.close()
-                if pidfd is not None:
-                    os.close(pidfd)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            from fedgpu.isolation.child import become_call_child
+                self._close_inherited()
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                from fedgpu.isolation.child import become_call_child
 
-            become_call_child(self.pid)
+                become_call_child(self.pid)
             os.dup2(out_fd, 1)  # the caller's log, not the zygote's
             os.dup2(err_fd, 2)
             os.close(out_fd)
@@ -266,6 +356,9 @@ class ZygoteServer:
 
     def close(self) -> None:
         """TERM every child's group, wait ``grace``, KILL, reap; remove our files."""
+        if self.spare is not None:
+            self._discard_spare(*self.spare)
+            self.spare = None
         pids = list(self.children)
         for pid in pids:
             signal_group(pid, signal.SIGTERM)
@@ -285,6 +378,13 @@ class ZygoteServer:
             os.rmdir(self.directory)  # if nothing else is in it: a dead caller cannot clean up
         except OSError:
             pass
+
+
+def _open_pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _reseed() -> None:
@@ -330,7 +430,8 @@ def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> No
     gc.freeze()
     key = os.urandom(32)
     _write_private(os.path.join(directory, KEY_NAME), key)
-    server = ZygoteServer(directory, key)
+    primers = [spec for spec in warm_ups if ":" in spec.partition("=")[0]]
+    server = ZygoteServer(directory, key, primers=primers)
     try:
         ready = os.path.join(directory, READY_NAME)
         _write_private(ready + ".tmp", str(os.getpid()).encode())
@@ -340,6 +441,8 @@ def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> No
             f"at {directory} (warm-ups: {', '.join(warm_ups) or 'none'})",
             flush=True,
         )
+        if primers:
+            server.fork_spare()
         server.serve_forever()
     finally:
         server.close()
