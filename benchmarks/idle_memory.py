@@ -46,6 +46,10 @@ def memory(pid: int) -> dict[str, float]:
     return {"rss": values["Rss"] / MIB, "pss": values["Pss"] / MIB, "uss": uss / MIB}
 
 
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def available_gib() -> float:
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
@@ -108,6 +112,7 @@ def main() -> None:
                 samples.append({
                     "nodes": [memory(n.pid) for n in nodes],
                     "zygote": memory(zygote.pid),
+                    "spare": [memory(child) for child in children(zygote.pid)],  # the primed spare child
                     "superlink": memory(superlink.pid),
                     "available_gib": available_gib(),
                 })
@@ -119,8 +124,11 @@ def main() -> None:
             node_uss = median(median(m["uss"] for m in s["nodes"]) for s in samples)
             zygote_rss = median(s["zygote"]["rss"] for s in samples)
             zygote_pss = median(s["zygote"]["pss"] for s in samples)
-            total_pss = median(sum(m["pss"] for m in s["nodes"]) + s["zygote"]["pss"] + s["superlink"]["pss"] for s in samples)
-            rows.append([target, node_rss, node_max, node_pss, node_uss, zygote_rss, zygote_pss, total_pss / 1024,
+            spare_uss = median(sum(m["uss"] for m in s["spare"]) for s in samples)
+            total_pss = median(
+                sum(m["pss"] for m in s["nodes"] + s["spare"]) + s["zygote"]["pss"] + s["superlink"]["pss"] for s in samples
+            )
+            rows.append([target, node_rss, node_max, node_pss, node_uss, zygote_rss, zygote_pss, spare_uss, total_pss / 1024,
                          median(s["available_gib"] for s in samples)])
     finally:
         for node in nodes:  # all at once: a hundred graceful exits one by one take minutes
@@ -139,7 +147,8 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     body = table(
         ["nodes", "node RSS MiB (median)", "node RSS MiB (max)", "node PSS MiB", "node USS MiB", "zygote RSS MiB",
-         "zygote PSS MiB", "nodes + zygote + SuperLink PSS GiB", "host MemAvailable GiB"],
+         "zygote PSS MiB", "spare child USS MiB",
+         "nodes + zygote + spare + SuperLink PSS GiB", "host MemAvailable GiB"],
         rows,
     )
     body += (

@@ -13,9 +13,13 @@ train messages one after another to one node, on a fresh SuperLink per mode:
   * ``flower-subprocess``: ``flower-supernode`` as shipped (``--isolation
     subprocess``: one ``flwr-clientapp`` process per message);
   * ``fedgpu-zygote`` / ``fedgpu-spawn`` / ``fedgpu-none``: ``fedgpu client``.
-A watcher records each message process's lifetime from its start to its exit
-(pidfd); overhead = lifetime - warm work. The ServerApp's round trip per message
-is reported too: it adds the runtime's polling (seconds), the same for all modes.
+The node-side cost of a message: for Flower's own node, the lifetime of its
+``flwr-clientapp`` process (a watcher sees it start and exit, via pidfd); for
+fedgpu nodes, the task runner's ``Isolator.run`` (child asked for, reply back,
+child reaped), reported in each reply. (A zygote child's own lifetime means
+little: the spare was forked ahead of the call.) Overhead = that - warm work.
+The ServerApp's round trip per message is reported too: it adds the runtime's
+polling (seconds), the same for all modes.
 
     .venv/bin/python benchmarks/overhead.py [--calls 10] [--messages 6]
 """
@@ -249,17 +253,24 @@ def main() -> None:
     rows2, overheads = [], {}
     for mode, results in flower.items():
         lifetimes = [e["lifetime"] for e in results if e["lifetime"] is not None]
-        overhead = median(lifetimes) - node_warm if lifetimes else 0.0
+        calls = [e["call-seconds"] for e in results if "call-seconds" in e]
+        cost = median(lifetimes) if mode == "flower-subprocess" else (median(calls) if mode != "fedgpu-none" else None)
+        overhead = cost - node_warm if cost is not None else 0.0
         overheads[mode] = overhead
         rows2.append([
             mode,
-            f"{median(lifetimes):.3f}" if lifetimes else "(in the node)",
-            f"{overhead:.3f}" if lifetimes else "0",
+            f"{median(lifetimes):.3f}" if lifetimes else "-",
+            f"{median(calls):.3f}" if calls else "-",
+            f"{overhead:.3f}" if cost is not None else "0 (in the node)",
             median(e["work-seconds"] for e in results),
             median(e["round-trip"] for e in results),
         ])
     ratio = overheads["flower-subprocess"] / overheads["fedgpu-zygote"] if overheads["fedgpu-zygote"] > 0 else float("inf")
-    part2 = table(["node", "message process lifetime s", "overhead s (lifetime - warm work)", "work inside s", "server round trip s"], rows2)
+    part2 = table(
+        ["node", "message process lifetime s", "node's call s (start -> reply -> reaped)", "overhead s (cost - warm work)",
+         "work inside s", "server round trip s"],
+        rows2,
+    )
     body = (
         "## 1. Isolation core alone\n\n" + part1 + f"\n\nWarm work (mode none, after its first call): {warm:.3f} s. "
         f"Medians of {args.calls} calls. **zygote overhead: {zygote_overhead:.3f} s per call** "

@@ -51,6 +51,8 @@ def main(grid: Grid, context: Context) -> None:
             entry["error"] = reply.error.reason
         else:
             entry.update(reply.content["metrics"])
+            if "fedgpu" in reply.content:  # a fedgpu node says what the call cost it
+                entry["call-seconds"] = reply.content["fedgpu"]["call-seconds"]
         results.append(entry)
     with open(str(config["out"]), "w") as out:
         json.dump(results, out, indent=1)

@@ -135,9 +135,11 @@ class TaskRunner:
                 message,
                 context,
             )
+            started = time.perf_counter()
             outcome = self.isolator.run(run_client_app, (call,), timeout=self.timeout)
+            call_seconds = time.perf_counter() - started  # child asked for -> reply back -> child reaped
             reply, context = outcome.value
-            _stamp(reply, outcome)
+            _stamp(reply, outcome, call_seconds)
             sub_status, details = SubStatus.COMPLETED, ""
             log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid, outcome.seconds)
         except IsolationError as err:
@@ -159,7 +161,7 @@ class TaskRunner:
             client.close()
 
 
-def _stamp(reply: Message, outcome: Outcome) -> None:
+def _stamp(reply: Message, outcome: Outcome, call_seconds: float) -> None:
     """Record where and how the reply was computed, for the server's report."""
     if reply.has_error():
         return
@@ -168,6 +170,7 @@ def _stamp(reply: Message, outcome: Outcome) -> None:
             "isolation": outcome.mode,
             "child-pid": outcome.pid,
             "child-seconds": outcome.seconds,
+            "call-seconds": call_seconds,
             "work-seconds": outcome.work_seconds,
             "child-max-rss-mib": outcome.max_rss_kib / 1024,
             "node-pid": os.getpid(),
