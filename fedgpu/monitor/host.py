@@ -35,26 +35,24 @@ def process_kind(cmdline: list[str], zygote_pids: set[int], ppid: int) -> str:
     return "server-side"  # SuperLink, SuperExec, ServerApp, flwr run, probes
 
 
-def pss_bytes(pid: int) -> int | None:
+def _proc_field_bytes(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a /proc file, in bytes; None if unreadable."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def pss_bytes(pid: int) -> int | None:
+    return _proc_field_bytes(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 def host_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_field_bytes("/proc/meminfo", "MemAvailable")
 
 
 @dataclass
