@@ -35,6 +35,7 @@ RUN_SH_BAD_INPUT = [
     (["--bogus"], "unknown option --bogus"),
     (["2", "2", "1", "1", "--task"], "option --task needs a value"),
     (["2", "2", "1", "1", "--port", "99999"], "--port must be 1..65535"),
+    (["2", "2", "1", "1", "--isolation", "fork"], "--isolation must be zygote or spawn"),
 ]
 
 
@@ -77,6 +78,9 @@ FEDGPU_BAD_INPUT = [
     (["client", "--superlink", "127.0.0.1:9", "--partition-id", "3", "--num-partitions", "2"], "must be below --num-partitions"),
     (["client", "--superlink", "nocolon", "--partition-id", "0", "--num-partitions", "2"], "not HOST:PORT"),
     (["client", "--superlink", "127.0.0.1:9", "--num-partitions", "2"], "--partition-id"),
+    (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--zygote", "/nonexistent/z"],
+     "--zygote /nonexistent/z: no such directory"),
+    (["zygote", "--dir", "/tmp", "--task", "bogus"], "unknown task 'bogus'"),
     (["bogus-command"], "bogus-command"),
 ]
 
