@@ -137,8 +137,16 @@ def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
     # Many local epochs: each child trains for seconds, long enough to be seen.
     proc = start_run_sh(["3", "3", "2", "3", "--local-epochs", "40", "--port", str(port), "--run-dir", str(run_dir)])
-    # Mid-training: a training child of ours is alive.
-    training = wait_for(lambda: bool(call_children(run_dir)), timeout=180)
+    # Mid-training: a node has handed a train message to a child that has not answered
+    # (a zygote's idle spare alone does not count), and that child is alive.
+    def child_is_training() -> bool:
+        for log in run_dir.glob("client-*.log"):
+            text = log.read_text(errors="replace")
+            if text.count("train message: running in a child") > text.count("train done in child"):
+                return bool(call_children(run_dir))
+        return False
+
+    training = wait_for(child_is_training, timeout=180)
     if not training:
         kill_leftovers(run_dir)
         os.killpg(proc.pid, signal.SIGKILL)

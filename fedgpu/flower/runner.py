@@ -135,6 +135,7 @@ class TaskRunner:
                 message,
                 context,
             )
+            log(INFO, "[fedgpu] %s message: running in a child", message.metadata.message_type)
             started = time.perf_counter()
             outcome = self.isolator.run(run_client_app, (call,), timeout=self.timeout)
             call_seconds = time.perf_counter() - started  # child asked for -> reply back -> child reaped
