@@ -47,13 +47,6 @@ def _watch_parent(parent_pid: int | None) -> None:
     die_with_parent(parent_pid, signal.SIGTERM)
 
 
-def _package_root_path() -> str:
-    # So that `python -m fedgpu...` finds this very package, even from a source tree.
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH", "")
-    return root + (os.pathsep + path if path else "")
-
-
 positive = click.IntRange(min=1)
 
 
@@ -214,10 +207,12 @@ def zygote(directory: str, tasks: tuple[str, ...], parent_pid: int | None) -> No
     path = Path(directory)
     if path.exists() and (not path.is_dir() or path.stat().st_mode & 0o077):
         _fail(f"--dir {directory}: must be a private directory (mode 0700)")
-    if path.exists() and (path / "zygote.sock").exists():
-        _fail(f"--dir {directory}: a zygote socket is already there")
     from fedgpu.flower.settings import zygote_warm_ups
-    from fedgpu.isolation.zygote import SINGLE_THREADED_ENV
+    from fedgpu.isolation.procs import pythonpath_with_package
+    from fedgpu.isolation.zygote import SINGLE_THREADED_ENV, SOCKET_NAME
+
+    if path.exists() and (path / SOCKET_NAME).exists():
+        _fail(f"--dir {directory}: a zygote socket is already there")
 
     # This process has loaded flwr and numpy (and their thread pools) already:
     # become a fresh interpreter, same pid, with single-threaded libraries.
@@ -225,7 +220,7 @@ def zygote(directory: str, tasks: tuple[str, ...], parent_pid: int | None) -> No
     argv = [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", directory, *parent, *zygote_warm_ups(*tasks)]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, {**SINGLE_THREADED_ENV, **os.environ, "PYTHONPATH": _package_root_path()})
+    os.execve(sys.executable, argv, {**SINGLE_THREADED_ENV, **os.environ, "PYTHONPATH": pythonpath_with_package()})
 
 
 def main(argv: list[str] | None = None) -> None:

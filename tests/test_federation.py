@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 
-from helpers import RUN_SH, kill_leftovers, maps_torch, pid_alive, processes_with_env
+from helpers import RUN_SH, kill_leftovers, maps_torch, parent_pid, pid_alive, processes_with_env
 
 LONG_LIVED = ("fedgpu client", "fedgpu server", "flower-superlink", "flower-superexec", "flwr-serverapp")
 
@@ -28,10 +28,9 @@ class ProcessSampler(threading.Thread):
         while not self._halt.is_set():
             for pid, cmdline in processes_with_env("FEDGPU_RUN_DIR", str(self.run_dir)).items():
                 self.seen[pid] = cmdline
-                try:
-                    self.parent[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    pass
+                parent = parent_pid(pid)
+                if parent is not None:
+                    self.parent[pid] = parent
                 if maps_torch(pid):
                     self.torch_pids.add(pid)
             self._halt.wait(0.3)

@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import FEDGPU, parent_pid, pid_alive
+
 from fedgpu.isolation import Isolator
 from fedgpu.isolation.zygote import KEY_NAME, READY_NAME, SOCKET_NAME, connect, read_key
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS_DIR = Path(__file__).resolve().parent / "isolation_scripts"
-FEDGPU = ROOT / ".venv" / "bin" / "fedgpu"
 
 
-def start_zygote(directory: Path, *warm_ups: str, log: Path | None = None, parent_pid: int | None = None) -> subprocess.Popen:
+def start_zygote(directory: Path, *warm_ups: str, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", str(directory),
-         "--parent-pid", str(parent_pid or os.getpid()), *warm_ups],
+         "--parent-pid", str(os.getpid()), *warm_ups],
         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(SCRIPTS_DIR)},
     )
@@ -155,27 +155,20 @@ def test_zygote_dies_with_its_parent_and_takes_its_children(tmp_path):
             assert time.monotonic() < deadline and parent.poll() is None
             time.sleep(0.05)
         child, grandchild = (int(word) for word in pidfile.read_text().split())
-        zygote_pid = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        zygote_pid = parent_pid(child)
         argv = Path(f"/proc/{zygote_pid}/cmdline").read_bytes().split(b"\0")
         zygote_dir = Path(argv[argv.index(b"--dir") + 1].decode())
         assert (zygote_dir / SOCKET_NAME).exists()
         parent.kill()
         parent.wait(5)
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in (zygote_pid, child, grandchild)):
+        while any(pid_alive(pid) for pid in (zygote_pid, child, grandchild)):
             assert time.monotonic() < deadline, "zygote or its child outlived the parent"
             time.sleep(0.05)
         assert not zygote_dir.exists(), "the private zygote removed its directory"
     finally:
         if parent.poll() is None:
             parent.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("case", ["unknown-task", "dir-not-private"])

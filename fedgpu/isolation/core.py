@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from fedgpu.isolation import wire
 from fedgpu.isolation.errors import ChildDied, ChildRaised, ChildTimedOut, IsolationError, RemoteTraceback
-from fedgpu.isolation.procs import open_sentinel, signal_group, stop_group, wait_readable
+from fedgpu.isolation.procs import open_sentinel, pythonpath_with_package, signal_group, stop_group, wait_readable
 
 DEFAULT_GRACE_SECONDS = 3.0
 
@@ -164,10 +164,6 @@ def _load_exception(pickled: tuple[str, bytes] | None) -> BaseException | None:
         return None
 
 
-def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 class Isolator:
     """Runs callables in short-lived children (or in-process with mode ``none``).
 
@@ -259,8 +255,7 @@ class Isolator:
 
     def _child_env(self) -> dict[str, str]:
         # The bootstrap module must import even from a source checkout.
-        path = os.environ.get("PYTHONPATH", "")
-        return {"PYTHONPATH": _package_root() + (os.pathsep + path if path else "")}
+        return {"PYTHONPATH": pythonpath_with_package()}
 
     def _start(self, env: Mapping[str, str]) -> Child:
         with self._lock:

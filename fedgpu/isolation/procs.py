@@ -16,6 +16,14 @@ import time
 _PR_SET_PDEATHSIG = 1
 
 
+def pythonpath_with_package() -> str:
+    """``PYTHONPATH`` under which ``python -m fedgpu...`` imports this very
+    package, even from a source checkout that is not installed."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.environ.get("PYTHONPATH", "")
+    return root + (os.pathsep + path if path else "")
+
+
 def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
     """Ask Linux to send ``signum`` when our parent (the thread that forked us) dies.
 

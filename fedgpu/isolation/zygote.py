@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 from fedgpu.isolation import wire
 from fedgpu.isolation.errors import IsolationError
-from fedgpu.isolation.procs import die_with_parent, signal_group, wait_readable
+from fedgpu.isolation.procs import die_with_parent, pythonpath_with_package, signal_group, wait_readable
 
 SOCKET_NAME = "zygote.sock"
 KEY_NAME = "key"
@@ -194,9 +194,7 @@ class ZygoteServer:
 
     def fork_spare(self) -> None:
         ours, theirs = socket.socketpair()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        pid = os.fork()
+        pid = _fork()
         if pid == 0:
             ours.close()
             self._become_spare(theirs)  # never returns
@@ -244,12 +242,7 @@ class ZygoteServer:
 
     def _become_spare(self, channel: socket.socket) -> None:
         try:
-            os.setsid()
-            self._close_inherited()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            from fedgpu.isolation.child import become_call_child
-
-            become_call_child(self.pid)
+            self._leave_zygote()
             for spec in self.primers:
                 call_warm_up(spec)
             _, fds, _, _ = socket.recv_fds(channel, 1, 3)  # until a call arrives
@@ -262,9 +255,11 @@ class ZygoteServer:
             os._exit(70)
         self._become_child(request, None, *fds)
 
-    def _close_inherited(self) -> None:
-        """Hold no zygote descriptor: a control connection kept open here
-        would hide the zygote's death from its caller."""
+    def _leave_zygote(self) -> None:
+        """In a freshly forked process: become a call child of the zygote."""
+        os.setsid()  # own session and group: stoppable with all it starts
+        # Hold no zygote descriptor: a control connection kept open here
+        # would hide the zygote's death from its caller.
         self.selector.close()
         self.listener.close()
         for conn, pidfd in self.children.values():
@@ -275,6 +270,10 @@ class ZygoteServer:
             self.spare[1].close()
             if self.spare[2] is not None:
                 os.close(self.spare[2])
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from fedgpu.isolation.child import become_call_child
+
+        become_call_child(self.pid)
 
     def _authenticate(self, conn: socket.socket) -> bool:
         """Same user (peer credentials) and knows the key (HMAC of a fresh challenge)."""
@@ -288,9 +287,7 @@ class ZygoteServer:
         return accepted
 
     def _fork(self, request: Mapping[str, Any], fds: list[int], conn: socket.socket) -> int:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()  # or the child would print our buffered output again
-        pid = os.fork()
+        pid = _fork()
         if pid == 0:
             self._become_child(request, conn, *fds)  # never returns
         return pid
@@ -302,13 +299,8 @@ class ZygoteServer:
         code = 70
         try:
             if conn is not None:  # fresh from the zygote (a spare has done this already)
-                os.setsid()  # own session and group: stoppable with all it starts
                 conn.close()
-                self._close_inherited()
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                from fedgpu.isolation.child import become_call_child
-
-                become_call_child(self.pid)
+                self._leave_zygote()
             os.dup2(out_fd, 1)  # the caller's log, not the zygote's
             os.dup2(err_fd, 2)
             os.close(out_fd)
@@ -378,6 +370,12 @@ class ZygoteServer:
             os.rmdir(self.directory)  # if nothing else is in it: a dead caller cannot clean up
         except OSError:
             pass
+
+
+def _fork() -> int:
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # or the child would print our buffered output again
+    return os.fork()
 
 
 def _open_pidfd(pid: int) -> int | None:
@@ -563,11 +561,9 @@ class ZygoteLauncher:
         directory = directory or os.environ.get(ENV_VAR) or None
         if directory is None:
             directory = tempfile.mkdtemp(prefix="fedgpu-zygote-")  # 0700
-            package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            path = os.environ.get("PYTHONPATH", "")
             self._private = subprocess.Popen(
                 [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", directory, "--parent-pid", str(os.getpid()), *warm_ups],
-                env={**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")},
+                env={**os.environ, "PYTHONPATH": pythonpath_with_package()},
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
             )
