@@ -20,6 +20,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
 
 
+def child_pids(pid: int) -> list[int]:
+    """The children of ``pid`` (forked by any of its threads); [] once it is gone."""
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            found += [int(child) for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    except OSError:
+        pass
+    return found
+
+
 def median(values: Iterable[float]) -> float:
     values = list(values)
     return statistics.median(values) if values else float("nan")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import MIB, median, report, table  # noqa: E402
+from common import MIB, child_pids, median, report, table  # noqa: E402
 
 from fedgpu.flower.node import free_port  # noqa: E402
 from fedgpu.flower.probe import wait_for_health  # noqa: E402
@@ -44,10 +44,6 @@ def memory(pid: int) -> dict[str, float]:
                 values[parts[0][:-1]] = int(parts[1]) * 1024
     uss = values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)
     return {"rss": values["Rss"] / MIB, "pss": values["Pss"] / MIB, "uss": uss / MIB}
-
-
-def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def available_gib() -> float:
@@ -112,7 +108,7 @@ def main() -> None:
                 samples.append({
                     "nodes": [memory(n.pid) for n in nodes],
                     "zygote": memory(zygote.pid),
-                    "spare": [memory(child) for child in children(zygote.pid)],  # the primed spare child
+                    "spare": [memory(child) for child in child_pids(zygote.pid)],  # the primed spare child
                     "superlink": memory(superlink.pid),
                     "available_gib": available_gib(),
                 })

@@ -42,7 +42,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import median, report, table  # noqa: E402
+from common import child_pids, median, report, table  # noqa: E402
 
 from fedgpu.flower.node import free_port  # noqa: E402
 from fedgpu.flower.probe import wait_for_health  # noqa: E402
@@ -97,16 +97,6 @@ def _start_time(pid: int) -> float | None:
         return None
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            found += [int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    except OSError:
-        pass
-    return found
-
-
 class LifetimeWatcher(threading.Thread):
     """Start and exit times of every process below ``roots`` whose command line matches."""
 
@@ -123,7 +113,7 @@ class LifetimeWatcher(threading.Thread):
             stack = list(self.roots)
             while stack:
                 pid = stack.pop()
-                kids = _children(pid)
+                kids = child_pids(pid)
                 stack += kids
                 for kid in kids:
                     if kid in self.started:
