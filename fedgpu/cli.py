@@ -50,6 +50,46 @@ def _watch_parent(parent_pid: int | None) -> None:
 positive = click.IntRange(min=1)
 
 
+def placement_options(command):  # type: ignore[no-untyped-def]
+    """GPU placement and admission control, the same for nodes and the server's evaluation."""
+    from fedgpu.nvml.placement import ENV_ESTIMATE, ENV_GPUS, ENV_POLICY, ENV_TIMEOUT, POLICIES
+
+    options = [
+        click.option("--gpus", envvar=ENV_GPUS, default=None, help="GPU indices children may use, e.g. 0,2 [default: every GPU visible]."),
+        click.option("--placement", envvar=ENV_POLICY, type=click.Choice(POLICIES), default="free", show_default=True, help="The GPU with most free memory, or round-robin among those with room."),
+        click.option("--gpu-mem", envvar=ENV_ESTIMATE, type=click.FloatRange(min=0, min_open=True), default=None, help="A child's estimated peak GPU memory in MiB until one has been measured [default: 1024]."),
+        click.option("--admission-timeout", envvar=ENV_TIMEOUT, type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True, help="Seconds a child may wait for GPU memory before its message fails."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _placement_settings(options: dict):  # type: ignore[no-untyped-def]
+    """PlacementSettings from the CLI options (popped), or a one-line usage error."""
+    from fedgpu.nvml.placement import PlacementSettings, parse_gpus
+
+    gpus = options.pop("gpus")
+    try:
+        parsed = parse_gpus(str(gpus)) if gpus is not None else None
+    except ValueError as err:
+        _fail(str(err))
+    return PlacementSettings(
+        gpus=parsed, policy=str(options.pop("placement")), estimate_mib=options.pop("gpu_mem"),  # type: ignore[arg-type]
+        admission_timeout=float(options.pop("admission_timeout")),  # type: ignore[arg-type]
+    )
+
+
+def _open_placer(settings):  # type: ignore[no-untyped-def]
+    """The host's GPU placer (None without a GPU); bad settings are a usage error."""
+    from fedgpu.nvml.placement import GpuPlacer, PlacementError
+
+    try:
+        return GpuPlacer.from_settings(settings, log=lambda line: click.echo(f"[fedgpu] {line}", err=True))
+    except PlacementError as err:
+        _fail(str(err))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Flower federations whose clients hold GPU memory only while they train."""
@@ -83,12 +123,18 @@ def cli() -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="torch CPU threads per child (0: torch's default).")
 @click.option("--message-timeout", type=click.FloatRange(min=0, min_open=True), default=RunSettings.message_timeout, show_default=True, help="Seconds a round waits for replies.")
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
+@placement_options
 def server(**options: object) -> None:
     """Run a SuperLink and the fedgpu ServerApp until the run ends."""
     from fedgpu.flower.server import Federation, ServerError, ServerSettings
 
     _watch_parent(options.pop("parent_pid"))  # type: ignore[arg-type]
     _check_task(str(options["task"]))
+    placement = _placement_settings(options)
+    checked = _open_placer(placement)  # the ServerApp opens its own: this one only checks the settings
+    if checked is not None:
+        checked.close()
+    os.environ.update(placement.to_env())  # for the ServerApp's evaluation children
     host, port = str(options.pop("host")), int(options.pop("port"))  # type: ignore[call-overload]
     from fedgpu.flower.node import port_free
 
@@ -118,9 +164,11 @@ def server(**options: object) -> None:
     # Flower starts its SuperExec in a new session, out of reach of group kills.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: sys.exit(128 + received))
-    from fedgpu.monitor.host import HostMemorySampler, merge_into_report
+    from fedgpu.monitor.memory import MemoryMonitor
+    from fedgpu.nvml.devices import open_nvml
 
-    sampler = HostMemorySampler(os.environ["FEDGPU_RUN_DIR"]).start()
+    nvml, no_gpu = open_nvml()
+    monitor = MemoryMonitor(str(run_dir), os.environ["FEDGPU_RUN_DIR"], nvml=nvml, no_gpu_reason=no_gpu).start()
     try:
         federation.start_superlink()
         click.echo(f"[fedgpu] SuperLink ready on {host}:{port}", err=True)
@@ -130,15 +178,52 @@ def server(**options: object) -> None:
         sys.exit(1)
     finally:
         federation.close()
-        memory = sampler.stop()
-        merge_into_report(str(run_dir / "report.json"), "host_memory", memory)
-        click.echo(
-            f"[fedgpu] peak memory of the run's processes: {memory['peak_total_pss_mib']:.0f} MiB PSS "
-            f"({memory['peak_total_rss_mib']:.0f} MiB summed RSS); see report.json",
-            err=True,
-        )
+        monitor.stop()
+        _write_memory_reports(run_dir, monitor)
     click.echo(f"[fedgpu] run {status}; outputs in {run_dir}")
     sys.exit(0 if status == "finished:completed" else 1)
+
+
+def _write_memory_reports(run_dir: Path, monitor) -> None:  # type: ignore[no-untyped-def]
+    """memory.json, memory.png and report.json's host_memory; the per-round table on stderr."""
+    from fedgpu.monitor.host import merge_into_report
+    from fedgpu.monitor.plot import write_plot
+    from fedgpu.monitor.report import one_run
+    from fedgpu.monitor.summary import write_summary
+
+    memory = monitor.host.summary()
+    merge_into_report(str(run_dir / "report.json"), "host_memory", memory)
+    summary = write_summary(str(run_dir))
+    try:
+        write_plot(str(run_dir), summary)
+    except Exception as err:  # noqa: BLE001 - a missing plot must not fail a finished run
+        click.echo(f"[fedgpu] could not draw memory.png: {err}", err=True)
+    click.echo(one_run(str(run_dir), summary), err=True)
+    click.echo(
+        f"[fedgpu] peak memory of the run's processes: {memory['peak_total_pss_mib']:.0f} MiB PSS "
+        f"({memory['peak_total_rss_mib']:.0f} MiB summed RSS); see memory.json, memory.png",
+        err=True,
+    )
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR_B]")
+def report(run_dirs: tuple[str, ...]) -> None:
+    """Print a run's memory per round, or two runs side by side (B - A)."""
+    from fedgpu.monitor.memory import TIMELINE_FILE
+    from fedgpu.monitor.report import one_run, two_runs
+    from fedgpu.monitor.summary import SUMMARY_FILE, load_summary
+
+    if len(run_dirs) > 2:
+        _fail(f"report takes one or two run directories, got {len(run_dirs)}")
+    for run_dir in run_dirs:
+        if not any((Path(run_dir) / name).is_file() for name in (SUMMARY_FILE, TIMELINE_FILE)):
+            _fail(f"{run_dir}: not a run directory (no {SUMMARY_FILE} or {TIMELINE_FILE})")
+    summaries = [load_summary(run_dir) for run_dir in run_dirs]
+    if len(run_dirs) == 1:
+        click.echo(one_run(run_dirs[0], summaries[0]))
+    else:
+        click.echo(two_runs(run_dirs[0], summaries[0], run_dirs[1], summaries[1]))
 
 
 @cli.command()
@@ -153,9 +238,13 @@ def server(**options: object) -> None:
 @click.option("--runtime-port", type=click.IntRange(1, 65535), default=None, help="Port of this node's Runtime API on 127.0.0.1 [default: a free one].")
 @click.option("--max-wait-time", type=click.FloatRange(min=0, min_open=True), default=None, help="Give up after this many seconds without the SuperLink.")
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
+@placement_options
 def client(**options: object) -> None:
     """Run a long-lived client node; with --mp each message runs in a child."""
     _watch_parent(options["parent_pid"])  # type: ignore[arg-type]
+    if options["gpus"] is not None and not options["mp"]:
+        _fail("--gpus needs --mp: without it the node itself holds the GPU it first used")
+    placement = _placement_settings(options)
     if int(options["partition_id"]) >= int(options["num_partitions"]):  # type: ignore[call-overload]
         _fail(f"--partition-id {options['partition_id']} must be below --num-partitions {options['num_partitions']}")
     superlink = str(options["superlink"])
@@ -186,8 +275,10 @@ def client(**options: object) -> None:
         runtime_port=options["runtime_port"],  # type: ignore[arg-type]
         max_wait_time=options["max_wait_time"],  # type: ignore[arg-type]
     )
+    # Only children are placed: without --mp the node itself would hold the GPU.
+    placer = _open_placer(placement) if options["mp"] else None
     try:
-        run_client_node(settings)
+        run_client_node(settings, placer)
     finally:
         import shutil
 

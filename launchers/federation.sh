@@ -63,6 +63,11 @@ options:
   server options passed through: --eval-sampled --lr --lr-decay --local-epochs
     --batch-size --partitioner --alpha --seed --data-files --device --threads
     --message-timeout
+  GPU placement (server's evaluation and client children alike):
+  --gpus 0,2           GPUs children may use (default: all visible)
+  --placement P        free (default: most free memory) or round-robin
+  --gpu-mem MIB        a child's estimated peak until one is measured (1024)
+  --admission-timeout S  how long a child waits for GPU memory (600)
 USAGE
 }
 
@@ -79,6 +84,7 @@ task=digits
 isolation=zygote
 port=""
 run_dir=""
+gpus=""
 while (($#)); do
     case $1 in
     -h | --help)
@@ -87,7 +93,8 @@ while (($#)); do
         ;;
     --no-mp) mp=0 && shift ;;
     --task | --port | --run-dir | --timeout | --eval-sampled | --lr | --lr-decay | --local-epochs | --batch-size | \
-        --partitioner | --alpha | --seed | --data-files | --device | --threads | --message-timeout | --isolation)
+        --partitioner | --alpha | --seed | --data-files | --device | --threads | --message-timeout | --isolation | \
+        --gpus | --placement | --gpu-mem | --admission-timeout)
         (($# >= 2)) || die_usage "option $1 needs a value"
         case $1 in
         --task) task=$2 ;;
@@ -95,6 +102,8 @@ while (($#)); do
         --port) port=$2 ;;
         --run-dir) run_dir=$2 ;;
         --timeout) client_args+=(--timeout "$2") ;;
+        --gpus) gpus=$2 && server_args+=("$1" "$2") && client_args+=("$1" "$2") ;;
+        --placement | --gpu-mem | --admission-timeout) server_args+=("$1" "$2") && client_args+=("$1" "$2") ;;
         *) server_args+=("$1" "$2") ;;
         esac
         shift 2
@@ -118,6 +127,7 @@ done
 if [[ -n $port ]]; then
     [[ $port =~ ^[0-9]+$ ]] && ((10#$port >= 1 && 10#$port <= 65535)) || die_usage "--port must be 1..65535, got '$port'"
 fi
+[[ -z $gpus ]] || ((mp)) || die_usage "--gpus needs the children of --mp (drop --no-mp)"
 [[ $isolation == zygote || $isolation == spawn ]] || die_usage "--isolation must be zygote or spawn, got '$isolation'"
 server_args+=(--task "$task" --isolation "$isolation")
 client_args+=(--task "$task" --isolation "$isolation")

@@ -24,6 +24,8 @@ from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
 from fedgpu.flower.settings import toml_value, zygote_warm_ups
 from fedgpu.isolation import Isolator
+from fedgpu.monitor.events import emit
+from fedgpu.nvml.placement import GpuPlacer
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,8 +71,12 @@ def supernode_argv(settings: NodeSettings, runtime_port: int) -> list[str]:
     return argv
 
 
-def run_client_node(settings: NodeSettings) -> None:
-    """Run until the SuperNode exits (signal, or the SuperLink gone for good)."""
+def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> None:
+    """Run until the SuperNode exits (signal, or the SuperLink gone for good).
+
+    ``placer`` puts each message's child on a GPU with room for it (children only:
+    without isolation the node itself would hold the GPU).
+    """
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     port = settings.runtime_port or free_port()
@@ -78,7 +84,8 @@ def run_client_node(settings: NodeSettings) -> None:
     child_env = {IN_ISOLATED_CHILD: "1"} if settings.isolation != "none" else {}
     task = settings.node_config.get("task")
     isolator = Isolator(settings.isolation, env=child_env, zygote=settings.zygote, warm_ups=zygote_warm_ups(*([str(task)] if task else [])))
-    runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout)
+    runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout, placer=placer)
+    emit("node-start", pid=os.getpid(), client=settings.node_config.get("partition-id", ""), isolation=settings.isolation)
     add_exit_handler(runner.stop)  # Flower's SIGTERM/SIGINT path stops our children too
 
     def serve() -> None:

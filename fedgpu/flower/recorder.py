@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.supercore import log
 
 from fedgpu.flower.runner import FEDGPU_RECORD
+from fedgpu.monitor.events import emit
 
 METRICS_COLUMNS = (
     "round",
@@ -68,6 +69,7 @@ class RunRecorder:
 
     def round_started(self, server_round: int) -> None:
         self._round_started = time.monotonic()
+        emit("round-start", str(self.run_dir), round=server_round)
         self._round = {"round": server_round, "messages": [], "failures": []}
 
     def replies(self, server_round: int, kind: str, replies: list[Message]) -> None:
@@ -93,6 +95,7 @@ class RunRecorder:
             return
         assert self._round is not None and self._round["round"] == server_round
         row = self._finish_round(figures)
+        emit("round-end", str(self.run_dir), round=server_round)
         with self._metrics_path.open("a", newline="") as handle:
             csv.writer(handle).writerow([row[column] for column in METRICS_COLUMNS])
         self._write_report()

@@ -30,7 +30,9 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
+from fedgpu.flower.children import placer_for, run_child
 from fedgpu.isolation import IsolationError, Isolator, Outcome
+from fedgpu.nvml.placement import GpuPlacer, Placement
 
 # Key of the ConfigRecord the runner adds to every reply: how it was isolated.
 FEDGPU_RECORD = "fedgpu"
@@ -67,10 +69,12 @@ class TaskRunner:
         *,
         timeout: float | None = None,
         poll_interval: tuple[float, float] = (0.1, 1.0),
+        placer: GpuPlacer | None = None,
     ) -> None:
         self.runtime_address = runtime_address
         self.isolator = isolator
         self.timeout = timeout
+        self.placer = placer  # None: children get no GPU of their own choosing (no GPU, or no isolation)
         # Fast right after a task (the next message of a round may follow),
         # backing off to Flower's own SuperExec interval when idle: a hundred
         # idle nodes polling five times a second would saturate a small host.
@@ -135,12 +139,23 @@ class TaskRunner:
                 message,
                 context,
             )
+            who = _who(message, context)
+            placer = placer_for(self.placer, context.run_config.get("device", "auto"))
             log(INFO, "[fedgpu] %s message: running in a child", message.metadata.message_type)
             started = time.perf_counter()
-            outcome = self.isolator.run(run_client_app, (call,), timeout=self.timeout)
+            outcome, placement = run_child(
+                self.isolator,
+                placer,
+                run_client_app,
+                (call,),
+                key=f"{context.run_config.get('task', '')}/{who['message']}",
+                who=who,
+                role="client-child",
+                timeout=self.timeout,
+            )
             call_seconds = time.perf_counter() - started  # child asked for -> reply back -> child reaped
             reply, context = outcome.value
-            _stamp(reply, outcome, call_seconds)
+            _stamp(reply, outcome, call_seconds, placement)
             sub_status, details = SubStatus.COMPLETED, ""
             log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid, outcome.seconds)
         except IsolationError as err:
@@ -162,12 +177,32 @@ class TaskRunner:
             client.close()
 
 
-def _stamp(reply: Message, outcome: Outcome, call_seconds: float) -> None:
+def _who(message: Message, context: Context) -> dict:
+    """Client, round and message type of a task, as the memory monitor maps pids."""
+    config = message.content.config_records.get("config")
+    server_round = config.get("server-round") if config is not None else None
+    return {
+        "client": context.node_config.get("partition-id", ""),
+        "round": server_round if isinstance(server_round, int) else None,
+        "message": message.metadata.message_type,
+    }
+
+
+def _stamp(reply: Message, outcome: Outcome, call_seconds: float, placement: Placement | None) -> None:
     """Record where and how the reply was computed, for the server's report."""
     if reply.has_error():
         return
+    gpu = {}
+    if placement is not None:
+        gpu = {
+            "gpu": placement.gpu,
+            "gpu-reserved-mib": placement.reserved_bytes / 2**20,
+            "child-gpu-peak-mib": outcome.gpu_peak_bytes / 2**20,
+            "admission-wait-seconds": placement.waited_seconds,
+        }
     reply.content[FEDGPU_RECORD] = ConfigRecord(
         {
+            **gpu,
             "isolation": outcome.mode,
             "child-pid": outcome.pid,
             "child-seconds": outcome.seconds,

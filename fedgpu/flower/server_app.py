@@ -14,10 +14,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedgpu.flower.children import run_child, wants_placement
 from fedgpu.flower.recorder import RunRecorder
 from fedgpu.flower.settings import RunSettings, zygote_warm_ups
 from fedgpu.flower.strategy import ExactFedAvg
 from fedgpu.isolation import Isolator
+from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
 from fedgpu.tasks.work import evaluate_global, initial_arrays
 
 app = ServerApp()
@@ -60,16 +62,26 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(settings.run_dir, settings.to_run_config(), run_id=context.run_id)
     work = settings.work()
     arrays = None
+    # Evaluation children are placed like the client nodes' (same settings, same host ledger).
+    placer = None
+    if settings.isolation != "none" and wants_placement(settings.device):
+        placer = GpuPlacer.from_settings(PlacementSettings.from_env())
     try:
         # A launcher's shared zygote ($FEDGPU_ZYGOTE) serves us too; else a private one.
         with Isolator(settings.isolation, warm_ups=zygote_warm_ups(settings.task)) as isolator:
 
+            def in_child(fn: Any, args: tuple, server_round: int, message: str) -> Any:
+                who = {"client": "", "round": server_round, "message": message}
+                key = f"{settings.task}/{message}"
+                outcome, _ = run_child(isolator, placer, fn, args, key=key, who=who, role="server-child", run_dir=settings.run_dir)
+                return outcome
+
             def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-                outcome = isolator.run(evaluate_global, (work, arrays.to_numpy_ndarrays()))
+                outcome = in_child(evaluate_global, (work, arrays.to_numpy_ndarrays()), server_round, "server-evaluate")
                 recorder.server_evaluated(server_round, outcome.value, outcome.seconds)
                 return MetricRecord({"loss": outcome.value["loss"], "accuracy": outcome.value["accuracy"]})
 
-            initial = ArrayRecord(isolator.run(initial_arrays, (work,)).value)
+            initial = ArrayRecord(in_child(initial_arrays, (work,), 0, "initial").value)
             result = ExactFedAvg(settings, recorder).start(
                 grid=PromptGrid(grid),  # type: ignore[arg-type]
                 initial_arrays=initial,
@@ -82,4 +94,7 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException:
         recorder.finish(arrays, status="failed")
         raise
+    finally:
+        if placer is not None:
+            placer.close()
     recorder.finish(arrays)

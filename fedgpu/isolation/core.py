@@ -43,6 +43,7 @@ class Outcome:
     work_seconds: float  # inside the callable, as the child measured it
     max_rss_kib: int  # the child's peak resident memory
     mode: str
+    gpu_peak_bytes: int = 0  # the child's peak GPU memory, if it was given a GPU to measure (FEDGPU_GPU)
 
     @property
     def overhead_seconds(self) -> float:
@@ -207,8 +208,13 @@ class Isolator:
         *,
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> Outcome:
         """Run ``fn(*args, **kwargs)`` in a child and return its Outcome.
+
+        ``on_start(pid)`` is called once the child exists, before it gets the
+        call (with this process's pid in mode ``none``): who runs what, for a
+        monitor that sees only pids.
 
         Raises ChildRaised (with the child's traceback), ChildDied (naming the
         exit code or signal) or ChildTimedOut.
@@ -219,9 +225,13 @@ class Isolator:
         if self._launcher is None:
             if self._closed:
                 raise RuntimeError("this Isolator has been shut down")
+            if on_start is not None:
+                on_start(os.getpid())
             return self._run_in_process(fn, args, kwargs, env)
         child = self._start({**os.environ, **self._child_env(), **self.env, **(env or {})})
         try:
+            if on_start is not None:
+                on_start(child.pid)
             return self._call(child, fn, args, kwargs, timeout)
         finally:
             # The one place a call's child is stopped and reaped: whatever ended
@@ -285,7 +295,9 @@ class Isolator:
         child.wait_exit(self.grace)  # let it exit by itself before `run` stops its group
         status, *body, facts = reply
         if status == "ok":
-            return Outcome(body[0], child.pid, seconds, facts["work_seconds"], facts["max_rss_kib"], self.mode)
+            return Outcome(
+                body[0], child.pid, seconds, facts["work_seconds"], facts["max_rss_kib"], self.mode, facts.get("gpu_peak_bytes", 0)
+            )
         type_name, message, text, pickled = body
         original = _load_exception(pickled)
         error = ChildRaised(type_name, message, text, pid=child.pid, original=original)

@@ -14,6 +14,7 @@ from typing import Any
 from multiprocess.reduction import ForkingPickler
 
 from fedgpu.isolation import wire
+from fedgpu.nvml.measure import gpu_peak_bytes
 
 
 def serve_one_call(sock: socket.socket) -> None:
@@ -29,7 +30,7 @@ def serve_one_call(sock: socket.socket) -> None:
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent
         reply = _error_reply(exc)
     work_seconds = time.perf_counter() - started
-    facts = {"work_seconds": work_seconds, "max_rss_kib": _max_rss_kib()}
+    facts = {"work_seconds": work_seconds, "max_rss_kib": _max_rss_kib(), "gpu_peak_bytes": gpu_peak_bytes()}
     try:
         wire.send_object(sock, (*reply, facts))
     except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +63,7 @@ class _Peak:
 
 @dataclass
 class HostMemorySampler:
-    """Samples RSS of the run's processes every ``interval`` seconds, PSS every ``pss_interval``.
+    """RSS of the run's processes at each ``sample()``, PSS at most every ``pss_interval``.
 
     RSS comes from ``/proc/PID/statm`` (cheap); PSS needs a walk of each
     process's page tables (``smaps_rollup``), which for a hundred nodes costs
@@ -72,7 +71,7 @@ class HostMemorySampler:
     """
 
     marker_value: str
-    interval: float = 1.0
+    interval: float = 1.0  # as its caller samples it; for the summary
     pss_interval: float = 10.0
     marker: str = MARKER
     samples: int = 0
@@ -80,34 +79,14 @@ class HostMemorySampler:
     _ours: dict[tuple[int, float], bool] = field(default_factory=dict)
     _per_kind: dict[str, dict[int, int]] = field(default_factory=dict)  # kind -> pid -> peak rss
     _kind_counts: dict[str, int] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-    _started: float = 0.0
     _last_pss: float = float("-inf")
     peak_total_pss: int = 0
     pss_samples: int = 0
     min_available: int | None = None  # the host's MemAvailable: the room left
+    available_now: int | None = None
 
-    def start(self) -> "HostMemorySampler":
-        self._started = time.time()
-        self._thread = threading.Thread(target=self._loop, name="fedgpu-host-memory", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> dict[str, Any]:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        return self.summary()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            self.sample()
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
-
-    def _is_ours(self, proc: psutil.Process) -> bool:
-        key = (proc.pid, proc.info["create_time"] or 0.0)
+    def _is_ours(self, proc: psutil.Process, created: float | None = None) -> bool:
+        key = (proc.pid, created if created is not None else proc.info["create_time"] or 0.0)
         if key not in self._ours:
             try:
                 self._ours[key] = proc.environ().get(self.marker) == self.marker_value
@@ -115,7 +94,8 @@ class HostMemorySampler:
                 self._ours[key] = False
         return self._ours[key]
 
-    def sample(self) -> None:
+    def sample(self) -> list[tuple[int, str, int]]:
+        """Sample once; returns (pid, kind, RSS bytes) of every process of ours."""
         ours = []
         for proc in psutil.process_iter(["create_time", "ppid", "cmdline", "memory_info"]):
             if proc.info["memory_info"] is not None and self._is_ours(proc):
@@ -123,10 +103,12 @@ class HostMemorySampler:
         zygote_pids = {p.pid for p in ours if process_kind(p.info["cmdline"] or [], set(), -1) == "zygote"}
         total_rss = 0
         counts: dict[str, int] = {}
+        rows = []
         for proc in ours:
             rss = proc.info["memory_info"].rss
             total_rss += rss
             kind = process_kind(proc.info["cmdline"] or [], zygote_pids, proc.info["ppid"])
+            rows.append((proc.pid, kind, rss))
             counts[kind] = counts.get(kind, 0) + 1
             peaks = self._per_kind.setdefault(kind, {})
             peaks[proc.pid] = max(peaks.get(proc.pid, 0), rss)
@@ -134,6 +116,7 @@ class HostMemorySampler:
             self._kind_counts[kind] = max(self._kind_counts.get(kind, 0), count)
         self.samples += 1
         available = host_available_bytes()
+        self.available_now = available
         if available is not None:
             self.min_available = available if self.min_available is None else min(self.min_available, available)
         if total_rss > self.peak.total_rss:
@@ -143,6 +126,15 @@ class HostMemorySampler:
             self.pss_samples += 1
             total_pss = sum(pss_bytes(proc.pid) or proc.info["memory_info"].rss for proc in ours)
             self.peak_total_pss = max(self.peak_total_pss, total_pss)
+        return rows
+
+    def is_ours(self, pid: int) -> bool:
+        """Whether ``pid`` is a process of this run (for pids another source reports)."""
+        try:
+            proc = psutil.Process(pid)
+            return self._is_ours(proc, proc.create_time())
+        except psutil.Error:
+            return False
 
     def summary(self) -> dict[str, Any]:
         by_kind = {}

@@ -1,0 +1,66 @@
+"""What happened when, for the memory monitor: a run's ``events.jsonl``.
+
+Rounds start and end (ServerApp), client nodes start, children start and end
+(task runner, ServerApp evaluation), admission waits. Each event is one line
+appended with a single ``write`` (atomic for lines this short), so every
+process of a run can write the same file. The monitor maps the pids it
+samples to a client, round and message through these events. Writing an
+event must never break a run: errors are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+EVENTS_FILE = "events.jsonl"
+RUN_DIR_ENV = "FEDGPU_RUN_DIR"
+
+
+def emit(event: str, run_dir: str | None = None, **fields: Any) -> None:
+    """Append one event to the run's events file (no-op outside a run)."""
+    run_dir = run_dir or os.environ.get(RUN_DIR_ENV)
+    if not run_dir:
+        return
+    line = json.dumps({"t": time.time(), "event": event, **fields}, default=str) + "\n"
+    try:
+        fd = os.open(os.path.join(run_dir, EVENTS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class EventsTail:
+    """Reads the events appended since the last call (a partial last line waits)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = os.path.join(run_dir, EVENTS_FILE)
+        self._offset = 0
+        self._partial = b""
+
+    def read_new(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+
+def read_events(run_dir: str) -> list[dict[str, Any]]:
+    return EventsTail(run_dir).read_new()

@@ -1,0 +1,48 @@
+"""``memory.png``: memory over time, one line per GPU and one for the host, rounds shaded."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fedgpu.monitor.events import read_events
+from fedgpu.monitor.summary import read_timeline
+
+PLOT_FILE = "memory.png"
+
+
+def write_plot(run_dir: str, summary: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; and never a GUI toolkit in a server
+    import matplotlib.pyplot as plt
+
+    gpu, host = read_timeline(run_dir)
+    events = read_events(run_dir)
+    times = [m.t for m in gpu + host]
+    origin = min(times) if times else 0.0
+    figure, axes = plt.subplots(figsize=(11, 4.5), dpi=100)
+    for index in sorted(gpu[0].per_gpu, key=int) if gpu else []:
+        axes.plot([m.t - origin for m in gpu], [m.per_gpu.get(index, 0.0) for m in gpu], lw=1.2, label=f"GPU {index} used")
+    if gpu:
+        axes.plot([m.t - origin for m in gpu], [m.ours for m in gpu], lw=1.0, ls="--", label="GPU, this run's processes")
+    axes.plot([m.t - origin for m in host], [m.total for m in host], lw=1.2, color="black", label="host RSS, this run's processes")
+    starts = {e["round"]: e["t"] for e in events if e.get("event") == "round-start"}
+    ends = {e["round"]: e["t"] for e in events if e.get("event") == "round-end"}
+    for rnd, start in sorted(starts.items()):
+        end = ends.get(rnd, max(times, default=start))
+        axes.axvspan(start - origin, end - origin, color="tab:blue" if rnd % 2 else "tab:orange", alpha=0.12, lw=0)
+        axes.text((start + end) / 2 - origin, 1.0, f"r{rnd}", transform=axes.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+    axes.set_xlabel("seconds since the monitor started")
+    axes.set_ylabel("MiB")
+    title = "memory per GPU and host, rounds shaded"
+    if summary.get("note"):
+        title = summary["note"]
+    axes.set_title(title, fontsize=10, pad=14)
+    axes.legend(loc="upper left", fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path = os.path.join(run_dir, PLOT_FILE)
+    figure.savefig(path)
+    plt.close(figure)
+    return path

@@ -1,0 +1,202 @@
+"""``memory.json``: per round, the peak and what is held at rest, from the
+run's files alone (``memory.csv`` and ``events.jsonl``).
+
+A round spans its round-start and round-end events (round-end comes after the
+server's evaluation child is reaped). *At rest* after round r is the last
+sample between round r's end and the first message child of round r+1 (or the
+end of the timeline): every node idle, no message running. Without a GPU the
+same figures are given for host RSS only, and ``note`` says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from bisect import bisect_left, bisect_right
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedgpu.monitor.events import read_events
+from fedgpu.monitor.memory import TIMELINE_FILE
+
+SUMMARY_FILE = "memory.json"
+NOT_OURS = "other"
+
+
+@dataclass
+class Moment:
+    """Everything sampled at one instant from one source (GPU or host)."""
+
+    t: float
+    total: float = 0.0  # gpu: used on the devices, everything; host: RSS of ours
+    per_gpu: dict[str, float] = field(default_factory=dict)
+    ours: float = 0.0
+    holders: int = 0  # our processes holding memory (a GPU context, or any RSS)
+    clients: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    client_holders: set[str] = field(default_factory=set)
+    roles: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def read_timeline(run_dir: str) -> tuple[list[Moment], list[Moment]]:
+    """(GPU moments, host moments), each in time order."""
+    gpu: dict[float, Moment] = {}
+    host: dict[float, Moment] = {}
+    try:
+        handle = open(os.path.join(run_dir, TIMELINE_FILE), newline="")
+    except OSError:
+        return [], []
+    with handle:
+        for row in csv.DictReader(handle):
+            try:
+                t, used = float(row["time"]), float(row["used_mib"] or 0)
+            except (KeyError, ValueError):
+                continue  # a line cut short by a crash
+            source = row["source"]
+            moments = gpu if source.startswith("gpu") else host
+            moment = moments.setdefault(t, Moment(t))
+            if source == "gpu":
+                moment.total += used
+                moment.per_gpu[row["gpu"]] = used
+            elif source == "host":
+                moment.total = used
+            elif row["role"] != NOT_OURS:
+                moment.ours += used
+                if used > 0:
+                    moment.holders += 1
+                moment.roles[row["role"]] += used
+                if row["client"] != "":
+                    moment.clients[row["client"]] += used
+                    if used > 0:
+                        moment.client_holders.add(row["client"])
+    return [gpu[t] for t in sorted(gpu)], [host[t] for t in sorted(host)]
+
+
+def _window(moments: list[Moment], start: float, end: float) -> list[Moment]:
+    times = [m.t for m in moments]
+    return moments[bisect_left(times, start) : bisect_right(times, end)]
+
+
+def _at_rest(moments: list[Moment], start: float, end: float) -> Moment | None:
+    inside = _window(moments, start, end)
+    if inside:
+        return inside[-1]
+    after = [m for m in moments if m.t >= start]
+    return after[0] if after else None
+
+
+def _peaks(moments: list[Moment]) -> dict[str, Any]:
+    clients: dict[str, float] = defaultdict(float)
+    for moment in moments:
+        for client, used in moment.clients.items():
+            clients[client] = max(clients[client], used)
+    return {
+        "peak_total_mib": round(max((m.total for m in moments), default=0.0), 1),
+        "peak_ours_mib": round(max((m.ours for m in moments), default=0.0), 1),
+        "peak_holders": max((m.holders for m in moments), default=0),
+        "per_client_peak_mib": {c: round(v, 1) for c, v in sorted(clients.items(), key=lambda kv: _client_order(kv[0]))},
+        "samples": len(moments),
+    }
+
+
+def _rest(moment: Moment | None) -> dict[str, Any]:
+    if moment is None:
+        return {"at_rest_total_mib": None, "at_rest_ours_mib": None, "at_rest_holders": None, "clients_holding_at_rest": None}
+    return {
+        "at_rest_total_mib": round(moment.total, 1),
+        "at_rest_ours_mib": round(moment.ours, 1),
+        "at_rest_holders": moment.holders,
+        "clients_holding_at_rest": len(moment.client_holders),
+        "at_rest_by_role_mib": {role: round(v, 1) for role, v in sorted(moment.roles.items())},
+    }
+
+
+def _client_order(client: str) -> tuple[int, str]:
+    return (int(client), "") if client.isdigit() else (1 << 30, client)
+
+
+def summarise(run_dir: str) -> dict[str, Any]:
+    events = read_events(run_dir)
+    gpu, host = read_timeline(run_dir)
+    monitor = next((e for e in events if e.get("event") == "monitor-start"), {})
+    starts = {e["round"]: e["t"] for e in events if e.get("event") == "round-start"}
+    ends = {e["round"]: e["t"] for e in events if e.get("event") == "round-end"}
+    first_child: dict[int, float] = {}
+    child_peaks: dict[str, dict[int, dict[str, float]]] = {"gpu": defaultdict(dict), "host": defaultdict(dict)}
+    waits: dict[int, list[float]] = defaultdict(list)
+    for event in events:
+        kind, rnd = event.get("event"), event.get("round")
+        if kind == "child-start" and event.get("role") != "server-child" and isinstance(rnd, int):
+            first_child[rnd] = min(first_child.get(rnd, math.inf), event["t"])
+        elif kind == "child-end" and isinstance(rnd, int) and event.get("client", "") != "":
+            client = str(event["client"])
+            for source, field_name in (("gpu", "gpu_peak_mib"), ("host", "rss_peak_mib")):
+                peaks = child_peaks[source][rnd]
+                peaks[client] = max(peaks.get(client, 0.0), float(event.get(field_name) or 0.0))
+        elif kind == "admission-wait" and isinstance(rnd, int):
+            waits[rnd].append(float(event.get("seconds", 0.0)))
+
+    rounds = []
+    for rnd in sorted(starts):
+        start, end = starts[rnd], ends.get(rnd, math.inf)
+        rest_until = first_child.get(rnd + 1, starts.get(rnd + 1, math.inf))
+        entry: dict[str, Any] = {"round": rnd, "seconds": None if end == math.inf else round(end - start, 3)}
+        if gpu:
+            during = _window(gpu, start, end)
+            entry["gpu"] = _peaks(during) | _rest(_at_rest(gpu, end, rest_until) if end != math.inf else None)
+            entry["gpu"]["peak_total_per_gpu_mib"] = {
+                index: round(max(m.per_gpu.get(index, 0.0) for m in during), 1) for index in sorted(gpu[0].per_gpu)
+            } if during else {}
+        entry["host"] = _peaks(_window(host, start, end)) | _rest(_at_rest(host, end, rest_until) if end != math.inf else None)
+        # A child shorter than a sampling interval is seen by its own measurement.
+        for source in ("gpu", "host") if gpu else ("host",):
+            clients = entry[source]["per_client_peak_mib"]
+            for client, peak in child_peaks[source].get(rnd, {}).items():
+                clients[client] = round(max(clients.get(client, 0.0), peak), 1)
+            entry[source]["per_client_peak_mib"] = dict(sorted(clients.items(), key=lambda kv: _client_order(kv[0])))
+        entry["admission"] = {"waits": len(waits.get(rnd, [])), "wait_seconds": round(sum(waits.get(rnd, [])), 3)}
+        rounds.append(entry)
+
+    before = first_child.get(1, starts.get(1, math.inf))
+    idle_before = {
+        "gpu": _rest(_at_rest(gpu, -math.inf, before)) if gpu else None,
+        "host": _rest(_at_rest(host, -math.inf, before)),
+    }
+    all_waits = [s for values in waits.values() for s in values]
+    no_gpu = monitor.get("no_gpu") if monitor else "no monitor-start event"
+    return {
+        "gpu_available": bool(gpu) and not no_gpu,
+        "note": None if gpu and not no_gpu else f"no GPU ({no_gpu}): memory figures are host RSS only",
+        "gpus": monitor.get("gpus", []),
+        "client_isolation": sorted({str(e.get("isolation")) for e in events if e.get("event") == "node-start"}),
+        "samples": {"gpu": len(gpu), "host": len(host), "gpu_interval_s": monitor.get("gpu_interval_s")},
+        "what": {
+            "total": "gpu: memory used on the devices by every process; host: RSS summed over the run's processes",
+            "ours": "memory of the run's processes (per process: NVML's compute-process list, or RSS)",
+            "holders": "the run's processes holding memory (on a GPU: a CUDA context)",
+            "at_rest": "the last sample after the round ended and before the next round's first message child",
+        },
+        "before_round_1": idle_before,
+        "rounds": rounds,
+        "admission": {"waits": len(all_waits), "wait_seconds": round(sum(all_waits), 3)},
+    }
+
+
+def write_summary(run_dir: str) -> dict[str, Any]:
+    summary = summarise(run_dir)
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    with open(path + ".tmp", "w") as out:
+        json.dump(summary, out, indent=2)
+    os.replace(path + ".tmp", path)
+    return summary
+
+
+def load_summary(run_dir: str) -> dict[str, Any]:
+    """memory.json, derived again from the timeline if it is missing."""
+    try:
+        with open(os.path.join(run_dir, SUMMARY_FILE)) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return summarise(run_dir)
