@@ -102,8 +102,18 @@ while (($#)); do
         --port) port=$2 ;;
         --run-dir) run_dir=$2 ;;
         --timeout) client_args+=(--timeout "$2") ;;
-        --gpus) gpus=$2 && server_args+=("$1" "$2") && client_args+=("$1" "$2") ;;
-        --placement | --gpu-mem | --admission-timeout) server_args+=("$1" "$2") && client_args+=("$1" "$2") ;;
+        --gpus)
+            [[ $2 =~ ^[0-9]+(,[0-9]+)*$ ]] || die_usage "--gpus must be GPU indices separated by commas, like 0,2; got '$2'"
+            gpus=$2 && server_args+=("$1" "$2") && client_args+=("$1" "$2")
+            ;;
+        --placement)
+            [[ $2 == free || $2 == round-robin ]] || die_usage "--placement must be free or round-robin, got '$2'"
+            server_args+=("$1" "$2") && client_args+=("$1" "$2")
+            ;;
+        --gpu-mem | --admission-timeout)
+            [[ $2 =~ ^[0-9]*\.?[0-9]+$ && ! $2 =~ ^0*\.?0*$ ]] || die_usage "$1 must be a number > 0, got '$2'"
+            server_args+=("$1" "$2") && client_args+=("$1" "$2")
+            ;;
         *) server_args+=("$1" "$2") ;;
         esac
         shift 2

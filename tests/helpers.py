@@ -13,6 +13,17 @@ from fedgpu.flower.node import free_port, port_free  # noqa: F401 - re-exported 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_SH = ROOT / "run.sh"
 FEDGPU = ROOT / ".venv" / "bin" / "fedgpu"
+FAKE_GPU_DIR = ROOT / "tests" / "fake_gpu"  # a fake pynvml, a fake CUDA, a task that uses them
+
+
+def load_fake_pynvml():
+    """The fake ``pynvml`` module (tests/fake_gpu/pynvml.py), for ``sys.modules``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pynvml", FAKE_GPU_DIR / "pynvml.py")
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    return fake
 
 
 def processes_with_env(key: str, value: str, *also: str) -> dict[int, str]:

@@ -36,6 +36,11 @@ RUN_SH_BAD_INPUT = [
     (["2", "2", "1", "1", "--task"], "option --task needs a value"),
     (["2", "2", "1", "1", "--port", "99999"], "--port must be 1..65535"),
     (["2", "2", "1", "1", "--isolation", "fork"], "--isolation must be zygote or spawn"),
+    (["2", "2", "1", "1", "--gpus", "0", "--no-mp"], "--gpus needs the children of --mp"),
+    (["2", "2", "1", "1", "--gpus", "0,,1"], "--gpus must be GPU indices"),
+    (["2", "2", "1", "1", "--placement", "packed"], "--placement must be free or round-robin"),
+    (["2", "2", "1", "1", "--gpu-mem", "0"], "--gpu-mem must be a number > 0"),
+    (["2", "2", "1", "1", "--admission-timeout", "soon"], "--admission-timeout must be a number > 0"),
 ]
 
 
@@ -81,6 +86,14 @@ FEDGPU_BAD_INPUT = [
     (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--zygote", "/nonexistent/z"],
      "--zygote /nonexistent/z: no such directory"),
     (["zygote", "--dir", "/tmp", "--task", "bogus"], "unknown task 'bogus'"),
+    (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--gpus", "0,x"],
+     "--gpus must be GPU indices"),
+    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--gpus", "0"], "--gpus needs --mp"),
+    (["server", "--gpus", "99"], "--gpus 99"),  # no GPU here: NVML says so; on a GPU host: no GPU 99
+    (["server", "--placement", "packed"], "--placement"),
+    (["server", "--gpu-mem", "-5"], "--gpu-mem"),
+    (["report", "/nonexistent/run"], "/nonexistent/run: not a run directory"),
+    (["report", "a", "b", "c"], "one or two run directories"),
     (["bogus-command"], "bogus-command"),
 ]
 

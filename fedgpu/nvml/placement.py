@@ -69,7 +69,7 @@ class PlacementSettings:
     policy: str = "free"  # the GPU with most room, or round-robin over those with room
     estimate_mib: float | None = None  # a child's peak until one has been measured
     admission_timeout: float = 600.0
-    ledger_dir: str | None = None  # None: $FEDGPU_LEDGER, else a private per-user directory
+    ledger_dir: str | None = None  # None: default_ledger_dir()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "PlacementSettings":
@@ -94,6 +94,9 @@ class PlacementSettings:
 
 
 def default_ledger_dir() -> str:
+    """$FEDGPU_LEDGER, else a per-user directory in memory (every run of this user on this host shares it)."""
+    if os.environ.get(ENV_LEDGER):
+        return os.environ[ENV_LEDGER]
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base and os.path.isdir(base):
         return os.path.join(base, "fedgpu")

@@ -1,0 +1,145 @@
+"""The memory monitor and its reports: real processes holding (fake) GPU memory.
+
+NVML is the fake in tests/fake_gpu (the one edge a machine without a GPU
+cannot reach); the processes, their events, the timeline, memory.json, the
+plot and `fedgpu report` are real.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedgpu.monitor.events import emit
+from fedgpu.monitor.memory import MemoryMonitor
+from fedgpu.monitor.plot import write_plot
+from fedgpu.monitor.summary import write_summary
+from fedgpu.nvml.devices import Nvml
+from helpers import FEDGPU
+
+HOLDER = (
+    "import sys, time, fake_cuda\n"
+    "fake_cuda.allocate(300)\n"
+    "print('held', flush=True)\n"
+    "time.sleep(float(sys.argv[1]))\n"
+)
+
+
+def monitored_round(run_dir: Path, *, child_exits: bool) -> subprocess.Popen:
+    """One round in which client 3's work holds 300 MiB on GPU 1, in a child that
+    exits (isolation) or in the node itself, which stays (the baseline)."""
+    run_dir.mkdir()
+    env = {**os.environ, "FEDGPU_RUN_DIR": str(run_dir), "CUDA_VISIBLE_DEVICES": "GPU-fake-1"}
+    monitor = MemoryMonitor(str(run_dir), str(run_dir), nvml=Nvml.open(), gpu_interval=0.05, host_interval=(0.05, 0.2)).start()
+    worker = subprocess.Popen([sys.executable, "-c", HOLDER, "0.6" if child_exits else "120"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    if not child_exits:
+        emit("node-start", str(run_dir), pid=worker.pid, client=3, isolation="none")
+    emit("round-start", str(run_dir), round=1)
+    emit("child-start", str(run_dir), pid=worker.pid, role="client-child", client=3, round=1, message="train")
+    assert worker.stdout.readline().strip() == "held"
+    if child_exits:
+        worker.wait(timeout=30)
+    else:
+        time.sleep(0.6)
+    emit("child-end", str(run_dir), pid=worker.pid, role="client-child", client=3, round=1, message="train", gpu_peak_mib=300.0)
+    emit("round-end", str(run_dir), round=1)
+    time.sleep(0.6)  # at rest
+    monitor.stop()
+    return worker
+
+
+def test_gpu_memory_is_mapped_to_client_round_and_message_and_released_with_the_child(fake_gpus, tmp_path: Path) -> None:
+    fake_gpus({"total_mib": 1000, "name": "Fake A"}, {"total_mib": 1000, "name": "Fake B"})
+    run_dir = tmp_path / "mp"
+    worker = monitored_round(run_dir, child_exits=True)
+    with open(run_dir / "memory.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    mine = [r for r in rows if r["source"] == "gpu-process" and r["pid"] == str(worker.pid)]
+    assert mine, "the child was sampled on the GPU"
+    assert {(r["gpu"], r["role"], r["client"], r["round"], r["message"], r["used_mib"]) for r in mine} == {
+        ("1", "client-child", "3", "1", "train", "300.0")
+    }
+    assert {r["gpu"] for r in rows if r["source"] == "gpu"} == {"0", "1"}
+    assert any(r["source"] == "host-process" and r["pid"] == str(worker.pid) and r["client"] == "3" for r in rows)
+
+    summary = write_summary(str(run_dir))
+    assert summary["gpu_available"] and summary["note"] is None
+    assert [g["name"] for g in summary["gpus"]] == ["Fake A", "Fake B"]
+    gpu = summary["rounds"][0]["gpu"]
+    assert gpu["peak_ours_mib"] == 300.0 and gpu["peak_holders"] == 1
+    assert gpu["per_client_peak_mib"] == {"3": 300.0}
+    assert gpu["peak_total_per_gpu_mib"] == {"0": 0.0, "1": 300.0}
+    assert (gpu["at_rest_ours_mib"], gpu["at_rest_holders"], gpu["clients_holding_at_rest"]) == (0.0, 0, 0)
+    assert summary["rounds"][0]["host"]["per_client_peak_mib"]["3"] > 0
+
+    png = write_plot(str(run_dir), summary)
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_node_that_ran_its_work_itself_holds_the_memory_at_rest(fake_gpus, tmp_path: Path) -> None:
+    fake_gpus({"total_mib": 1000}, {"total_mib": 1000})
+    node = monitored_round(tmp_path / "baseline", child_exits=False)
+    try:
+        gpu = write_summary(str(tmp_path / "baseline"))["rounds"][0]["gpu"]
+    finally:
+        node.kill()
+        node.wait()
+    assert (gpu["at_rest_ours_mib"], gpu["at_rest_holders"], gpu["clients_holding_at_rest"]) == (300.0, 1, 1)
+    assert gpu["at_rest_by_role_mib"] == {"client-node": 300.0}
+
+
+def test_fedgpu_report_prints_one_run_and_two_side_by_side(fake_gpus, tmp_path: Path) -> None:
+    fake_gpus({"total_mib": 1000}, {"total_mib": 1000})
+    monitored_round(tmp_path / "a", child_exits=True)
+    node = monitored_round(tmp_path / "b", child_exits=False)
+    node.kill()
+    node.wait()
+    for run in ("a", "b"):
+        write_summary(str(tmp_path / run))
+    (tmp_path / "b" / "memory.json").unlink()  # derived again from memory.csv and events.jsonl
+
+    one = subprocess.run([str(FEDGPU), "report", str(tmp_path / "a")], capture_output=True, text=True, timeout=60)
+    assert one.returncode == 0, one.stderr
+    header, rule, *rows = one.stdout.splitlines()[1:]
+    assert "ours at rest" in header and set(rule) <= {"-", " "}
+    round_1 = rows[-1].split()
+    assert round_1[0] == "1" and len(round_1) == len(re.split(r"\s{2,}", header.strip()))
+
+    two = subprocess.run([str(FEDGPU), "report", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True, timeout=60)
+    assert two.returncode == 0, two.stderr
+    assert re.search(r"^\s*1\s+ours at rest\s+0\.0\s+300\s+300\s*$", two.stdout, re.M), two.stdout
+    assert re.search(r"^\s*1\s+clients holding\s+0\s+1\s+1\s*$", two.stdout, re.M), two.stdout
+
+
+def test_without_a_gpu_the_same_files_come_from_host_memory(fake_gpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FAKE_NVML_DIR")  # NVML fails as it does on a machine without a driver
+    from fedgpu.nvml.devices import open_nvml
+
+    nvml, why = open_nvml()
+    assert nvml is None and "Not Found" in why
+    run_dir = tmp_path / "cpu"
+    run_dir.mkdir()
+    env = {**os.environ, "FEDGPU_RUN_DIR": str(run_dir)}
+    monitor = MemoryMonitor(str(run_dir), str(run_dir), nvml=None, no_gpu_reason=why, host_interval=(0.05, 0.2)).start()
+    emit("round-start", str(run_dir), round=1)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 << 20); time.sleep(0.8)"], env=env)
+    emit("child-start", str(run_dir), pid=worker.pid, role="client-child", client=0, round=1, message="train")
+    worker.wait(timeout=30)
+    emit("round-end", str(run_dir), round=1)
+    time.sleep(0.4)
+    monitor.stop()
+    summary = write_summary(str(run_dir))
+    assert not summary["gpu_available"] and summary["note"] == f"no GPU ({why}): memory figures are host RSS only"
+    host = summary["rounds"][0]["host"]
+    assert host["per_client_peak_mib"]["0"] >= 200 and "gpu" not in summary["rounds"][0]
+    write_plot(str(run_dir), summary)
+    out = subprocess.run([str(FEDGPU), "report", str(run_dir)], capture_output=True, text=True, timeout=60).stdout
+    assert summary["note"] in out and "host at rest MiB" in out and "ours at rest" not in out
