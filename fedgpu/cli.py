@@ -198,7 +198,7 @@ def _write_memory_reports(run_dir: Path, monitor) -> None:  # type: ignore[no-un
         write_plot(str(run_dir), summary)
     except Exception as err:  # noqa: BLE001 - a missing plot must not fail a finished run
         click.echo(f"[fedgpu] could not draw memory.png: {err}", err=True)
-    click.echo(one_run(str(run_dir), summary), err=True)
+    click.echo(one_run(str(run_dir), summary))  # on the console, after the rounds
     click.echo(
         f"[fedgpu] peak memory of the run's processes: {memory['peak_total_pss_mib']:.0f} MiB PSS "
         f"({memory['peak_total_rss_mib']:.0f} MiB summed RSS); see memory.json, memory.png",

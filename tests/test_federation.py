@@ -114,6 +114,22 @@ def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None
     assert memory["by_kind"]["zygote"]["processes_seen"] == 1
     assert memory["by_kind"]["call-child"]["processes_seen"] >= 1
 
+    # The memory reports: from NVML where it sees a GPU, else from host memory, saying so.
+    summary = json.loads((run_dir / "memory.json").read_text())
+    assert (run_dir / "memory.png").read_bytes()[:4] == b"\x89PNG"
+    assert [entry["round"] for entry in summary["rounds"]] == [1, 2]
+    if not summary["gpu_available"]:
+        assert summary["note"].startswith("no GPU (") and summary["note"] in output
+    for entry in summary["rounds"]:
+        host = entry["host"]
+        assert 0 < host["at_rest_total_mib"] and 0 < host["peak_total_mib"]
+        assert set(host["per_client_peak_mib"]) == {"0", "1", "2"}
+        assert host["at_rest_by_role_mib"]["client-node"] > 0 and "client-child" not in host["at_rest_by_role_mib"]
+        assert entry["admission"]["waits"] == 0
+    with open(run_dir / "memory.csv") as handle:
+        roles = {row["role"] for row in csv.DictReader(handle) if row["source"] == "host-process"}
+    assert {"client-node", "zygote", "server-side"} <= roles
+
 
 def test_spawn_remains_a_mode(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

@@ -70,7 +70,8 @@ class RunRecorder:
     def round_started(self, server_round: int) -> None:
         self._round_started = time.monotonic()
         emit("round-start", str(self.run_dir), round=server_round)
-        self._round = {"round": server_round, "messages": [], "failures": []}
+        # "failed_messages": each failed reply with its reason ("failures" is their count, as in metrics.csv).
+        self._round = {"round": server_round, "messages": [], "failed_messages": []}
 
     def replies(self, server_round: int, kind: str, replies: list[Message]) -> None:
         assert self._round is not None and self._round["round"] == server_round
@@ -78,7 +79,7 @@ class RunRecorder:
             entry: dict[str, Any] = {"type": kind, "node_id": reply.metadata.src_node_id}
             if reply.has_error():
                 entry["error"] = reply.error.reason
-                self._round["failures"].append(entry)
+                self._round["failed_messages"].append(entry)
                 continue
             for record_name in reply.content.metric_records:
                 entry.update(dict(reply.content[record_name]))
@@ -123,9 +124,9 @@ class RunRecorder:
             "server_accuracy": server["accuracy"],
             "train_loss": float(np.mean(losses)) if losses else "",
             "results": len(train),
-            "failures": sum(f["type"] == "train" for f in current["failures"]),
+            "failures": sum(f["type"] == "train" for f in current["failed_messages"]),
             "eval_results": len(current["messages"]) - len(train),
-            "eval_failures": sum(f["type"] == "evaluate" for f in current["failures"]),
+            "eval_failures": sum(f["type"] == "evaluate" for f in current["failed_messages"]),
             "round_seconds": round(time.monotonic() - self._round_started, 3),
         }
         current.update(row, server_evaluation_seconds=server["seconds"])
