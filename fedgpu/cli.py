@@ -80,12 +80,16 @@ def _placement_settings(options: dict):  # type: ignore[no-untyped-def]
     )
 
 
-def _open_placer(settings):  # type: ignore[no-untyped-def]
+def _open_placer(settings, *, quiet: bool = False):  # type: ignore[no-untyped-def]
     """The host's GPU placer (None without a GPU); bad settings are a usage error."""
     from fedgpu.nvml.placement import GpuPlacer, PlacementError
 
+    def log(line: str) -> None:
+        if not quiet:
+            click.echo(f"[fedgpu] {line}", err=True)
+
     try:
-        return GpuPlacer.from_settings(settings, log=lambda line: click.echo(f"[fedgpu] {line}", err=True))
+        return GpuPlacer.from_settings(settings, log=log)
     except PlacementError as err:
         _fail(str(err))
 
@@ -131,7 +135,7 @@ def server(**options: object) -> None:
     _watch_parent(options.pop("parent_pid"))  # type: ignore[arg-type]
     _check_task(str(options["task"]))
     placement = _placement_settings(options)
-    checked = _open_placer(placement)  # the ServerApp opens its own: this one only checks the settings
+    checked = _open_placer(placement, quiet=True)  # the ServerApp opens its own: this one only checks the settings
     if checked is not None:
         checked.close()
     os.environ.update(placement.to_env())  # for the ServerApp's evaluation children
@@ -168,6 +172,8 @@ def server(**options: object) -> None:
     from fedgpu.nvml.devices import open_nvml
 
     nvml, no_gpu = open_nvml()
+    if nvml is None:
+        click.echo(f"[fedgpu] no GPU to monitor ({no_gpu}): memory reports from host RSS", err=True)
     monitor = MemoryMonitor(str(run_dir), os.environ["FEDGPU_RUN_DIR"], nvml=nvml, no_gpu_reason=no_gpu).start()
     try:
         federation.start_superlink()
