@@ -185,13 +185,16 @@ def server(**options: object) -> None:
     finally:
         federation.close()
         monitor.stop()
-        _write_memory_reports(run_dir, monitor)
+        try:
+            _write_memory_reports(run_dir, monitor)
+        except Exception as err:  # noqa: BLE001 - the run's own result stands; say what the reports lack
+            click.echo(f"[fedgpu] could not write the memory reports: {err!r}", err=True)
     click.echo(f"[fedgpu] run {status}; outputs in {run_dir}")
     sys.exit(0 if status == "finished:completed" else 1)
 
 
 def _write_memory_reports(run_dir: Path, monitor) -> None:  # type: ignore[no-untyped-def]
-    """memory.json, memory.png and report.json's host_memory; the per-round table on stderr."""
+    """memory.json, memory.png and report.json's host_memory; the per-round table on stdout."""
     from fedgpu.monitor.host import merge_into_report
     from fedgpu.monitor.plot import write_plot
     from fedgpu.monitor.report import one_run
@@ -200,10 +203,7 @@ def _write_memory_reports(run_dir: Path, monitor) -> None:  # type: ignore[no-un
     memory = monitor.host.summary()
     merge_into_report(str(run_dir / "report.json"), "host_memory", memory)
     summary = write_summary(str(run_dir))
-    try:
-        write_plot(str(run_dir), summary)
-    except Exception as err:  # noqa: BLE001 - a missing plot must not fail a finished run
-        click.echo(f"[fedgpu] could not draw memory.png: {err}", err=True)
+    write_plot(str(run_dir), summary)
     click.echo(one_run(str(run_dir), summary))  # on the console, after the rounds
     click.echo(
         f"[fedgpu] peak memory of the run's processes: {memory['peak_total_pss_mib']:.0f} MiB PSS "

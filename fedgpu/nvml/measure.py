@@ -18,8 +18,16 @@ CONTEXT_ALLOWANCE_BYTES = 512 * 1024 * 1024
 
 
 def gpu_peak_bytes() -> int:
+    """This process's peak GPU memory in bytes; 0 when not placed or not measurable."""
     if not os.environ.get(FEDGPU_GPU):
         return 0
+    try:
+        return _measure()
+    except Exception:  # noqa: BLE001 - a failed measurement must not cost the call its result
+        return 0
+
+
+def _measure() -> int:
     torch = sys.modules.get("torch")
     cuda_started = torch is not None and torch.cuda.is_initialized()
     above_now = 0
