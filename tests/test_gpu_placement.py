@@ -139,6 +139,14 @@ def test_estimate_comes_from_the_flag_then_from_measured_peaks(fake_gpus) -> Non
     assert p.estimate_bytes("t/evaluate") == 700 * MIB  # per task and message type
 
 
+def test_round_robin_spreads_children_and_free_fills_the_emptiest(fake_gpus) -> None:
+    fake_gpus({"total_mib": 2000}, {"total_mib": 2000}, {"total_mib": 2000, "other_mib": 1500})
+    spread = placer(policy="round-robin", estimate_mib=100)
+    assert [spread.acquire("t/train").gpu for _ in range(5)] == [0, 1, 2, 0, 1]
+    # With those five reserved (200 on 0 and 1, 100 + someone's 1500 on 2), "free" picks the emptiest.
+    assert placer(estimate_mib=100).acquire("t/train").gpu == 0
+
+
 def test_admission_waits_a_bounded_time_and_says_what_was_missing(fake_gpus) -> None:
     fake_gpus({"total_mib": 1000, "other_mib": 900})  # someone else's process holds 900
     p = placer(estimate_mib=600, admission_timeout=0.6)

@@ -8,11 +8,13 @@ children too; this process handles only NumPy arrays and Flower records.
 from __future__ import annotations
 
 import time
+from logging import INFO
 from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from fedgpu.flower.children import run_child, wants_placement
 from fedgpu.flower.recorder import RunRecorder
@@ -65,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
     # Evaluation children are placed like the client nodes' (same settings, same host ledger).
     placer = None
     if settings.isolation != "none" and wants_placement(settings.device):
-        placer = GpuPlacer.from_settings(PlacementSettings.from_env())
+        placer = GpuPlacer.from_settings(PlacementSettings.from_env(), log=lambda line: log(INFO, "[fedgpu] %s", line))
     try:
         # A launcher's shared zygote ($FEDGPU_ZYGOTE) serves us too; else a private one.
         with Isolator(settings.isolation, warm_ups=zygote_warm_ups(settings.task)) as isolator:
