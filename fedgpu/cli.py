@@ -187,8 +187,9 @@ def server(**options: object) -> None:
         monitor.stop()
         try:
             _write_memory_reports(run_dir, monitor)
+            _print_failures(run_dir)
         except Exception as err:  # noqa: BLE001 - the run's own result stands; say what the reports lack
-            click.echo(f"[fedgpu] could not write the memory reports: {err!r}", err=True)
+            click.echo(f"[fedgpu] could not write the end-of-run reports: {err!r}", err=True)
     click.echo(f"[fedgpu] run {status}; outputs in {run_dir}")
     sys.exit(0 if status == "finished:completed" else 1)
 
@@ -210,6 +211,18 @@ def _write_memory_reports(run_dir: Path, monitor) -> None:  # type: ignore[no-un
         f"({memory['peak_total_rss_mib']:.0f} MiB summed RSS); see memory.json, memory.png",
         err=True,
     )
+
+
+def _print_failures(run_dir: Path) -> None:
+    import json
+
+    from fedgpu.flower.recorder import failure_summary
+
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return  # the ServerApp never started: the error above says why
+    click.echo("\n".join(failure_summary(report, run_dir)))
 
 
 @cli.command()

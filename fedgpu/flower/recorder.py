@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import platform
+import re
 import time
 from importlib import metadata
 from logging import INFO
@@ -33,7 +34,28 @@ METRICS_COLUMNS = (
     "eval_results",
     "eval_failures",
     "round_seconds",
+    "failure_reasons",  # train failures by kind: "raised ValueError x1; killed by SIGSEGV x1"
+    "eval_failure_reasons",
 )
+
+
+def failure_kind(reason: str) -> str:
+    """The kind of a failure, from its reason: "raised ValueError", "killed by SIGSEGV",
+    "timeout after 15 s", "Node Unavailable", "no reply within 600 s"."""
+    text = reason.split(" (client ")[0].split(" (child pid ")[0]
+    if text.startswith("Error: "):  # Flower's own: "Error: Node Unavailable — The destination node ..."
+        text = text[len("Error: ") :]
+    for separator in (" — ", " - ", ": "):
+        text = text.split(separator)[0]
+    return text.strip() or "unknown"
+
+
+def _by_kind(failed: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for entry in failed:
+        kind = failure_kind(entry["error"])
+        counts[kind] = counts.get(kind, 0) + 1
+    return "; ".join(f"{kind} x{count}" for kind, count in counts.items())
 
 
 def _version(package: str) -> str | None:
@@ -73,8 +95,17 @@ class RunRecorder:
         # "failed_messages": each failed reply with its reason ("failures" is their count, as in metrics.csv).
         self._round = {"round": server_round, "messages": [], "failed_messages": []}
 
+    def sent(self, server_round: int, kind: str, count: int) -> None:
+        assert self._round is not None and self._round["round"] == server_round
+        self._round.setdefault("sent", {})[kind] = count
+
     def replies(self, server_round: int, kind: str, replies: list[Message]) -> None:
         assert self._round is not None and self._round["round"] == server_round
+        # A message that got no reply at all (its node vanished, the round timed out) is a failure too.
+        missing = self._round.get("sent", {}).get(kind, 0) - len(replies)
+        timeout = self.config.get("message-timeout", "the message timeout")
+        for _ in range(max(0, missing)):
+            self._round["failed_messages"].append({"type": kind, "node_id": None, "error": f"no reply within {timeout} s"})
         for reply in replies:
             entry: dict[str, Any] = {"type": kind, "node_id": reply.metadata.src_node_id}
             if reply.has_error():
@@ -128,6 +159,8 @@ class RunRecorder:
             "eval_results": len(current["messages"]) - len(train),
             "eval_failures": sum(f["type"] == "evaluate" for f in current["failed_messages"]),
             "round_seconds": round(time.monotonic() - self._round_started, 3),
+            "failure_reasons": _by_kind([f for f in current["failed_messages"] if f["type"] == "train"]),
+            "eval_failure_reasons": _by_kind([f for f in current["failed_messages"] if f["type"] == "evaluate"]),
         }
         current.update(row, server_evaluation_seconds=server["seconds"])
         self.report["rounds"].append(current)
@@ -145,3 +178,27 @@ class RunRecorder:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.report, indent=2, default=str))
         tmp.replace(path)
+
+
+def failure_summary(report: dict[str, Any], run_dir: Path, most_places: int = 4) -> list[str]:
+    """End-of-run lines: failures by kind, where they happened, and which logs to read."""
+    rounds = report.get("rounds", [])
+    failed = [(entry["round"], failure) for entry in rounds for failure in entry.get("failed_messages", [])]
+    sent = sum(sum((entry.get("sent") or {}).values()) for entry in rounds)
+    logs = f"logs in {run_dir}: server.log, serverapp.log (the ServerApp), superlink.log, client-<i>.log (node i)"
+    if not failed:
+        return [f"[fedgpu] failures: none of {sent} messages in {len(rounds)} rounds", f"[fedgpu] {logs}"]
+    lines = [f"[fedgpu] failures: {len(failed)} of {sent} messages, in {len({r for r, _ in failed})} of {len(rounds)} rounds"]
+    kinds: dict[str, list[str]] = {}
+    for server_round, failure in failed:
+        client = re.search(r"\(client (\S+?)[,)]", failure["error"])
+        place = f"round {server_round} {failure['type']}"
+        if client:
+            log_file = run_dir / f"client-{client.group(1)}.log"
+            place += f" client {client.group(1)}" + (f" ({log_file})" if log_file.exists() else "")
+        kinds.setdefault(failure_kind(failure["error"]), []).append(place)
+    for kind, places in kinds.items():
+        more = f"; +{len(places) - most_places} more" if len(places) > most_places else ""
+        lines.append(f"[fedgpu]   {kind} x{len(places)}: {'; '.join(places[:most_places])}{more}")
+    lines.append(f"[fedgpu] {logs}")
+    return lines

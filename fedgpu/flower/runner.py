@@ -159,10 +159,11 @@ class TaskRunner:
             sub_status, details = SubStatus.COMPLETED, ""
             log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid, outcome.seconds)
         except IsolationError as err:
-            details = f"{err.reason} (child pid {err.pid})"
+            details = f"{err.reason} ({_where(context)}child pid {err.pid})"
             log(ERROR, "[fedgpu] ClientApp failed in its child: %s", err)
         except Exception as err:  # noqa: BLE001 - answer the server instead of dying
-            details = f"{type(err).__name__}: {err}"
+            where = _where(context)
+            details = f"{type(err).__name__}: {err}" + (f" ({where[:-2]})" if where else "")
             log(ERROR, "[fedgpu] ClientApp task failed: %s", details, exc_info=err)
         finally:
             if sub_status == SubStatus.FAILED and message is not None:
@@ -175,6 +176,13 @@ class TaskRunner:
                 log(ERROR, "[fedgpu] could not push the reply: %s", err)
             heartbeat.stop()
             client.close()
+
+
+def _where(context: Context | None) -> str:
+    """"client 3, " for a failure's reason: the server's summary points to that client's log."""
+    if context is None or "partition-id" not in context.node_config:
+        return ""
+    return f"client {context.node_config['partition-id']}, "
 
 
 def _who(message: Message, context: Context) -> dict:

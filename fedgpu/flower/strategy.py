@@ -50,7 +50,9 @@ class ExactFedAvg(FedAvg):
             }
         )
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: round_config})
-        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+        messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
+        self.recorder.sent(server_round, "train", len(messages))
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -68,7 +70,9 @@ class ExactFedAvg(FedAvg):
         record = RecordDict(
             {self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**config, "server-round": server_round})}
         )
-        return self._construct_messages(record, node_ids, MessageType.EVALUATE)
+        messages = list(self._construct_messages(record, node_ids, MessageType.EVALUATE))
+        self.recorder.sent(server_round, "evaluate", len(messages))
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
