@@ -3,6 +3,7 @@
 ``FEDGPU_FAULTS="0=raise,1=segfault,2=sigkill,3=hang"``: partition 0's first
 train raises, 1's segfaults, 2's is SIGKILLed, 3's hangs. Each fault happens
 once (a marker in ``FEDGPU_FAULTS_DIR``), so the next round is normal.
+``FEDGPU_SLOW_SERVER_EVAL=S``: the server's evaluation of the global model takes S seconds more.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class FaultyDigits(DigitsTask):
     def load_train_partition(self, partition_id: int, num_partitions: int) -> Any:
         self._partition = partition_id
         return super().load_train_partition(partition_id, num_partitions)
+
+    def load_test_split(self) -> Any:
+        time.sleep(float(os.environ.get("FEDGPU_SLOW_SERVER_EVAL", "0")))  # only the server evaluates on it
+        return super().load_test_split()
 
     def train(self, model: Any, data: Any, **kwargs: Any) -> dict:
         fault = _faults().get(self._partition) if self._partition is not None else None
