@@ -255,7 +255,7 @@ def report(run_dirs: tuple[str, ...]) -> None:
 @click.option("--task", default=None, help="Refuse runs of any other task.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds a message may run before its child is killed.")
 @click.option("--runtime-port", type=click.IntRange(1, 65535), default=None, help="Port of this node's Runtime API on 127.0.0.1 [default: a free one].")
-@click.option("--max-wait-time", type=click.FloatRange(min=0, min_open=True), default=None, help="Give up after this many seconds without the SuperLink.")
+@click.option("--max-wait-time", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds without the SuperLink before giving up: at start, exit 2; once running, exit 3.")
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
 @placement_options
 def client(**options: object) -> None:
@@ -280,6 +280,14 @@ def client(**options: object) -> None:
     zygote_dir = options["zygote_dir"]
     if zygote_dir and options["mp"] and options["isolation"] == "zygote" and not Path(str(zygote_dir)).is_dir():
         _fail(f"--zygote {zygote_dir}: no such directory (start `fedgpu zygote --dir {zygote_dir}` first)")
+    from fedgpu.flower.node import superlink_reachable
+
+    patience = float(options["max_wait_time"])  # type: ignore[arg-type]
+    deadline = time.monotonic() + patience
+    while why := superlink_reachable(superlink):
+        if time.monotonic() >= deadline:
+            _fail(f"cannot reach the SuperLink at {superlink} within {patience:g} s: {why}")
+        time.sleep(0.5)
     # A private Flower home: nodes on one host must not install FABs into the same directory at once.
     flwr_home = tempfile.mkdtemp(prefix="fedgpu-node-")
     os.environ["FLWR_HOME"] = flwr_home

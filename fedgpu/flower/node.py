@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from logging import ERROR, INFO
 
@@ -100,8 +101,55 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
     # Children are started from this thread: it lives as long as the node, so
     # their parent-death signal fires only when the node is gone.
     threading.Thread(target=serve, name="fedgpu-task-runner", daemon=True).start()
+    watch = SuperLinkWatch(settings.superlink, settings.max_wait_time or DEFAULT_PATIENCE_SECONDS)
+    watch.start()
     sys.argv = supernode_argv(settings, port)
     try:
         flower_supernode()
     finally:
         runner.stop()
+        if watch.lost.is_set():
+            raise SystemExit(EXIT_SUPERLINK_LOST)  # not Flower's graceful 0: this node did not finish its work
+
+
+DEFAULT_PATIENCE_SECONDS = 60.0
+EXIT_SUPERLINK_LOST = 3
+
+
+def superlink_reachable(address: str, timeout: float = 2.0) -> str:
+    """"" when a TCP connection to HOST:PORT opens, else why not."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        return ""
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+class SuperLinkWatch(threading.Thread):
+    """Stops the node when its SuperLink has been unreachable for ``patience`` seconds.
+
+    Flower's SuperNode, once connected, retries a lost SuperLink forever; a
+    node whose server is gone would otherwise linger (holding nothing on the
+    GPU, but still a process nobody will stop on another host).
+    """
+
+    def __init__(self, address: str, patience: float, interval: float = 5.0) -> None:
+        super().__init__(name="fedgpu-superlink-watch", daemon=True)
+        self.address, self.patience, self.interval = address, patience, interval
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        last_seen = time.monotonic()
+        while True:
+            why = superlink_reachable(self.address)
+            now = time.monotonic()
+            if not why:
+                last_seen = now
+            elif now - last_seen >= self.patience:
+                log(ERROR, "[fedgpu] the SuperLink at %s has been unreachable for %.0f s (%s): stopping this node "
+                    "(exit %d)", self.address, now - last_seen, why, EXIT_SUPERLINK_LOST)
+                self.lost.set()
+                os.kill(os.getpid(), signal.SIGTERM)  # Flower's own shutdown path, which stops our children too
+                return
+            time.sleep(min(self.interval, max(0.5, self.patience / 4)))

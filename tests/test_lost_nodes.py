@@ -1,0 +1,107 @@
+"""Client nodes and servers that die: the run goes on or fails honestly, nothing lingers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from helpers import FEDGPU, free_port, kill_leftovers, start_run_sh, wait_for
+from test_federation import read_metrics
+from test_signals import events
+
+
+def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_path: Path) -> None:
+    run_dir, port = tmp_path / "run", free_port()
+    run_dir.mkdir()
+    env = {**os.environ, "FEDGPU_RUN_DIR": str(run_dir)}
+    server = subprocess.Popen(
+        [str(FEDGPU), "server", "--rounds", "3", "--min-clients", "3", "--sampled", "2", "--port", str(port), "--run-dir", str(run_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    logs = [run_dir / f"client-{i}.log" for i in range(2)]
+    try:
+        assert wait_for(lambda: _listening(port), timeout=120)
+        nodes = [
+            subprocess.Popen(
+                [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}",
+                 "--partition-id", str(i), "--num-partitions", "3", "--max-wait-time", "6"],
+                env=env, stdout=open(logs[i], "w"), stderr=subprocess.STDOUT,
+            )
+            for i in range(2)
+        ]
+        # Registered, and waiting for a round that needs a third node: the server dies first.
+        assert wait_for(lambda: all("SuperNode ID" in _read(log) for log in logs), timeout=120)
+        os.killpg(server.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        for node in nodes:
+            node.wait(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        leftovers = kill_leftovers(run_dir)
+    assert [node.returncode for node in nodes] == [3, 3]
+    assert took < 6 + 5 + 15, took  # patience + one probe interval + shutdown
+    for log in logs:
+        assert f"the SuperLink at 127.0.0.1:{port} has been unreachable for" in _read(log)
+    assert not [cmd for cmd in leftovers if "fedgpu client" in cmd], leftovers
+
+
+def test_a_node_killed_mid_run_the_others_finish_the_run(tmp_path: Path) -> None:
+    run_dir, port = tmp_path / "run", free_port()
+    proc = start_run_sh(["4", "4", "3", "2", "--message-timeout", "30", "--port", str(port), "--run-dir", str(run_dir)])
+    try:
+        # A node whose child is training in round 1: it was sampled, its reply will never come.
+        def training_node() -> int | None:
+            seen = events(run_dir)
+            nodes = {e["client"]: e["pid"] for e in seen if e["event"] == "node-start"}
+            clients = [e["client"] for e in seen if e["event"] == "child-start" and e.get("role") == "client-child"]
+            return nodes.get(clients[0]) if clients else None
+
+        assert wait_for(lambda: training_node() is not None, timeout=240, interval=0.05)
+        os.killpg(training_node(), signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        kill_leftovers(run_dir)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out + err
+    rows = read_metrics(run_dir)
+    assert len(rows) == 2 and int(rows[0]["results"]) == 2 and int(rows[-1]["results"]) >= 2, rows
+    failed = [f for r in json.loads((run_dir / "report.json").read_text())["rounds"] for f in r["failed_messages"]]
+    assert 1 <= len(failed) <= 2 and all("no reply within 30.0 s" == f["error"] or "Node Unavailable" in f["error"] for f in failed), failed
+    assert "[fedgpu] failures: " in out
+
+
+def test_too_few_nodes_left_fails_the_run_with_a_clear_message(tmp_path: Path) -> None:
+    run_dir, port = tmp_path / "run", free_port()
+    proc = start_run_sh(["4", "4", "3", "3", "--port", str(port), "--run-dir", str(run_dir)])
+    try:
+        assert wait_for(lambda: len([e for e in events(run_dir) if e["event"] == "node-start"]) == 4, timeout=240)
+        for node in [e["pid"] for e in events(run_dir) if e["event"] == "node-start"][:2]:
+            os.killpg(node, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        leftovers = kill_leftovers(run_dir)
+    assert proc.returncode == 1
+    assert "run.sh: only 2 of 4 client nodes are alive, fewer than the 3 sampled per round" in err, err
+    assert not leftovers, leftovers
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
