@@ -39,6 +39,36 @@ def _check_task(task: str) -> None:
         _fail(str(err))
 
 
+def parse_node_config(text: str) -> dict[str, object]:
+    """Flower's node config syntax, strictly: space-separated key=value, values
+    TOML (bool, int, float, "string"). Flower's own parser drops what it cannot read."""
+    import re
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    pair = re.compile(r"""\s*([A-Za-z_][A-Za-z0-9_.-]*)=("(?:[^"\\]|\\.)*"|'[^']*'|[^\s"']+)(?=\s|$)""")
+    config: dict[str, object] = {}
+    position, text = 0, text.strip()
+    while position < len(text):
+        match = pair.match(text, position)
+        if match is None:
+            rest = text[position:].split()[0]
+            raise ValueError(f"{rest!r} is not key=value (values: true, 3, 0.5 or \"text\")")
+        key, value = match.groups()
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = None
+        if not isinstance(parsed, (bool, int, float, str)):
+            raise ValueError(f"{key}={value}: the value must be a bool, a number or a \"quoted string\"")
+        config[key] = parsed
+        position = match.end()
+    return config
+
+
 def _watch_parent(parent_pid: int | None) -> None:
     if parent_pid is None:
         return
@@ -127,12 +157,14 @@ def cli() -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="torch CPU threads per child (0: torch's default).")
 @click.option("--message-timeout", type=click.FloatRange(min=0, min_open=True), default=RunSettings.message_timeout, show_default=True, help="Seconds a round waits for replies.")
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
+@click.option("--check", is_flag=True, help="Only check the options (task, data, GPUs, port) and exit 0; start nothing.")
 @placement_options
 def server(**options: object) -> None:
     """Run a SuperLink and the fedgpu ServerApp until the run ends."""
     from fedgpu.flower.server import Federation, ServerError, ServerSettings
 
     _watch_parent(options.pop("parent_pid"))  # type: ignore[arg-type]
+    check_only = bool(options.pop("check"))
     _check_task(str(options["task"]))
     placement = _placement_settings(options)
     checked = _open_placer(placement, quiet=True)  # the ServerApp opens its own: this one only checks the settings
@@ -145,13 +177,20 @@ def server(**options: object) -> None:
     if not port_free(port, host):
         _fail(f"port {port} on {host} is in use")
     run_dir = Path(options.pop("run_dir") or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()  # type: ignore[operator]
+    options["num_rounds"] = options.pop("rounds")
+    from fedgpu.tasks import data_problem
+
+    problem = data_problem(str(options["task"]), RunSettings(**options).task_options())  # type: ignore[arg-type]
+    if problem:
+        _fail(problem)
+    if check_only:
+        return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir):
             pass
     except OSError as err:
         _fail(f"run directory {run_dir} is not writable: {err.strerror or err}")
-    options["num_rounds"] = options.pop("rounds")
     run = RunSettings(run_dir=str(run_dir), **options)  # type: ignore[arg-type]
     flwr_home = run_dir / "flwr-home"
     # Every process of the run carries this marker (the launcher sets it for
@@ -253,6 +292,7 @@ def report(run_dirs: tuple[str, ...]) -> None:
 @click.option("--isolation", type=click.Choice([m for m in ISOLATION_MODES if m != "none"]), default="zygote", show_default=True, help="Child mode with --mp.")
 @click.option("--zygote", "zygote_dir", envvar="FEDGPU_ZYGOTE", type=click.Path(), default=None, help="Directory of the host's shared zygote (`fedgpu zygote`) [default: $FEDGPU_ZYGOTE, else a private one].")
 @click.option("--task", default=None, help="Refuse runs of any other task.")
+@click.option("--node-config", default="", help='More node config for your ClientApp, Flower\'s syntax: \'key=1 name="x"\'.')
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds a message may run before its child is killed.")
 @click.option("--runtime-port", type=click.IntRange(1, 65535), default=None, help="Port of this node's Runtime API on 127.0.0.1 [default: a free one].")
 @click.option("--max-wait-time", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds without the SuperLink before giving up: at start, exit 2; once running, exit 3.")
@@ -277,6 +317,14 @@ def client(**options: object) -> None:
     if options["task"]:
         _check_task(str(options["task"]))
         node_config["task"] = options["task"]
+    try:
+        extra = parse_node_config(str(options["node_config"]))
+    except ValueError as err:
+        _fail(f"--node-config: {err}")
+    taken = sorted(set(extra) & set(node_config) | set(extra) & {"partition-id", "num-partitions", "task"})
+    if taken:
+        _fail(f"--node-config: {', '.join(taken)} come from their own options")
+    node_config.update(extra)
     zygote_dir = options["zygote_dir"]
     if zygote_dir and options["mp"] and options["isolation"] == "zygote" and not Path(str(zygote_dir)).is_dir():
         _fail(f"--zygote {zygote_dir}: no such directory (start `fedgpu zygote --dir {zygote_dir}` first)")

@@ -149,13 +149,20 @@ fedgpu_ensure_env "$ROOT" || { echo "run.sh: could not set up $ROOT/.venv" >&2; 
 PY=$ROOT/.venv/bin/python
 FEDGPU=$ROOT/.venv/bin/fedgpu
 
+[[ -n $port ]] || port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# The server's own checks (task, its data, GPUs, the port, every option's range)
+# before anything starts: bad input is one line and exit 2, and leaves nothing.
+server_command=("$FEDGPU" server --rounds "$rounds" --min-clients "$min" --sampled "$sampled" --port "$port" "${server_args[@]}")
+if ! check=$("${server_command[@]}" --check 2>&1 >/dev/null); then
+    die_usage "$(printf '%s\n' "$check" | grep -v '^\s*$' | tail -n 1 | sed 's/^fedgpu: error: //')"
+fi
+
 if [[ -z $run_dir ]]; then
     run_dir=$ROOT/runs/$(date +%Y%m%d-%H%M%S)
     [[ -e $run_dir ]] && run_dir=$run_dir-$$
 fi
 mkdir -p "$run_dir" 2>/dev/null && [[ -w $run_dir ]] || die_usage "run directory $run_dir is not writable"
 run_dir=$(cd "$run_dir" && pwd)
-[[ -n $port ]] || port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 # Every process below carries the run directory: a marker to find them all.
 export FEDGPU_RUN_DIR=$run_dir FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
@@ -189,8 +196,7 @@ if [[ $isolation == zygote ]]; then
     zygote=$!
     started+=("$zygote")
 fi
-setsid "$FEDGPU" server --rounds "$rounds" --min-clients "$min" --sampled "$sampled" --port "$port" \
-    --run-dir "$run_dir" --parent-pid $$ "${server_args[@]}" 2>"$run_dir/server.log" &
+setsid "${server_command[@]}" --run-dir "$run_dir" --parent-pid $$ 2>"$run_dir/server.log" &
 server=$!
 started+=("$server")
 wait_ready "http://127.0.0.1:$port/health" "$server" "$READY_TIMEOUT" || server_failed "$server"

@@ -41,13 +41,20 @@ RUN_SH_BAD_INPUT = [
     (["2", "2", "1", "1", "--placement", "packed"], "--placement must be free or round-robin"),
     (["2", "2", "1", "1", "--gpu-mem", "0"], "--gpu-mem must be a number > 0"),
     (["2", "2", "1", "1", "--admission-timeout", "soon"], "--admission-timeout must be a number > 0"),
+    # The server's own checks, run by run.sh before anything starts:
+    (["2", "2", "1", "1", "--task", "cifar10", "--data-files", "/nonexistent/cifar"], "--data-files /nonexistent/cifar: not found"),
+    (["2", "2", "1", "1", "--task", "cifar10"], "downloads uoft-cs/cifar10 from the Hugging Face Hub, which is unreachable"),
+    (["2", "2", "1", "1", "--lr", "-3"], "'--lr': -3.0 is not in the range x>0"),
+    (["2", "2", "1", "1", "--partitioner", "zipf"], "'--partitioner': 'zipf' is not one of 'iid', 'dirichlet'"),
 ]
 
 
 @pytest.mark.parametrize(("args", "message"), RUN_SH_BAD_INPUT, ids=[" ".join(a) for a, _ in RUN_SH_BAD_INPUT])
 def test_run_sh_rejects_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
     run_dir = tmp_path / "run"
-    done = subprocess.run([str(RUN_SH), "--run-dir", str(run_dir), *args], capture_output=True, text=True, timeout=30)
+    # No network here, as in CI: HF_HUB_OFFLINE makes that certain for the download case.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([str(RUN_SH), "--run-dir", str(run_dir), *args], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run.sh: ") and message in lines[0], done.stderr
@@ -94,13 +101,24 @@ FEDGPU_BAD_INPUT = [
     (["server", "--gpu-mem", "-5"], "--gpu-mem"),
     (["report", "/nonexistent/run"], "/nonexistent/run: not a run directory"),
     (["report", "a", "b", "c"], "one or two run directories"),
+    (["server", "--task", "cifar10", "--data-files", "/nonexistent/cifar"], "--data-files /nonexistent/cifar: not found: /nonexistent/cifar"),
+    (["server", "--task", "cifar10"], "task cifar10 downloads uoft-cs/cifar10 from the Hugging Face Hub, which is unreachable (HF_HUB_OFFLINE is set)"),
+    (["client", "--superlink", "127.0.0.1:1", "--partition-id", "0", "--num-partitions", "1", "--max-wait-time", "1"],
+     "cannot reach the SuperLink at 127.0.0.1:1 within 1 s: Connection refused"),
+    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--node-config", "batch"],
+     "--node-config: 'batch' is not key=value"),
+    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--node-config", "lr=fast"],
+     "--node-config: lr=fast: the value must be a bool, a number or a \"quoted string\""),
+    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--node-config", "partition-id=1"],
+     "--node-config: partition-id come from their own options"),
     (["bogus-command"], "bogus-command"),
 ]
 
 
 @pytest.mark.parametrize(("args", "message"), FEDGPU_BAD_INPUT, ids=[" ".join(a) for a, _ in FEDGPU_BAD_INPUT])
 def test_fedgpu_rejects_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
-    done = subprocess.run([str(FEDGPU), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([str(FEDGPU), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedgpu: error: ") and message in lines[0], done.stderr
@@ -113,6 +131,19 @@ def test_fedgpu_server_port_in_use(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == f"fedgpu: error: port {port} on 127.0.0.1 is in use"
+
+
+def test_run_sh_port_in_use_and_unwritable_run_dir(tmp_path: Path) -> None:
+    sock, port = _port_in_use()
+    with sock:
+        done = subprocess.run([str(RUN_SH), "2", "2", "1", "1", "--port", str(port), "--run-dir", str(tmp_path / "r")],
+                              capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (2, f"run.sh: port {port} on 127.0.0.1 is in use")
+    assert not (tmp_path / "r").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    done = subprocess.run([str(RUN_SH), "2", "2", "1", "1", "--run-dir", str(blocker / "run")], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (2, f"run.sh: run directory {blocker / 'run'} is not writable")
 
 
 def test_fedgpu_server_unwritable_run_dir(tmp_path: Path) -> None:

@@ -72,4 +72,16 @@ def load_task(name: str, options: dict[str, Any] | None = None) -> Task:
     return task_class(**(options or {}))
 
 
-__all__ = ["BUILTIN_TASKS", "UnknownTaskError", "load_task", "resolve_task"]
+def data_problem(name: str, options: dict[str, Any]) -> str | None:
+    """A one-line problem with the data a builtin task would load (None: none found).
+
+    Builtin task modules import torch only inside methods, so the parent side
+    may ask them; a user's task module is never imported there, and is not asked.
+    """
+    if name.strip() not in BUILTIN_TASKS:
+        return None
+    module_name, _, class_name = BUILTIN_TASKS[name.strip()].partition(":")
+    return getattr(importlib.import_module(module_name), class_name).data_problem(options)
+
+
+__all__ = ["BUILTIN_TASKS", "UnknownTaskError", "data_problem", "load_task", "resolve_task"]

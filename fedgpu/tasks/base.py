@@ -68,6 +68,12 @@ class Task:
         """Batches of the held-out test split (server-side central evaluation)."""
         raise NotImplementedError
 
+    @classmethod
+    def data_problem(cls, options: dict[str, Any]) -> str | None:
+        """Before a run starts: a one-line reason why this task's data cannot be
+        loaded with these options (a missing file, a download with no network), or None."""
+        return None
+
     def warm_up(self) -> None:
         """Import and exercise the CPU paths once, in a zygote, before it forks.
 

@@ -43,6 +43,34 @@ def parquet_files(data_files: str) -> dict[str, list[str]]:
     return files
 
 
+def hub_cached(repo: str) -> bool:
+    """Whether the Hub dataset ``repo`` is in a local Hugging Face cache already."""
+    import os
+
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    owner, _, name = repo.partition("/")
+    candidates = [
+        Path(os.environ.get("HF_HUB_CACHE", home / "hub")) / f"datasets--{owner}--{name}",
+        Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")) / f"{owner}___{name}",
+    ]
+    return any(path.is_dir() for path in candidates)
+
+
+def hub_unreachable(timeout: float = 3.0) -> str:
+    """Why the Hugging Face Hub cannot be reached from here ("" if it can)."""
+    import os
+    import socket
+
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(flag, "").lower() in ("1", "true", "yes", "on"):
+            return f"{flag} is set"
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError as error:
+        return error.strerror or str(error) or type(error).__name__
+    return ""
+
+
 class Cifar10Task(Task):
     """Quickstart CNN on CIFAR-10; `data_files` points at local parquet files."""
 
@@ -51,6 +79,24 @@ class Cifar10Task(Task):
     default_lr = 0.01
     preload_modules = ("datasets", "flwr_datasets", "torchvision.transforms")
     input_shape = (3, 32, 32)
+
+    @classmethod
+    def data_problem(cls, options: dict[str, Any]) -> str | None:
+        data_files = str(options.get("data_files") or "")
+        if data_files:
+            try:
+                parquet_files(data_files)
+            except FileNotFoundError as error:
+                detail = str(error).replace(f"cifar10 data_files {data_files!r}: ", "").replace("cifar10 data_files: ", "")
+                return f"--data-files {data_files}: {detail}"
+            return None
+        if hub_cached(HUB_DATASET):
+            return None
+        why = hub_unreachable()
+        if why:
+            return (f"task cifar10 downloads {HUB_DATASET} from the Hugging Face Hub, which is unreachable ({why}); "
+                    "give --data-files DIR with train*.parquet and test*.parquet")
+        return None
 
     def __init__(self, *, data_files: str = "", **options: Any) -> None:
         super().__init__(**options)
