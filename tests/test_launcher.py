@@ -93,6 +93,7 @@ FEDGPU_BAD_INPUT = [
     (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--zygote", "/nonexistent/z"],
      "--zygote /nonexistent/z: no such directory"),
     (["zygote", "--dir", "/tmp", "--task", "bogus"], "unknown task 'bogus'"),
+    (["zygote", "--dir", "/tmp"], "--dir /tmp: must be a private directory (mode 0700)"),
     (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--gpus", "0,x"],
      "--gpus must be GPU indices"),
     (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--gpus", "0"], "--gpus needs --mp"),
