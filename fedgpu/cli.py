@@ -39,6 +39,10 @@ def _check_task(task: str) -> None:
         _fail(str(err))
 
 
+def _absolute(path: object) -> str | None:
+    return str(Path(str(path)).absolute()) if path else None
+
+
 def parse_node_config(text: str) -> dict[str, object]:
     """Flower's node config syntax, strictly: space-separated key=value, values
     TOML (bool, int, float, "string"). Flower's own parser drops what it cannot read."""
@@ -158,6 +162,10 @@ def cli() -> None:
 @click.option("--message-timeout", type=click.FloatRange(min=0, min_open=True), default=RunSettings.message_timeout, show_default=True, help="Seconds a round waits for replies.")
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
 @click.option("--check", is_flag=True, help="Only check the options (task, data, GPUs, port) and exit 0; start nothing.")
+@click.option("--ssl-ca-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS: the CA certificate (with --ssl-certfile and --ssl-keyfile; see launchers/make-certs.sh).")
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS: the SuperLink's certificate.")
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS: the SuperLink certificate's private key.")
+@click.option("--auth-public-keys", type=click.Path(exists=True), default=None, help="SuperNode authentication: a public key, or a directory of *.pub; only those nodes may join (needs TLS).")
 @placement_options
 def server(**options: object) -> None:
     """Run a SuperLink and the fedgpu ServerApp until the run ends."""
@@ -165,6 +173,7 @@ def server(**options: object) -> None:
 
     _watch_parent(options.pop("parent_pid"))  # type: ignore[arg-type]
     check_only = bool(options.pop("check"))
+    tls, auth_keys = _server_security(options)
     _check_task(str(options["task"]))
     placement = _placement_settings(options)
     checked = _open_placer(placement, quiet=True)  # the ServerApp opens its own: this one only checks the settings
@@ -197,7 +206,7 @@ def server(**options: object) -> None:
     # the client nodes too): the host-memory sampler finds them by it.
     os.environ.setdefault("FEDGPU_RUN_DIR", str(run_dir))
     env = {**os.environ, "FLWR_HOME": str(flwr_home)}
-    federation = Federation(run, ServerSettings(host=host, port=port), env)
+    federation = Federation(run, ServerSettings(host=host, port=port, tls=tls, auth_public_keys=auth_keys), env)
     from fedgpu.flower.server import write_connection
 
     write_connection(flwr_home, federation.server)
@@ -216,6 +225,7 @@ def server(**options: object) -> None:
     monitor = MemoryMonitor(str(run_dir), os.environ["FEDGPU_RUN_DIR"], nvml=nvml, no_gpu_reason=no_gpu).start()
     try:
         federation.start_superlink()
+        federation.register_nodes()
         click.echo(f"[fedgpu] SuperLink ready on {host}:{port}", err=True)
         status = federation.submit_and_wait(sys.stdout)
     except ServerError as err:
@@ -250,6 +260,26 @@ def _write_memory_reports(run_dir: Path, monitor) -> None:  # type: ignore[no-un
         f"({memory['peak_total_rss_mib']:.0f} MiB summed RSS); see memory.json, memory.png",
         err=True,
     )
+
+
+def _server_security(options: dict):  # type: ignore[no-untyped-def]
+    """(TlsFiles or None, public key paths) from the server's options (popped)."""
+    from fedgpu.flower.server import TlsFiles
+
+    files = [options.pop(name) for name in ("ssl_ca_certfile", "ssl_certfile", "ssl_keyfile")]
+    keys_path = options.pop("auth_public_keys")
+    if any(files) and not all(files):
+        _fail("TLS needs all three of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")
+    tls = TlsFiles(*(str(Path(f).absolute()) for f in files)) if all(files) else None
+    keys: tuple[str, ...] = ()
+    if keys_path:
+        if tls is None:
+            _fail("--auth-public-keys needs TLS (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile)")
+        path = Path(str(keys_path)).absolute()
+        keys = tuple(str(key) for key in sorted(path.glob("*.pub"))) if path.is_dir() else (str(path),)
+        if not keys:
+            _fail(f"--auth-public-keys {keys_path}: no *.pub file there")
+    return tls, keys
 
 
 def _print_failures(run_dir: Path) -> None:
@@ -297,10 +327,14 @@ def report(run_dirs: tuple[str, ...]) -> None:
 @click.option("--runtime-port", type=click.IntRange(1, 65535), default=None, help="Port of this node's Runtime API on 127.0.0.1 [default: a free one].")
 @click.option("--max-wait-time", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds without the SuperLink before giving up: at start, exit 2; once running, exit 3.")
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
+@click.option("--root-certificates", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS: the CA certificate the SuperLink's certificate is checked against [default: insecure].")
+@click.option("--auth-private-key", type=click.Path(exists=True, dir_okay=False), default=None, help="SuperNode authentication: this node's private key (its public key registered with the server; needs TLS).")
 @placement_options
 def client(**options: object) -> None:
     """Run a long-lived client node; with --mp each message runs in a child."""
     _watch_parent(options["parent_pid"])  # type: ignore[arg-type]
+    if options["auth_private_key"] and not options["root_certificates"]:
+        _fail("--auth-private-key needs TLS (--root-certificates)")
     if options["gpus"] is not None and not options["mp"]:
         _fail("--gpus needs --mp: without it the node itself holds the GPU it first used")
     placement = _placement_settings(options)
@@ -349,6 +383,8 @@ def client(**options: object) -> None:
         timeout=options["timeout"],  # type: ignore[arg-type]
         runtime_port=options["runtime_port"],  # type: ignore[arg-type]
         max_wait_time=options["max_wait_time"],  # type: ignore[arg-type]
+        root_certificates=_absolute(options["root_certificates"]),
+        auth_private_key=_absolute(options["auth_private_key"]),
     )
     # Only children are placed: without --mp the node itself would hold the GPU.
     placer = _open_placer(placement) if options["mp"] else None

@@ -55,6 +55,9 @@ usage: ./run.sh [clients] [min] [sampled] [rounds] [options]
 options:
   --task NAME          digits (default), cifar10, or package.module:TaskClass
   --no-mp              run each message inside the long-lived client (baseline)
+  --tls                TLS and SuperNode authentication on 127.0.0.1: a CA, the
+                       SuperLink's certificate and one key per node are made in
+                       RUN_DIR/certs (launchers/make-certs.sh)
   --port P             SuperLink port (default: a free one)
   --run-dir DIR        output directory (default: runs/<timestamp>)
   --timeout S          seconds a message may run before its child is killed
@@ -85,6 +88,7 @@ isolation=zygote
 port=""
 run_dir=""
 gpus=""
+tls=0
 while (($#)); do
     case $1 in
     -h | --help)
@@ -92,6 +96,7 @@ while (($#)); do
         exit 0
         ;;
     --no-mp) mp=0 && shift ;;
+    --tls) tls=1 && shift ;;
     --task | --port | --run-dir | --timeout | --eval-sampled | --lr | --lr-decay | --local-epochs | --batch-size | \
         --partitioner | --alpha | --seed | --data-files | --device | --threads | --message-timeout | --isolation | \
         --gpus | --placement | --gpu-mem | --admission-timeout)
@@ -167,11 +172,11 @@ run_dir=$(cd "$run_dir" && pwd)
 # Every process below carries the run directory: a marker to find them all.
 export FEDGPU_RUN_DIR=$run_dir FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 
-wait_ready() { # url pid timeout
-    local deadline=$((SECONDS + $3))
+wait_ready() { # pid timeout: the server says so once its SuperLink answers /health (and nodes' keys are registered)
+    local deadline=$((SECONDS + $2))
     while ((SECONDS < deadline)); do
-        kill -0 "$2" 2>/dev/null || return 1
-        "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "$1" 2>/dev/null && return 0
+        kill -0 "$1" 2>/dev/null || return 1
+        grep -q "SuperLink ready on" "$run_dir/server.log" 2>/dev/null && return 0
         sleep 0.2 & wait $!
     done
     return 1
@@ -185,6 +190,17 @@ server_failed() { # pid: one line from the server's log, and its exit code
     exit "$code"
 }
 
+tls_server_args=()
+if ((tls)); then
+    certs=$run_dir/certs
+    "$ROOT/launchers/make-certs.sh" "$certs" --nodes "$clients" >/dev/null || { echo "run.sh: could not create certificates in $certs" >&2; exit 1; }
+    tls_server_args=(--ssl-ca-certfile "$certs/ca.crt" --ssl-certfile "$certs/server.pem" --ssl-keyfile "$certs/server.key"
+        --auth-public-keys "$certs/nodes")
+fi
+tls_client_args() { # i
+    ((tls)) && printf '%s\n' --root-certificates "$certs/ca.crt" --auth-private-key "$certs/nodes/node-$1"
+}
+
 echo "run.sh: $clients clients, $min to start, $sampled per round, $rounds rounds; run directory $run_dir"
 zygote=""
 if [[ $isolation == zygote ]]; then
@@ -196,10 +212,10 @@ if [[ $isolation == zygote ]]; then
     zygote=$!
     started+=("$zygote")
 fi
-setsid "${server_command[@]}" --run-dir "$run_dir" --parent-pid $$ 2>"$run_dir/server.log" &
+setsid "${server_command[@]}" "${tls_server_args[@]}" --run-dir "$run_dir" --parent-pid $$ 2>"$run_dir/server.log" &
 server=$!
 started+=("$server")
-wait_ready "http://127.0.0.1:$port/health" "$server" "$READY_TIMEOUT" || server_failed "$server"
+wait_ready "$server" "$READY_TIMEOUT" || server_failed "$server"
 
 wait_nodes_registered() { # first last: until those nodes have a SuperNode ID (or died), at most READY_TIMEOUT
     local i deadline=$((SECONDS + READY_TIMEOUT))
@@ -220,8 +236,9 @@ clients_pids=()
 # that did go through is refused ("public key already in use", exit 305).
 wave=$(($(nproc 2>/dev/null || echo 2) * 4))
 for ((i = 0; i < clients; i++)); do
+    mapfile -t security < <(tls_client_args "$i")
     setsid "$FEDGPU" client "$mp_flag" --superlink "127.0.0.1:$port" --partition-id "$i" --num-partitions "$clients" \
-        --parent-pid $$ "${client_args[@]}" >"$run_dir/client-$i.log" 2>&1 &
+        --parent-pid $$ "${client_args[@]}" "${security[@]}" >"$run_dir/client-$i.log" 2>&1 &
     started+=("$!")
     clients_pids+=("$!")
     if (((i + 1) % wave == 0 && i + 1 < clients)); then

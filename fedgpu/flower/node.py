@@ -56,6 +56,8 @@ class NodeSettings:
     timeout: float | None = None  # per message, in the child
     runtime_port: int | None = None
     max_wait_time: float | None = None  # give up on an unreachable SuperLink
+    root_certificates: str | None = None  # TLS: the CA to check the SuperLink against; None: insecure
+    auth_private_key: str | None = None  # SuperNode authentication
 
 
 def format_node_config(config: dict[str, object]) -> str:
@@ -64,7 +66,10 @@ def format_node_config(config: dict[str, object]) -> str:
 
 
 def supernode_argv(settings: NodeSettings, runtime_port: int) -> list[str]:
-    argv = ["flower-supernode", "--superlink", settings.superlink, "--insecure"]
+    argv = ["flower-supernode", "--superlink", settings.superlink]
+    argv += ["--root-certificates", settings.root_certificates] if settings.root_certificates else ["--insecure"]
+    if settings.auth_private_key:
+        argv += ["--auth-supernode-private-key", settings.auth_private_key]
     argv += ["--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
     argv += ["--node-config", format_node_config(settings.node_config)]
     if settings.max_wait_time is not None:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 import urllib.request
 from typing import Callable
 
 
-def wait_for_health(url: str, timeout: float | None = None, alive: Callable[[], bool] = lambda: True) -> bool:
-    """True once ``url`` answers 200; False on timeout or once ``alive()`` is False."""
+def wait_for_health(
+    url: str, timeout: float | None = None, alive: Callable[[], bool] = lambda: True, *, ca_file: str | None = None
+) -> bool:
+    """True once ``url`` answers 200; False on timeout or once ``alive()`` is False.
+
+    ``ca_file``: an https URL is verified against this CA (a SuperLink with TLS)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
     while alive() and (deadline is None or time.monotonic() < deadline):
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 if response.status == 200:
                     return True
         except OSError:

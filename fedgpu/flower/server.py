@@ -54,10 +54,25 @@ class ServerError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """The SuperLink's TLS: the CA that signed its certificate, the certificate, its key."""
+
+    ca_cert: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 9092
     ready_timeout: float = 60.0
+    tls: TlsFiles | None = None  # None: insecure (loopback and trusted networks only)
+    auth_public_keys: tuple[str, ...] = ()  # SuperNode public keys: only these nodes may join (needs TLS)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
 
 def write_app(app_dir: Path, run: RunSettings) -> None:
@@ -71,12 +86,18 @@ def write_app(app_dir: Path, run: RunSettings) -> None:
 def write_connection(flwr_home: Path, server: ServerSettings) -> None:
     flwr_home.mkdir(parents=True, exist_ok=True)
     address = f"{server.host}:{server.port}"
-    (flwr_home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n')
+    security = f"root-certificates = {toml_value(server.tls.ca_cert)}" if server.tls else "insecure = true"
+    (flwr_home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n')
 
 
 def superlink_command(server: ServerSettings) -> list[str]:
-    return ["flower-superlink", "--host", server.host, "--port", str(server.port), "--insecure",
-            "--disable-runtime-dependency-installation"]
+    command = ["flower-superlink", "--host", server.host, "--port", str(server.port), "--disable-runtime-dependency-installation"]
+    if server.tls is None:
+        return command + ["--insecure"]
+    command += ["--ssl-ca-certfile", server.tls.ca_cert, "--ssl-certfile", server.tls.cert, "--ssl-keyfile", server.tls.key]
+    if server.auth_public_keys:
+        command.append("--enable-supernode-auth")
+    return command
 
 
 def _die_with_us() -> None:
@@ -101,10 +122,20 @@ class Federation:
         log_file.close()
         self._wait_ready()
 
+    def register_nodes(self) -> None:
+        """Admit the SuperNodes whose public keys we were given (SuperNode authentication)."""
+        for key in self.server.auth_public_keys:
+            done = subprocess.run(["flwr", "supernode", "register", key, CONNECTION], env=self.env,
+                                  capture_output=True, text=True, timeout=60)
+            if done.returncode != 0 or "registered successfully" not in done.stdout:
+                last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+                raise ServerError(f"could not register the SuperNode key {key}: {last[0]}")
+
     def _wait_ready(self) -> None:
         assert self.superlink is not None
-        url = f"http://{self.server.host}:{self.server.port}/health"
-        if wait_for_health(url, self.server.ready_timeout, alive=lambda: self.superlink.poll() is None):
+        url = f"{self.server.scheme}://{self.server.host}:{self.server.port}/health"
+        ca_file = self.server.tls.ca_cert if self.server.tls else None
+        if wait_for_health(url, self.server.ready_timeout, alive=lambda: self.superlink.poll() is None, ca_file=ca_file):
             return
         if self.superlink.poll() is not None:
             tail = _tail(self.run_dir / "superlink.log")

@@ -1,0 +1,79 @@
+"""Multi-host security on 127.0.0.1: TLS and SuperNode authentication, end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+from helpers import FEDGPU, ROOT, free_port, kill_leftovers, start_run_sh, wait_for
+from test_federation import read_metrics
+
+MAKE_CERTS = ROOT / "launchers" / "make-certs.sh"
+
+
+def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path) -> None:
+    run_dir, port = tmp_path / "run", free_port()
+    proc = start_run_sh(["2", "2", "2", "2", "--tls", "--port", str(port), "--run-dir", str(run_dir)])
+    certs = run_dir / "certs"
+    try:
+        assert wait_for(lambda: "SuperLink ready" in _read(run_dir / "server.log"), timeout=180), _read(run_dir / "server.log")
+        # A node with a key the server never registered is refused, with TLS and the right CA.
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "intruder")], check=True)
+        intruder = subprocess.run(
+            [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}", "--partition-id", "0",
+             "--num-partitions", "2", "--root-certificates", str(certs / "ca.crt"), "--auth-private-key", str(tmp_path / "intruder"),
+             "--max-wait-time", "5"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "FEDGPU_RUN_DIR": str(run_dir)},
+        )
+        # And so is a node that does not speak TLS.
+        plaintext = subprocess.run(
+            [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}", "--partition-id", "1",
+             "--num-partitions", "2", "--max-wait-time", "5"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "FEDGPU_RUN_DIR": str(run_dir)},
+        )
+        out, err = proc.communicate(timeout=300)
+    finally:
+        kill_leftovers(run_dir)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out + err
+    assert [int(r["results"]) for r in read_metrics(run_dir)] == [2, 2]
+    assert "Uvicorn running on https://" in _read(run_dir / "superlink.log")
+    for i in range(2):
+        assert "SuperNode ID" in _read(run_dir / f"client-{i}.log")
+    assert intruder.returncode != 0 and "Failed to activate SuperNode" in intruder.stdout + intruder.stderr
+    assert plaintext.returncode != 0 and "SuperNode ID" not in plaintext.stdout + plaintext.stderr
+    # Private keys stay private.
+    assert stat.S_IMODE(certs.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(key.stat().st_mode) == 0o600 for key in [certs / "ca.key", certs / "server.key", *certs.glob("nodes/node-?")])
+
+
+def test_make_certs_names_what_it_wrote_and_rejects_bad_input(tmp_path: Path) -> None:
+    done = subprocess.run([str(MAKE_CERTS), str(tmp_path / "c"), "--nodes", "2", "--host", "gpu-box-1", "--host", "10.0.0.7"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "c" / "server.pem"), "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "IP Address:127.0.0.1" in text and "DNS:gpu-box-1" in text and "IP Address:10.0.0.7" in text
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "c" / "ca.crt"), str(tmp_path / "c" / "server.pem")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert sorted(p.name for p in (tmp_path / "c" / "nodes").iterdir()) == ["node-0", "node-0.pub", "node-1", "node-1.pub"]
+    for args, message in [
+        ([str(tmp_path / "c")], "already holds a CA"),
+        ([str(tmp_path / "d"), "--nodes", "x"], "--nodes needs a whole number"),
+        ([], "usage: make-certs.sh DIR"),
+        ([str(tmp_path / "e"), "--bogus"], "unknown option --bogus"),
+    ]:
+        done = subprocess.run([str(MAKE_CERTS), *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, (args, done.stderr)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
