@@ -1,0 +1,109 @@
+"""The Slurm launcher: the commands it generates for a fake allocation, and a job run for real
+on this machine with a fake `srun` that runs each step here (tests/fake_slurm/srun)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fedgpu.slurm import Allocation, NotInAllocation, deal_clients, expand_hostlist
+from helpers import ROOT, free_port, kill_leftovers, processes_with_env
+from test_federation import read_metrics
+
+RUN_JOB = ROOT / "launchers" / "slurm" / "run-job.sh"
+FAKE_SLURM = ROOT / "tests" / "fake_slurm"
+
+
+def test_host_lists_expand_as_slurm_writes_them() -> None:
+    assert expand_hostlist("gpu[01-03,07],cpu1") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu1"]
+    assert expand_hostlist("node[8-10]") == ["node8", "node9", "node10"]
+    assert expand_hostlist("a-1,b") == ["a-1", "b"]
+    with pytest.raises(NotInAllocation):
+        expand_hostlist("gpu[a-b]")
+    assert deal_clients(5, ["x", "y"]) == {"x": [0, 2, 4], "y": [1, 3]}
+
+
+def test_the_allocation_is_read_from_slurm_variables() -> None:
+    env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "g[1-2]", "SLURM_GPUS_PER_NODE": "a100:4"}
+    assert Allocation.from_env(env) == Allocation("9", ["g1", "g2"], 4)
+    with pytest.raises(NotInAllocation, match="not inside a Slurm allocation"):
+        Allocation.from_env({})
+
+
+def dry_run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RUN_JOB), *args, "--dry-run"], capture_output=True, text=True, timeout=60,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **env})
+
+
+def test_generated_commands_for_a_fake_allocation(tmp_path: Path) -> None:
+    done = dry_run("5", "5", "3", "2", "--run-dir", str(tmp_path / "r"), "--tls", "--lr", "0.1", "--port", "9300",
+                   SLURM_JOB_ID="42", SLURM_JOB_NODELIST="gpu[01-02],cpu07", SLURM_GPUS_ON_NODE="2")
+    assert done.returncode == 0, done.stderr
+    steps = [shlex.split(line) for line in done.stdout.splitlines()]
+    assert len(steps) == 4  # the server, then one step per node
+    run_dir = str(tmp_path / "r")
+    for step, host in zip(steps, ["gpu01", "gpu01", "gpu02", "cpu07"]):
+        assert step[:7] == ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--gpus-per-node=2", "--overlap", "--kill-on-bad-exit=1"]
+    server = steps[0][7:]
+    assert server[:2] == [str(ROOT / ".venv" / "bin" / "fedgpu"), "server"]
+    assert _option(server, "--host") == "0.0.0.0" and _option(server, "--port") == "9300"
+    assert _option(server, "--run-dir") == run_dir and _option(server, "--lr") == "0.1"
+    assert _option(server, "--auth-public-keys") == f"{run_dir}/certs/nodes"
+    dealt = {}
+    for step in steps[1:]:
+        node = step[7:]
+        assert node[0] == str(ROOT / "launchers" / "slurm" / "node.sh")
+        assert _option(node, "--superlink") == "gpu01:9300" and _option(node, "--run-dir") == run_dir
+        host = step[3].split("=")[1]
+        assert _option(node, "--log-dir") == f"{run_dir}/{host}" and _option(node, "--certs") == f"{run_dir}/certs"
+        dealt[host] = _option(node, "--clients")
+    assert dealt == {"gpu01": "0,3", "gpu02": "1,4", "cpu07": "2"}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["3", "3", "2", "1"], {}, "not inside a Slurm allocation"),
+        (["3", "4"], {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "a"}, "need 1 <= min <= clients"),
+        (["x"], {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "a"}, "clients must be a whole number"),
+        (["3"], {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "gpu[x]"}, "cannot read the host list"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], env: dict, message: str) -> None:
+    done = dry_run(*args, "--run-dir", str(tmp_path / "r"), **env)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_a_job_runs_on_a_fake_two_node_allocation(tmp_path: Path) -> None:
+    """Two "nodes" (localhost and 127.0.0.1: both this machine), srun faked to run each step here."""
+    run_dir, port = tmp_path / "r", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="77", SLURM_JOB_NODELIST="localhost,127.0.0.1", PATH=f"{FAKE_SLURM}{os.pathsep}{env['PATH']}",
+               FAKE_SRUN_LOG=str(tmp_path / "srun.log"))
+    job = subprocess.Popen([str(RUN_JOB), "4", "4", "2", "2", "--run-dir", str(run_dir), "--port", str(port)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=400)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        leftovers = kill_leftovers(run_dir)
+    assert job.returncode == 0, out + err
+    assert not leftovers, leftovers
+    assert [int(r["results"]) for r in read_metrics(run_dir)] == [2, 2]
+    assert "[fedgpu] round 2/2" in out
+    for host, clients in (("localhost", (0, 2)), ("127.0.0.1", (1, 3))):
+        assert (run_dir / host / "zygote.log").exists()  # one zygote per node
+        for i in clients:
+            assert "SuperNode ID" in (run_dir / host / f"client-{i}.log").read_text()
+    assert len((tmp_path / "srun.log").read_text().splitlines()) == 3
+    assert not processes_with_env("FEDGPU_RUN_DIR", str(run_dir))
+
+
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
