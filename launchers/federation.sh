@@ -128,17 +128,9 @@ while (($#)); do
     esac
 done
 
-((${#positional[@]} <= 4)) || die_usage "too many arguments: expected at most <clients> <min> <sampled> <rounds>"
-names=(clients min sampled rounds)
-defaults=(10 10 5 3)
-for i in 0 1 2 3; do
-    value=${positional[$i]:-${defaults[$i]}}
-    [[ $value =~ ^[0-9]+$ ]] && ((10#$value >= 1)) ||
-        die_usage "${names[$i]} must be a whole number >= 1, got '$value'"
-    printf -v "${names[$i]}" '%d' "$((10#$value))"
-done
-((min <= clients)) || die_usage "min ($min) must not exceed clients ($clients)"
-((sampled <= clients)) || die_usage "sampled ($sampled) must not exceed clients ($clients)"
+# shellcheck source=launchers/shape.sh
+source "$ROOT/launchers/shape.sh"
+fedgpu_read_shape "${positional[@]}"
 if [[ -n $port ]]; then
     [[ $port =~ ^[0-9]+$ ]] && ((10#$port >= 1 && 10#$port <= 65535)) || die_usage "--port must be 1..65535, got '$port'"
 fi

@@ -65,6 +65,14 @@ def maps_torch(pid: int) -> bool | None:
     return "libtorch" in maps or "libcuda" in maps
 
 
+def read_or_empty(path: Path) -> str:
+    """A log's text so far ("" while it does not exist)."""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:

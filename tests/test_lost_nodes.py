@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import FEDGPU, free_port, kill_leftovers, start_run_sh, wait_for
+from helpers import read_or_empty, FEDGPU, free_port, kill_leftovers, start_run_sh, wait_for
 from test_federation import read_metrics
 from test_signals import events
 
@@ -34,7 +34,7 @@ def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_pa
             for i in range(2)
         ]
         # Registered, and waiting for a round that needs a third node: the server dies first.
-        assert wait_for(lambda: all("SuperNode ID" in _read(log) for log in logs), timeout=120)
+        assert wait_for(lambda: all("SuperNode ID" in read_or_empty(log) for log in logs), timeout=120)
         os.killpg(server.pid, signal.SIGKILL)
         killed = time.monotonic()
         for node in nodes:
@@ -45,7 +45,7 @@ def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_pa
     assert [node.returncode for node in nodes] == [3, 3]
     assert took < 6 + 5 + 15, took  # patience + one probe interval + shutdown
     for log in logs:
-        assert f"the SuperLink at 127.0.0.1:{port} has been unreachable for" in _read(log)
+        assert f"the SuperLink at 127.0.0.1:{port} has been unreachable for" in read_or_empty(log)
     assert not [cmd for cmd in leftovers if "fedgpu client" in cmd], leftovers
 
 
@@ -88,13 +88,6 @@ def test_too_few_nodes_left_fails_the_run_with_a_clear_message(tmp_path: Path) -
     assert proc.returncode == 1
     assert "run.sh: only 2 of 4 client nodes are alive, fewer than the 3 sampled per round" in err, err
     assert not leftovers, leftovers
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 def _listening(port: int) -> bool:

@@ -8,7 +8,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from helpers import FEDGPU, ROOT, free_port, kill_leftovers, start_run_sh, wait_for
+from helpers import read_or_empty, FEDGPU, ROOT, free_port, kill_leftovers, start_run_sh, wait_for
 from test_federation import read_metrics
 
 MAKE_CERTS = ROOT / "launchers" / "make-certs.sh"
@@ -19,7 +19,7 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path) -> N
     proc = start_run_sh(["2", "2", "2", "2", "--tls", "--port", str(port), "--run-dir", str(run_dir)])
     certs = run_dir / "certs"
     try:
-        assert wait_for(lambda: "SuperLink ready" in _read(run_dir / "server.log"), timeout=180), _read(run_dir / "server.log")
+        assert wait_for(lambda: "SuperLink ready" in read_or_empty(run_dir / "server.log"), timeout=180), read_or_empty(run_dir / "server.log")
         # A node with a key the server never registered is refused, with TLS and the right CA.
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "intruder")], check=True)
         intruder = subprocess.run(
@@ -41,9 +41,9 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path) -> N
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out + err
     assert [int(r["results"]) for r in read_metrics(run_dir)] == [2, 2]
-    assert "Uvicorn running on https://" in _read(run_dir / "superlink.log")
+    assert "Uvicorn running on https://" in read_or_empty(run_dir / "superlink.log")
     for i in range(2):
-        assert "SuperNode ID" in _read(run_dir / f"client-{i}.log")
+        assert "SuperNode ID" in read_or_empty(run_dir / f"client-{i}.log")
     assert intruder.returncode != 0 and "Failed to activate SuperNode" in intruder.stdout + intruder.stderr
     assert plaintext.returncode != 0 and "SuperNode ID" not in plaintext.stdout + plaintext.stderr
     # Private keys stay private.
@@ -70,10 +70,3 @@ def test_make_certs_names_what_it_wrote_and_rejects_bad_input(tmp_path: Path) ->
     ]:
         done = subprocess.run([str(MAKE_CERTS), *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, (args, done.stderr)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""

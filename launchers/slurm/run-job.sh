@@ -34,14 +34,10 @@ while (($#)); do
     *) positional+=("$1") && shift ;;
     esac
 done
-((${#positional[@]} <= 4)) || die_usage "too many arguments: expected at most <clients> <min> <sampled> <rounds>"
-names=(clients min sampled rounds)
-defaults=(10 10 5 3)
-for i in 0 1 2 3; do
-    value=${positional[$i]:-${defaults[$i]}}
-    [[ $value =~ ^[0-9]+$ ]] && ((10#$value >= 1)) || die_usage "${names[$i]} must be a whole number >= 1, got '$value'"
-    positional[i]=$((10#$value))
-done
+# shellcheck source=launchers/shape.sh
+source "$ROOT/launchers/shape.sh"
+fedgpu_read_shape "${positional[@]}"
+positional=("$clients" "$min" "$sampled" "$rounds")
 [[ -n ${SLURM_JOB_ID:-} ]] || die_usage "not inside a Slurm allocation (no SLURM_JOB_ID): submit with sbatch or run under salloc"
 run_dir=${run_dir:-$ROOT/runs/slurm-$SLURM_JOB_ID}
 mkdir -p "$run_dir" 2>/dev/null && [[ -w $run_dir ]] || die_usage "run directory $run_dir is not writable"
