@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedgpu.flower.node import free_port, port_free  # noqa: F401 - re-exported for the tests
@@ -112,6 +113,17 @@ def kill_processes_with_env(key: str, value: str) -> list[str]:
         except OSError:
             pass
     return list(left.values())
+
+
+@contextmanager
+def cleaned_up(proc: subprocess.Popen, run_dir: Path):
+    """Whatever happens in the block, nothing of the run outlives it (run.sh's group, the run's processes)."""
+    try:
+        yield proc
+    finally:
+        kill_leftovers(run_dir)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def kill_leftovers(run_dir: Path) -> list[str]:

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import read_or_empty, FEDGPU, free_port, kill_leftovers, start_run_sh, wait_for
+from helpers import FEDGPU, cleaned_up, free_port, kill_leftovers, processes_with_env, read_or_empty, start_run_sh, wait_for
 from test_federation import read_metrics
 from test_signals import events
 
@@ -52,7 +52,7 @@ def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_pa
 def test_a_node_killed_mid_run_the_others_finish_the_run(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
     proc = start_run_sh(["4", "4", "3", "2", "--message-timeout", "30", "--port", str(port), "--run-dir", str(run_dir)])
-    try:
+    with cleaned_up(proc, run_dir):
         # A node whose child is training in round 1: it was sampled, its reply will never come.
         def training_node() -> int | None:
             seen = events(run_dir)
@@ -63,11 +63,9 @@ def test_a_node_killed_mid_run_the_others_finish_the_run(tmp_path: Path) -> None
         assert wait_for(lambda: training_node() is not None, timeout=240, interval=0.05)
         os.killpg(training_node(), signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
-    finally:
-        kill_leftovers(run_dir)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        nothing_left = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), 5)
     assert proc.returncode == 0, out + err
+    assert nothing_left, "processes of the run outlived run.sh"
     rows = read_metrics(run_dir)
     assert len(rows) == 2 and int(rows[0]["results"]) == 2 and int(rows[-1]["results"]) >= 2, rows
     failed = [f for r in json.loads((run_dir / "report.json").read_text())["rounds"] for f in r["failed_messages"]]

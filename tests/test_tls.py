@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import subprocess
 from pathlib import Path
 
-from helpers import read_or_empty, FEDGPU, ROOT, free_port, kill_leftovers, start_run_sh, wait_for
+from helpers import FEDGPU, ROOT, cleaned_up, free_port, processes_with_env, read_or_empty, start_run_sh, wait_for
 from test_federation import read_metrics
 
 MAKE_CERTS = ROOT / "launchers" / "make-certs.sh"
@@ -18,7 +17,7 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path) -> N
     run_dir, port = tmp_path / "run", free_port()
     proc = start_run_sh(["2", "2", "2", "2", "--tls", "--port", str(port), "--run-dir", str(run_dir)])
     certs = run_dir / "certs"
-    try:
+    with cleaned_up(proc, run_dir):
         assert wait_for(lambda: "SuperLink ready" in read_or_empty(run_dir / "server.log"), timeout=180), read_or_empty(run_dir / "server.log")
         # A node with a key the server never registered is refused, with TLS and the right CA.
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "intruder")], check=True)
@@ -35,11 +34,9 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path) -> N
             capture_output=True, text=True, timeout=120, env={**os.environ, "FEDGPU_RUN_DIR": str(run_dir)},
         )
         out, err = proc.communicate(timeout=300)
-    finally:
-        kill_leftovers(run_dir)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        nothing_left = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), 5)
     assert proc.returncode == 0, out + err
+    assert nothing_left, "processes of the run outlived run.sh"
     assert [int(r["results"]) for r in read_metrics(run_dir)] == [2, 2]
     assert "Uvicorn running on https://" in read_or_empty(run_dir / "superlink.log")
     for i in range(2):
