@@ -71,7 +71,7 @@ def test_generated_commands_for_a_fake_allocation(tmp_path: Path) -> None:
         (["3", "3", "2", "1"], {}, "not inside a Slurm allocation"),
         (["3", "4"], {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "a"}, "min (4) must not exceed clients (3)"),
         (["x"], {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "a"}, "clients must be a whole number"),
-        (["3"], {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "gpu[x]"}, "cannot read the host list"),
+        (["3", "3", "2", "1"], {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "gpu[x]"}, "cannot read the host list"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], env: dict, message: str) -> None:
