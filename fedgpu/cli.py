@@ -248,12 +248,13 @@ def _write_memory_reports(run_dir: Path, monitor) -> None:  # type: ignore[no-un
     from fedgpu.monitor.host import merge_into_report
     from fedgpu.monitor.plot import write_plot
     from fedgpu.monitor.report import one_run
-    from fedgpu.monitor.summary import write_summary
+    from fedgpu.monitor.summary import Timeline, write_summary
 
     memory = monitor.host.summary()
     merge_into_report(str(run_dir / "report.json"), "host_memory", memory)
-    summary = write_summary(str(run_dir))
-    write_plot(str(run_dir), summary)
+    timeline = Timeline.load(str(run_dir))  # read once: the timeline can be tens of MB
+    summary = write_summary(str(run_dir), timeline)
+    write_plot(str(run_dir), summary, timeline)
     click.echo(one_run(str(run_dir), summary))  # on the console, after the rounds
     click.echo(
         f"[fedgpu] peak memory of the run's processes: {memory['peak_total_pss_mib']:.0f} MiB PSS "
@@ -355,7 +356,7 @@ def client(**options: object) -> None:
         extra = parse_node_config(str(options["node_config"]))
     except ValueError as err:
         _fail(f"--node-config: {err}")
-    taken = sorted(set(extra) & set(node_config) | set(extra) & {"partition-id", "num-partitions", "task"})
+    taken = sorted(set(extra) & {"partition-id", "num-partitions", "task"})
     if taken:
         _fail(f"--node-config: {', '.join(taken)} come from their own options")
     node_config.update(extra)

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from fedgpu.monitor.events import EventsTail, emit
 from fedgpu.monitor.host import MARKER, HostMemorySampler
 from fedgpu.nvml.devices import MIB, Nvml
@@ -104,8 +106,7 @@ class MemoryMonitor:
         self._file = open(os.path.join(run_dir, TIMELINE_FILE), "w", newline="")  # noqa: SIM115 - open for the run
         self._csv = csv.writer(self._file)
         self._csv.writerow(COLUMNS)
-        self.gpu_samples = 0
-        self.host_samples = 0
+        self._host_total_mib = _mib(psutil.virtual_memory().total)  # fixed for the run: read once
 
     def start(self) -> "MemoryMonitor":
         gpus = []
@@ -167,30 +168,22 @@ class MemoryMonitor:
                  "" if gpu.utilization is None else gpu.utilization]
             )
             for pid, used in sorted(gpu.processes.items()):
-                known = pid in self.registry.who
-                who = self._who(pid, "ours" if known or self.host.is_ours(pid) else "other")
+                who = self.registry.who.get(pid) or _Who("ours" if self.host.is_ours(pid) else "other")
                 self._csv.writerow([at, "gpu-process", gpu.index, pid, who.role, who.client, who.round, who.message, _mib(used), "", "", ""])
-        self.gpu_samples += 1
 
     def sample_host(self) -> None:
         at = f"{time.time():.3f}"
         rows = self.host.sample()
         total = sum(rss for _, _, rss in rows)
         self._csv.writerow(
-            [at, "host", "", "", "", "", self.registry.current_round, "", _mib(total), _mib(_host_total()),
+            [at, "host", "", "", "", "", self.registry.current_round, "", _mib(total), self._host_total_mib,
              _mib(self.host.available_now or 0), ""]
         )
         for pid, kind, rss in rows:
             who = self._who(pid, kind)
             self._csv.writerow([at, "host-process", "", pid, who.role, who.client, who.round, who.message, _mib(rss), "", "", ""])
-        self.host_samples += 1
 
 
 def _mib(value: int) -> str:
     return f"{value / MIB:.1f}"
 
-
-def _host_total() -> int:
-    import psutil
-
-    return psutil.virtual_memory().total

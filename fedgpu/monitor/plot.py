@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
-from fedgpu.monitor.events import read_events
-from fedgpu.monitor.summary import read_timeline
+from fedgpu.monitor.summary import Timeline
 
 PLOT_FILE = "memory.png"
 
 
-def write_plot(run_dir: str, summary: dict[str, Any]) -> str:
+def write_plot(run_dir: str, summary: dict[str, Any], timeline: Timeline | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")  # no display; and never a GUI toolkit in a server
     import matplotlib.pyplot as plt
 
-    gpu, host = read_timeline(run_dir)
-    events = read_events(run_dir)
+    timeline = timeline or Timeline.load(run_dir)
+    gpu, host = timeline.gpu, timeline.host
     times = [m.t for m in gpu + host]
     origin = min(times) if times else 0.0
     figure, axes = plt.subplots(figsize=(11, 4.5), dpi=100)
@@ -27,10 +27,9 @@ def write_plot(run_dir: str, summary: dict[str, Any]) -> str:
     if gpu:
         axes.plot([m.t - origin for m in gpu], [m.ours for m in gpu], lw=1.0, ls="--", label="GPU, this run's processes")
     axes.plot([m.t - origin for m in host], [m.total for m in host], lw=1.2, color="black", label="host RSS, this run's processes")
-    starts = {e["round"]: e["t"] for e in events if e.get("event") == "round-start"}
-    ends = {e["round"]: e["t"] for e in events if e.get("event") == "round-end"}
-    for rnd, start in sorted(starts.items()):
-        end = ends.get(rnd, max(times, default=start))
+    for rnd, (start, end) in sorted(timeline.rounds().items()):
+        if end == math.inf:  # a round that never ended: shade to the last sample
+            end = max(times, default=start)
         axes.axvspan(start - origin, end - origin, color="tab:blue" if rnd % 2 else "tab:orange", alpha=0.12, lw=0)
         axes.text((start + end) / 2 - origin, 1.0, f"r{rnd}", transform=axes.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
     axes.set_xlabel("seconds since the monitor started")

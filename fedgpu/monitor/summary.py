@@ -74,6 +74,25 @@ def read_timeline(run_dir: str) -> tuple[list[Moment], list[Moment]]:
     return [gpu[t] for t in sorted(gpu)], [host[t] for t in sorted(host)]
 
 
+@dataclass
+class Timeline:
+    """A run's memory.csv and events.jsonl, read once for the summary and the plot."""
+
+    gpu: list[Moment]
+    host: list[Moment]
+    events: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, run_dir: str) -> "Timeline":
+        gpu, host = read_timeline(run_dir)
+        return cls(gpu, host, read_events(run_dir))
+
+    def rounds(self) -> dict[int, tuple[float, float]]:
+        """round -> (its round-start, its round-end or +inf if it never ended)."""
+        ends = {e["round"]: e["t"] for e in self.events if e.get("event") == "round-end"}
+        return {e["round"]: (e["t"], ends.get(e["round"], math.inf)) for e in self.events if e.get("event") == "round-start"}
+
+
 def _window(moments: list[Moment], start: float, end: float) -> list[Moment]:
     times = [m.t for m in moments]
     return moments[bisect_left(times, start) : bisect_right(times, end)]
@@ -117,12 +136,11 @@ def _client_order(client: str) -> tuple[int, str]:
     return (int(client), "") if client.isdigit() else (1 << 30, client)
 
 
-def summarise(run_dir: str) -> dict[str, Any]:
-    events = read_events(run_dir)
-    gpu, host = read_timeline(run_dir)
+def summarise(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
+    timeline = timeline or Timeline.load(run_dir)
+    gpu, host, events = timeline.gpu, timeline.host, timeline.events
     monitor = next((e for e in events if e.get("event") == "monitor-start"), {})
-    starts = {e["round"]: e["t"] for e in events if e.get("event") == "round-start"}
-    ends = {e["round"]: e["t"] for e in events if e.get("event") == "round-end"}
+    spans = timeline.rounds()
     first_child: dict[int, float] = {}
     child_peaks: dict[str, dict[int, dict[str, float]]] = {"gpu": defaultdict(dict), "host": defaultdict(dict)}
     waits: dict[int, list[float]] = defaultdict(list)
@@ -139,9 +157,9 @@ def summarise(run_dir: str) -> dict[str, Any]:
             waits[rnd].append(float(event.get("seconds", 0.0)))
 
     rounds = []
-    for rnd in sorted(starts):
-        start, end = starts[rnd], ends.get(rnd, math.inf)
-        rest_until = first_child.get(rnd + 1, starts.get(rnd + 1, math.inf))
+    for rnd in sorted(spans):
+        start, end = spans[rnd]
+        rest_until = first_child.get(rnd + 1, spans.get(rnd + 1, (math.inf,))[0])
         entry: dict[str, Any] = {"round": rnd, "seconds": None if end == math.inf else round(end - start, 3)}
         if gpu:
             during = _window(gpu, start, end)
@@ -159,7 +177,7 @@ def summarise(run_dir: str) -> dict[str, Any]:
         entry["admission"] = {"waits": len(waits.get(rnd, [])), "wait_seconds": round(sum(waits.get(rnd, [])), 3)}
         rounds.append(entry)
 
-    before = first_child.get(1, starts.get(1, math.inf))
+    before = first_child.get(1, spans.get(1, (math.inf,))[0])
     idle_before = {
         "gpu": _rest(_at_rest(gpu, -math.inf, before)) if gpu else None,
         "host": _rest(_at_rest(host, -math.inf, before)),
@@ -184,8 +202,8 @@ def summarise(run_dir: str) -> dict[str, Any]:
     }
 
 
-def write_summary(run_dir: str) -> dict[str, Any]:
-    summary = summarise(run_dir)
+def write_summary(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
+    summary = summarise(run_dir, timeline)
     path = os.path.join(run_dir, SUMMARY_FILE)
     with open(path + ".tmp", "w") as out:
         json.dump(summary, out, indent=2)
