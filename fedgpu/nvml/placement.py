@@ -128,11 +128,16 @@ def committed_bytes(gpu: GpuState, reservations: list[Reservation]) -> int:
     return committed
 
 
+def room_bytes(gpus: list[GpuState], reservations: list[Reservation]) -> dict[int, int]:
+    """GPU index -> bytes not yet used or promised."""
+    return {gpu.index: gpu.total - committed_bytes(gpu, reservations) for gpu in gpus}
+
+
 def choose_gpu(
     gpus: list[GpuState], reservations: list[Reservation], need: int, policy: str, next_index: int = 0
 ) -> int | None:
     """The GPU index a child needing ``need`` bytes goes to, or None if none has room."""
-    room = {gpu.index: gpu.total - committed_bytes(gpu, reservations) for gpu in gpus}
+    room = room_bytes(gpus, reservations)
     fits = [gpu.index for gpu in gpus if room[gpu.index] >= need]
     if not fits:
         return None
@@ -253,7 +258,7 @@ class GpuPlacer:
         indices = [self.nvml.index_of(name) for name in visible.split(",") if name.strip()]
         if not indices or None in indices:
             raise PlacementError(f"CUDA_VISIBLE_DEVICES={visible!r} names no GPU NVML can see")
-        return [index for index in indices if index is not None]
+        return indices  # type: ignore[return-value] - no None left
 
     def estimate_bytes(self, key: str, state: dict[str, Any] | None = None) -> int:
         if state is None:
@@ -264,7 +269,7 @@ class GpuPlacer:
             return int(max(peaks) * (1 + LEARNED_MARGIN))
         return int((self.settings.estimate_mib or DEFAULT_ESTIMATE_MIB) * MIB)
 
-    def acquire(self, key: str, *, waiting: Callable[[str], None] | None = None) -> Placement:
+    def acquire(self, key: str) -> Placement:
         """Reserve room for one child of ``key`` (task/message type), waiting if no GPU has it."""
         started = self._clock()
         deadline = started + self.settings.admission_timeout
@@ -287,9 +292,7 @@ class GpuPlacer:
                     gpu = next(g for g in gpus if g.index == chosen)
                     waited = self._clock() - started if announced else 0.0
                     return Placement(chosen, gpu.uuid, need, key, reservation.id, waited)
-                room = ", ".join(
-                    f"GPU {gpu.index} {max(0, gpu.total - committed_bytes(gpu, reservations)) / MIB:.0f}" for gpu in gpus
-                )
+                room = ", ".join(f"GPU {index} {max(0, free) / MIB:.0f}" for index, free in room_bytes(gpus, reservations).items())
             now = self._clock()
             if now >= deadline:
                 raise AdmissionTimedOut(
@@ -297,10 +300,7 @@ class GpuPlacer:
                 )
             if not announced:
                 announced = True
-                line = f"waiting for GPU memory: {key} needs {need / MIB:.0f} MiB; room in MiB: {room}"
-                self.log(line)
-                if waiting is not None:
-                    waiting(line)
+                self.log(f"waiting for GPU memory: {key} needs {need / MIB:.0f} MiB; room in MiB: {room}")
             time.sleep(min(POLL_SECONDS, max(0.0, deadline - now)))
 
     def bind(self, placement: Placement, child_pid: int) -> None:
