@@ -1,6 +1,8 @@
-# Sourced by the launchers: the federation's shape from up to four positional arguments.
-#   fedgpu_read_shape [clients] [min] [sampled] [rounds]
-# Sets clients, min, sampled, rounds (defaults 10 10 5 3); bad input goes to the caller's die_usage.
+# Sourced by the launchers (run.sh, the Slurm job and its node steps).
+
+# fedgpu_read_shape [clients] [min] [sampled] [rounds]
+# The federation's shape from up to four positional arguments: sets clients, min, sampled,
+# rounds (defaults 10 10 5 3); bad input goes to the caller's die_usage.
 
 fedgpu_read_shape() {
     (($# <= 4)) || die_usage "too many arguments: expected at most <clients> <min> <sampled> <rounds>"
@@ -13,4 +15,21 @@ fedgpu_read_shape() {
     done
     ((min <= clients)) || die_usage "min ($min) must not exceed clients ($clients)"
     ((sampled <= clients)) || die_usage "sampled ($sampled) must not exceed clients ($clients)"
+}
+
+# fedgpu_stop_groups GRACE PGID...
+# TERM each process group, give them GRACE seconds to go, then KILL what is left.
+fedgpu_stop_groups() {
+    local grace=$1 pid deadline alive
+    shift
+    for pid in "$@"; do kill -TERM -- "-$pid" 2>/dev/null; done
+    deadline=$((SECONDS + grace))
+    while ((SECONDS < deadline)); do
+        alive=0
+        for pid in "$@"; do kill -0 -- "-$pid" 2>/dev/null && alive=1 && break; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in "$@"; do kill -KILL -- "-$pid" 2>/dev/null; done
+    return 0
 }

@@ -10,26 +10,19 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GRACE_SECONDS=5
 READY_TIMEOUT=120
 
+# shellcheck source=launchers/common.sh
+source "$ROOT/launchers/common.sh"
+
 started=()  # leaders of the process groups we started
 stopping=0
 zygote_dir=""
 
 stop_all() {
-    local pid deadline
     ((${#started[@]})) || return 0
-    for pid in "${started[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
-    deadline=$((SECONDS + GRACE_SECONDS))
-    while ((SECONDS < deadline)) && any_alive; do sleep 0.1; done
-    for pid in "${started[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
+    fedgpu_stop_groups "$GRACE_SECONDS" "${started[@]}"
     wait 2>/dev/null
     started=()
     [[ -z $zygote_dir ]] || rm -rf "$zygote_dir"
-}
-
-any_alive() {
-    local pid
-    for pid in "${started[@]}"; do kill -0 -- "-$pid" 2>/dev/null && return 0; done
-    return 1
 }
 
 on_signal() {
@@ -128,8 +121,6 @@ while (($#)); do
     esac
 done
 
-# shellcheck source=launchers/shape.sh
-source "$ROOT/launchers/shape.sh"
 fedgpu_read_shape "${positional[@]}"
 if [[ -n $port ]]; then
     [[ $port =~ ^[0-9]+$ ]] && ((10#$port >= 1 && 10#$port <= 65535)) || die_usage "--port must be 1..65535, got '$port'"

@@ -30,19 +30,12 @@ done
     die_usage "needs --superlink, --run-dir, --log-dir, --num-partitions N and --clients i,j,..."
 mkdir -p "$log_dir" || die_usage "cannot create $log_dir"
 
+# shellcheck source=launchers/common.sh
+source "$ROOT/launchers/common.sh"
 started=()
 zygote_dir=""
 stop_all() {
-    local pid deadline
-    for pid in "${started[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
-    deadline=$((SECONDS + GRACE_SECONDS))
-    while ((SECONDS < deadline)); do
-        local alive=0
-        for pid in "${started[@]}"; do kill -0 -- "-$pid" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for pid in "${started[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
+    fedgpu_stop_groups "$GRACE_SECONDS" "${started[@]}"
     started=()
     [[ -z $zygote_dir ]] || rm -rf "$zygote_dir"
 }

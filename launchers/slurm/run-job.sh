@@ -34,8 +34,8 @@ while (($#)); do
     *) positional+=("$1") && shift ;;
     esac
 done
-# shellcheck source=launchers/shape.sh
-source "$ROOT/launchers/shape.sh"
+# shellcheck source=launchers/common.sh
+source "$ROOT/launchers/common.sh"
 fedgpu_read_shape "${positional[@]}"
 positional=("$clients" "$min" "$sampled" "$rounds")
 [[ -n ${SLURM_JOB_ID:-} ]] || die_usage "not inside a Slurm allocation (no SLURM_JOB_ID): submit with sbatch or run under salloc"
