@@ -14,9 +14,8 @@ from typing import Any, Callable
 
 from fedgpu.isolation import IsolationError, Isolator, Outcome
 from fedgpu.monitor.events import emit
+from fedgpu.nvml.devices import MIB
 from fedgpu.nvml.placement import AdmissionTimedOut, GpuPlacer, Placement
-
-MIB = 2**20
 
 
 def wants_placement(device: object) -> bool:

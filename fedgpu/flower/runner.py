@@ -32,6 +32,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
 from fedgpu.flower.children import placer_for, run_child
 from fedgpu.isolation import IsolationError, Isolator, Outcome
+from fedgpu.nvml.devices import MIB
 from fedgpu.nvml.placement import GpuPlacer, Placement
 
 # Key of the ConfigRecord the runner adds to every reply: how it was isolated.
@@ -204,8 +205,8 @@ def _stamp(reply: Message, outcome: Outcome, call_seconds: float, placement: Pla
     if placement is not None:
         gpu = {
             "gpu": placement.gpu,
-            "gpu-reserved-mib": placement.reserved_bytes / 2**20,
-            "child-gpu-peak-mib": outcome.gpu_peak_bytes / 2**20,
+            "gpu-reserved-mib": placement.reserved_bytes / MIB,
+            "child-gpu-peak-mib": outcome.gpu_peak_bytes / MIB,
             "admission-wait-seconds": placement.waited_seconds,
         }
     reply.content[FEDGPU_RECORD] = ConfigRecord(

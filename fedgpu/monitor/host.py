@@ -18,8 +18,8 @@ from typing import Any
 
 import psutil
 
-MIB = 1024 * 1024
-MARKER = "FEDGPU_RUN_DIR"
+from fedgpu.monitor.events import RUN_DIR_ENV as MARKER  # one name for the run's marker
+from fedgpu.nvml.devices import MIB
 
 
 def process_kind(cmdline: list[str], zygote_pids: set[int], ppid: int) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from fedgpu.monitor.events import EventsTail, emit
-from fedgpu.monitor.host import MARKER, HostMemorySampler
+from fedgpu.monitor.host import HostMemorySampler
 from fedgpu.nvml.devices import MIB, Nvml
 
 TIMELINE_FILE = "memory.csv"
@@ -98,7 +98,7 @@ class MemoryMonitor:
         # most `host_budget` of a core, between these two intervals.
         self.host_interval = host_interval
         self.host_budget = host_budget
-        self.host = HostMemorySampler(marker_value, marker=MARKER)
+        self.host = HostMemorySampler(marker_value)
         self.registry = PidRegistry()
         self._events = EventsTail(run_dir)
         self._stop = threading.Event()

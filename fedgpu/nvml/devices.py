@@ -29,10 +29,6 @@ class GpuState:
     utilization: int | None  # percent of time a kernel ran; None where unsupported (MIG)
     processes: dict[int, int] = field(default_factory=dict)  # pid -> bytes, compute processes
 
-    @property
-    def free(self) -> int:
-        return max(0, self.total - self.used)
-
 
 class Nvml:
     """An initialised NVML handle; ``sample()`` reads every (or the given) GPU."""
