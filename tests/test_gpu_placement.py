@@ -90,7 +90,8 @@ def test_k_children_whose_peaks_exceed_the_gpus_wait_instead_of_failing(fake_gpu
     run_dir.mkdir()
     env = {**os.environ, "FEDGPU_GPU_MEM_MIB": "600", "FEDGPU_RUN_DIR": str(run_dir)}
     nodes = [
-        subprocess.Popen([sys.executable, str(FAKE_DIR / "placed_call.py"), str(i), "600", "1.5"], env=env,
+        # The two admitted children meet before they allocate, so they overlap whatever the load.
+        subprocess.Popen([sys.executable, str(FAKE_DIR / "placed_call.py"), str(i), "600", "1.5", "2"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(4)
     ]
@@ -121,7 +122,7 @@ def test_the_same_load_without_admission_dies_of_out_of_memory(fake_gpus, tmp_pa
     """The control: with an estimate far below the real peak, the fake CUDA does run out."""
     fake_gpus({"total_mib": 1000})
     env = {**os.environ, "FEDGPU_GPU_MEM_MIB": "1"}
-    nodes = [subprocess.Popen([sys.executable, str(FAKE_DIR / "placed_call.py"), str(i), "600", "1.5"], env=env,
+    nodes = [subprocess.Popen([sys.executable, str(FAKE_DIR / "placed_call.py"), str(i), "600", "1.5", "2"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [node.communicate(timeout=120) for node in nodes]
     assert sorted(node.returncode for node in nodes) == [0, 1]

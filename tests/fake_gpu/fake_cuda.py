@@ -4,12 +4,14 @@
 (``CUDA_VISIBLE_DEVICES``: an index or a fake UUID; GPU 0 when unset), as a
 CUDA context plus the caching allocator's peak would. It raises the way torch
 does when the device has no room: the OOM that admission control prevents.
+``meet(n)`` lets tests put n processes on the GPU at once whatever the load.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import time
 
 import pynvml
 
@@ -41,3 +43,23 @@ def allocate(mib: int) -> int:
         with open(os.path.join(directory, "held", str(os.getpid())), "w") as out:
             out.write(f"{gpu} {wanted}\n")
     return gpu
+
+
+def meet(group_size: int, limit_s: float = 60.0) -> None:
+    """Wait until the rest of this caller's group has arrived (up to ``limit_s``).
+
+    Callers form groups of ``group_size`` in the order they arrive, so that a
+    test can have exactly that many processes allocate together instead of
+    relying on how the scheduler happens to spread them out.
+    """
+    directory = os.environ["FAKE_NVML_DIR"]
+    arrived = os.path.join(directory, "arrived")
+    os.makedirs(arrived, exist_ok=True)
+    with open(os.path.join(directory, "lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ordinal = len(os.listdir(arrived)) + 1
+        open(os.path.join(arrived, str(os.getpid())), "w").close()
+    group_complete = -(-ordinal // group_size) * group_size  # arrivals that close this caller's group
+    deadline = time.monotonic() + limit_s
+    while len(os.listdir(arrived)) < group_complete and time.monotonic() < deadline:
+        time.sleep(0.05)

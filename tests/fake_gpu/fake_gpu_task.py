@@ -10,7 +10,6 @@ however the scheduler spreads them out. Real training on the CPU still happens.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from typing import Any
@@ -18,26 +17,12 @@ from typing import Any
 from fedgpu.tasks.digits import DigitsTask
 
 
-def _meet_group(size: int, limit_s: float = 60.0) -> None:
-    arrived = os.path.join(os.environ["FAKE_NVML_DIR"], "arrived")
-    os.makedirs(arrived, exist_ok=True)
-    with open(os.path.join(os.environ["FAKE_NVML_DIR"], "lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        ordinal = len(os.listdir(arrived)) + 1
-        open(os.path.join(arrived, str(os.getpid())), "w").close()
-    group_complete = -(-ordinal // size) * size  # arrivals needed to close this call's group
-    deadline = time.monotonic() + limit_s
-    while len(os.listdir(arrived)) < group_complete and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def _on_fake_gpu(training: bool) -> None:
     import fake_cuda
 
     together = int(os.environ.get("FAKE_GPU_TRAIN_TOGETHER", "0"))
     if training and together:
-        _meet_group(together)
-
+        fake_cuda.meet(together)
     fake_cuda.allocate(int(os.environ.get("FAKE_GPU_MIB", "300")))
     time.sleep(float(os.environ.get("FAKE_GPU_HOLD_S", "0.5")))
 
