@@ -5,7 +5,9 @@ Bad input is one line on stderr and exit code 2, before anything starts.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from fedgpu.flower.settings import ISOLATION_MODES, RunSettings
+from fedgpu.flower.settings import ISOLATION_MODES, RunSettings, parse_task_options
 
 EXIT_USAGE = 2
 
@@ -156,6 +158,7 @@ def cli() -> None:
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=RunSettings.alpha, show_default=True, help="Dirichlet concentration.")
 @click.option("--seed", type=int, default=RunSettings.seed, show_default=True)
 @click.option("--data-files", default="", help="Local dataset files for tasks that would download (e.g. cifar10).")
+@click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE", help="A task's own option, e.g. weights=none or partitions=20 (repeatable).")
 @click.option("--isolation", type=click.Choice(ISOLATION_MODES), default="zygote", show_default=True, help="How the server's own torch work runs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="torch CPU threads per child (0: torch's default).")
@@ -175,6 +178,10 @@ def server(**options: object) -> None:
     check_only = bool(options.pop("check"))
     tls, auth_keys = _server_security(options)
     _check_task(str(options["task"]))
+    try:
+        options["task_options_json"] = json.dumps(parse_task_options(options.pop("task_options")))  # type: ignore[arg-type]
+    except ValueError as err:
+        _fail(str(err))
     placement = _placement_settings(options)
     checked = _open_placer(placement, quiet=True)  # the ServerApp opens its own: this one only checks the settings
     if checked is not None:
@@ -284,8 +291,6 @@ def _server_security(options: dict):  # type: ignore[no-untyped-def]
 
 
 def _print_failures(run_dir: Path) -> None:
-    import json
-
     from fedgpu.flower.recorder import failure_summary
 
     try:
@@ -395,6 +400,57 @@ def client(**options: object) -> None:
         import shutil
 
         shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+@cli.command("bench-models")
+@click.option("--models", default=None, help="Comma-separated torchvision model names (and vit_tiny_16, vit_small_16) [default: a zoo of ten].")
+@click.option("--batches", type=positive, default=5, show_default=True, help="Timed batches per model, for training and for finetuning each.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=32), default=224, show_default=True, help="Side of the synthetic square images (ViTs need a multiple of 16).")
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU with room, else cpu), cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="torch CPU threads (0: torch's default).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=1800.0, show_default=True, help="Seconds one model may take.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Where to write the CSV [default: runs/bench-models-<timestamp>.csv].")
+@placement_options
+def bench_models(**options: object) -> None:
+    """Time K train and K head-only finetune batches per vision model, each in its own child."""
+    from fedgpu.bench_models import BenchSettings, check_models, measure_all, print_table, write_csv
+    from fedgpu.isolation import Isolator
+    from fedgpu.nvml.placement import GpuPlacer
+    from fedgpu.zoo import DEFAULT_MODELS
+
+    models = tuple(m.strip() for m in str(options.pop("models") or ",".join(DEFAULT_MODELS)).split(",") if m.strip())
+    if not models:
+        _fail("--models: no model named")
+    device = str(options.pop("device"))
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        _fail(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    image_size = int(options.pop("image_size"))  # type: ignore[call-overload]
+    if any(m.startswith("vit_") for m in models) and image_size % 16:
+        _fail(f"--image-size {image_size}: ViT models need a multiple of 16")
+    csv_path = str(options.pop("csv_path") or Path("runs") / time.strftime("bench-models-%Y%m%d-%H%M%S.csv"))
+    try:
+        Path(csv_path).absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _fail(f"--csv {csv_path}: cannot create its directory: {err.strerror or err}")
+    if not os.access(Path(csv_path).absolute().parent, os.W_OK) or Path(csv_path).is_dir():
+        _fail(f"--csv {csv_path}: not writable")
+    placement = _placement_settings(options)
+    placer: GpuPlacer | None = _open_placer(placement) if device in ("auto", "cuda") else None
+    settings = BenchSettings(models, int(options["batches"]), int(options["batch_size"]), image_size,  # type: ignore[call-overload]
+                             device=device, threads=int(options["threads"]), timeout=float(options["timeout"]))  # type: ignore[call-overload]
+    with Isolator("spawn") as isolator:
+        unknown = check_models(isolator, models)
+        if unknown:
+            _fail(f"--models: unknown model(s) {', '.join(unknown)} (torchvision names, or vit_tiny_16, vit_small_16)")
+        click.echo(f"[fedgpu] {len(models)} model(s) on {'a placed GPU' if placer else device}; CSV: {csv_path}", err=True)
+        rows = measure_all(settings, isolator, placer,
+                           on_row=lambda row: click.echo(f"[fedgpu] {row['model']}: {'failed' if row.get('error') else 'done'}", err=True))
+    if placer is not None:
+        placer.close()
+    write_csv(csv_path, rows)
+    print_table(rows, sys.stdout)
+    sys.exit(1 if any(row.get("error") for row in rows) else 0)
 
 
 @cli.command()

@@ -46,7 +46,9 @@ usage: ./run.sh [clients] [min] [sampled] [rounds] [options]
   sampled  clients that train in each round (default 5)
   rounds   federated rounds (default 3)
 options:
-  --task NAME          digits (default), cifar10, or package.module:TaskClass
+  --task NAME          digits (default), cifar10, vit-flowers, text-imdb, a task
+                       another package registers, or package.module:TaskClass
+  --task-option K=V    a task's own option, e.g. weights=none (repeatable)
   --no-mp              run each message inside the long-lived client (baseline)
   --tls                TLS and SuperNode authentication on 127.0.0.1: a CA, the
                        SuperLink's certificate and one key per node are made in
@@ -91,7 +93,7 @@ while (($#)); do
     --no-mp) mp=0 && shift ;;
     --tls) tls=1 && shift ;;
     --task | --port | --run-dir | --timeout | --eval-sampled | --lr | --lr-decay | --local-epochs | --batch-size | \
-        --partitioner | --alpha | --seed | --data-files | --device | --threads | --message-timeout | --isolation | \
+        --partitioner | --alpha | --seed | --data-files | --task-option | --device | --threads | --message-timeout | --isolation | \
         --gpus | --placement | --gpu-mem | --admission-timeout)
         (($# >= 2)) || die_usage "option $1 needs a value"
         case $1 in
@@ -133,7 +135,9 @@ command -v setsid >/dev/null || die_usage "setsid (util-linux) is required"
 
 # shellcheck source=launchers/env.sh
 source "$ROOT/launchers/env.sh"
-fedgpu_ensure_env "$ROOT" || { echo "run.sh: could not set up $ROOT/.venv" >&2; exit 1; }
+extras=test
+[[ $task != text-imdb ]] || extras=test,text  # transformers, only for the task that needs it
+fedgpu_ensure_env "$ROOT" "$extras" || { echo "run.sh: could not set up $ROOT/.venv" >&2; exit 1; }
 PY=$ROOT/.venv/bin/python
 FEDGPU=$ROOT/.venv/bin/fedgpu
 

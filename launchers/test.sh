@@ -4,7 +4,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=launchers/env.sh
 source "$ROOT/launchers/env.sh"
-fedgpu_ensure_env "$ROOT"
+fedgpu_ensure_env "$ROOT" "test,text"  # text: the text-imdb task's tests need transformers
 cd "$ROOT"
 # Offline and quiet: the tests make their own data and need no hub.
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1

@@ -46,6 +46,9 @@ RUN_SH_BAD_INPUT = [
     (["2", "2", "1", "1", "--task", "cifar10"], "downloads uoft-cs/cifar10 from the Hugging Face Hub, which is unreachable"),
     (["2", "2", "1", "1", "--lr", "-3"], "'--lr': -3.0 is not in the range x>0"),
     (["2", "2", "1", "1", "--partitioner", "zipf"], "'--partitioner': 'zipf' is not one of 'iid', 'dirichlet'"),
+    (["2", "2", "1", "1", "--task", "vit-flowers", "--task-option", "weights=bogus"], "task vit-flowers: weights must be one of IMAGENET1K_V1, none"),
+    (["2", "2", "1", "1", "--task-option", "nonsense"], "--task-option 'nonsense': expected KEY=VALUE"),
+    (["2", "2", "1", "1", "--task-option", "colour=red"], "task 'digits' got unknown option(s): colour"),
 ]
 
 
@@ -118,6 +121,16 @@ FEDGPU_BAD_INPUT = [
     (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--node-config", "partition-id=1"],
      "--node-config: partition-id come from their own options"),
     (["bogus-command"], "bogus-command"),
+    (["server", "--task", "vit-flowers", "--task-option", "weights=none"], "task vit-flowers downloads nelorth/oxford-flowers from the Hugging Face Hub, which is unreachable"),
+    (["server", "--task", "vit-flowers", "--data-files", "/nonexistent/flowers"], "--data-files /nonexistent/flowers: not found"),
+    (["server", "--task", "vit-flowers", "--task-option", "partitions=-2"], "partitions must be > 0, got '-2'"),
+    (["server", "--task", "text-imdb", "--data-files", "/nonexistent/imdb"], "--data-files /nonexistent/imdb: not found"),
+    (["server", "--task", "text-imdb", "--task-option", "max_length=2"], "task text-imdb: max_length must be >= 8"),
+    (["bench-models", "--models", "resnet18,no_such_net"], "--models: unknown model(s) no_such_net"),
+    (["bench-models", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["bench-models", "--models", "vit_b_16", "--image-size", "100"], "--image-size 100: ViT models need a multiple of 16"),
+    (["bench-models", "--batch-size", "1"], "'--batch-size': 1 is not in the range x>=2"),
+    (["bench-models", "--csv", "/proc/fedgpu.csv"], "--csv /proc/fedgpu.csv: not writable"),
 ]
 
 

@@ -46,6 +46,7 @@ class RunSettings:
     alpha: float = 0.5  # Dirichlet concentration
     seed: int = 42
     data_files: str = ""  # local dataset files instead of a hub download
+    task_options_json: str = ""  # more task options (--task-option KEY=VALUE), a JSON object of strings
     run_dir: str = ""
     isolation: str = "zygote"  # how the server's own torch work is isolated
     device: str = "auto"
@@ -77,4 +78,18 @@ class RunSettings:
             options["batch_size"] = self.batch_size
         if self.data_files:
             options["data_files"] = self.data_files
+        if self.task_options_json:
+            options.update(json.loads(self.task_options_json))
         return options
+
+
+def parse_task_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as task options (``-`` in keys read as ``_``); ValueError names a bad one."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--task-option {pair!r}: expected KEY=VALUE")
+        options[key] = value.strip()
+    return options

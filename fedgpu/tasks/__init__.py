@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 BUILTIN_TASKS: dict[str, str] = {
     "digits": "fedgpu.tasks.digits:DigitsTask",
     "cifar10": "fedgpu.tasks.cifar10:Cifar10Task",
+    "vit-flowers": "fedgpu.tasks.vit_flowers:VitFlowersTask",
+    "text-imdb": "fedgpu.tasks.text_imdb:TextImdbTask",
 }
 
 
@@ -24,13 +26,27 @@ class UnknownTaskError(ValueError):
     """A task name that is neither builtin nor an importable `module:Class`."""
 
     def __init__(self, name: str, reason: str = "") -> None:
-        known = ", ".join(sorted(BUILTIN_TASKS))
+        known = ", ".join(sorted({**installed_tasks(), **BUILTIN_TASKS}))
         detail = f": {reason}" if reason else ""
         super().__init__(
             f"unknown task {name!r}{detail} "
             f"(known: {known}; or give package.module:TaskClass)"
         )
         self.name = name
+
+
+TASK_ENTRY_POINTS = "fedgpu.tasks"
+
+
+def installed_tasks() -> dict[str, str]:
+    """Tasks other packages register by name, as entry points in the group ``fedgpu.tasks``:
+
+        [project.entry-points."fedgpu.tasks"]
+        my-task = "my_package.tasks:MyTask"
+    """
+    from importlib.metadata import entry_points
+
+    return {entry.name: entry.value for entry in entry_points(group=TASK_ENTRY_POINTS)}
 
 
 def _module_exists(module: str) -> bool:
@@ -51,6 +67,9 @@ def resolve_task(name: str) -> str:
     if name in BUILTIN_TASKS:
         return BUILTIN_TASKS[name]
     if ":" not in name:
+        installed = installed_tasks()
+        if name in installed:
+            return installed[name]
         raise UnknownTaskError(name)
     module, _, class_name = name.partition(":")
     if not module or not class_name.isidentifier():
@@ -73,15 +92,20 @@ def load_task(name: str, options: dict[str, Any] | None = None) -> Task:
 
 
 def data_problem(name: str, options: dict[str, Any]) -> str | None:
-    """A one-line problem with the data a builtin task would load (None: none found).
+    """A one-line problem with the options or the data of a builtin task (None: none found).
 
     Builtin task modules import torch only inside methods, so the parent side
-    may ask them; a user's task module is never imported there, and is not asked.
+    may construct and ask them; a user's task module is never imported there.
     """
     if name.strip() not in BUILTIN_TASKS:
         return None
     module_name, _, class_name = BUILTIN_TASKS[name.strip()].partition(":")
-    return getattr(importlib.import_module(module_name), class_name).data_problem(options)
+    task_class = getattr(importlib.import_module(module_name), class_name)
+    try:
+        task_class(**options)
+    except (TypeError, ValueError) as error:
+        return str(error)
+    return task_class.data_problem(options)
 
 
-__all__ = ["BUILTIN_TASKS", "UnknownTaskError", "data_problem", "load_task", "resolve_task"]
+__all__ = ["BUILTIN_TASKS", "UnknownTaskError", "data_problem", "installed_tasks", "load_task", "resolve_task"]

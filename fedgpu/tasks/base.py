@@ -35,6 +35,7 @@ class Task:
         alpha: float = 0.5,
         seed: int = 42,
         batch_size: int = 32,
+        partitions: int | str | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -54,6 +55,11 @@ class Task:
             raise ValueError(f"alpha must be > 0, got {alpha!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size!r}")
+        # How many parts the training data is split into: one per client node
+        # (None), or a fixed count that client nodes' partition ids index into.
+        self.partitions = None if partitions in (None, "", 0, "0") else int(partitions)  # type: ignore[arg-type]
+        if self.partitions is not None and self.partitions < 1:
+            raise ValueError(f"partitions must be > 0, got {partitions!r}")
 
     # --- to implement -------------------------------------------------------
 
@@ -63,6 +69,16 @@ class Task:
     def load_train_partition(self, partition_id: int, num_partitions: int) -> Iterable:
         """Batches of one client's partition of the training data."""
         raise NotImplementedError
+
+    def partition_of(self, partition_id: int, num_partitions: int) -> tuple[int, int]:
+        """(partition id, partition count) of a client node's data under the `partitions` option."""
+        count = self.partitions or num_partitions
+        if not 0 <= partition_id < count:
+            raise ValueError(
+                f"task {self.name!r} splits its data into {count} partitions; there is no partition {partition_id} "
+                "(set the task option partitions, or run fewer client nodes)"
+            )
+        return partition_id, count
 
     def load_test_split(self) -> Iterable:
         """Batches of the held-out test split (server-side central evaluation)."""
@@ -122,7 +138,8 @@ class Task:
         model.to(device)
         model.train()
         criterion = torch.nn.CrossEntropyLoss()
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        # Only what trains: a frozen backbone needs no gradients and no optimizer state.
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
         loss_sum, num_examples = 0.0, 0
         for _ in range(epochs):
             loss_sum, num_examples = 0.0, 0

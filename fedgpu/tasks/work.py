@@ -62,7 +62,8 @@ def train_partition(
     """Client side: local training on one partition; returns new arrays and metrics."""
     task, device = _setup(settings)
     model = _model_with(task, arrays, device)
-    metrics = task.train(model, task.load_train_partition(partition_id, num_partitions), epochs=epochs, lr=lr, device=device)
+    data = task.load_train_partition(*task.partition_of(partition_id, num_partitions))
+    metrics = task.train(model, data, epochs=epochs, lr=lr, device=device)
     return task.get_arrays(model), metrics
 
 
@@ -70,4 +71,4 @@ def evaluate_partition(settings: WorkSettings, arrays: list, partition_id: int, 
     """Client side: the global model on this client's own data."""
     task, device = _setup(settings)
     model = _model_with(task, arrays, device)
-    return task.evaluate(model, task.load_train_partition(partition_id, num_partitions), device=device)
+    return task.evaluate(model, task.load_train_partition(*task.partition_of(partition_id, num_partitions)), device=device)
