@@ -67,7 +67,10 @@ def test_import_tasks_does_not_import_torch() -> None:
         "import sys, fedgpu.tasks\n"
         "fedgpu.tasks.resolve_task('digits')\n"
         "fedgpu.tasks.resolve_task('fedgpu.tasks.cifar10:Cifar10Task')\n"
-        "heavy = {'torch', 'torchvision', 'datasets', 'flwr_datasets', 'sklearn'}\n"
+        "for name in fedgpu.tasks.BUILTIN_TASKS:\n"  # what the server's --check asks of each, parent side
+        "    fedgpu.tasks.data_problem(name, {'data_files': '/nonexistent'})\n"
+        "import fedgpu.bench_models, fedgpu.zoo\n"
+        "heavy = {'torch', 'torchvision', 'datasets', 'flwr_datasets', 'sklearn', 'transformers'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     result = subprocess.run(
