@@ -30,3 +30,8 @@ fedgpu_ensure_env() {
     fi
     echo "$sum ${extras//,/ }" >"$stamp"
 }
+
+# The extras a run of task $1 needs besides "test": transformers for text-imdb only.
+fedgpu_extras_for_task() {
+    if [[ $1 == text-imdb ]]; then echo test,text; else echo test; fi
+}

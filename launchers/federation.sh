@@ -135,9 +135,7 @@ command -v setsid >/dev/null || die_usage "setsid (util-linux) is required"
 
 # shellcheck source=launchers/env.sh
 source "$ROOT/launchers/env.sh"
-extras=test
-[[ $task != text-imdb ]] || extras=test,text  # transformers, only for the task that needs it
-fedgpu_ensure_env "$ROOT" "$extras" || { echo "run.sh: could not set up $ROOT/.venv" >&2; exit 1; }
+fedgpu_ensure_env "$ROOT" "$(fedgpu_extras_for_task "$task")" || { echo "run.sh: could not set up $ROOT/.venv" >&2; exit 1; }
 PY=$ROOT/.venv/bin/python
 FEDGPU=$ROOT/.venv/bin/fedgpu
 

@@ -53,7 +53,7 @@ fi
 
 # shellcheck source=launchers/env.sh
 source "$ROOT/launchers/env.sh"
-fedgpu_ensure_env "$ROOT" || { echo "run-job.sh: could not set up $ROOT/.venv" >&2; exit 1; }
+fedgpu_ensure_env "$ROOT" "$(fedgpu_extras_for_task "$task")" || { echo "run-job.sh: could not set up $ROOT/.venv" >&2; exit 1; }
 if ((tls)); then
     server_host=$(sed -n '1s/.*--nodelist=\([^ ]*\).*/\1/p' <<<"$plan")
     "$ROOT/launchers/make-certs.sh" "$run_dir/certs" --nodes "${positional[0]}" --host "$server_host" >/dev/null ||
