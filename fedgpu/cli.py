@@ -429,12 +429,14 @@ def bench_models(**options: object) -> None:
     if any(m.startswith("vit_") for m in models) and image_size % 16:
         _fail(f"--image-size {image_size}: ViT models need a multiple of 16")
     csv_path = str(options.pop("csv_path") or Path("runs") / time.strftime("bench-models-%Y%m%d-%H%M%S.csv"))
-    try:
+    if Path(csv_path).is_dir():
+        _fail(f"--csv {csv_path}: is a directory")
+    try:  # a file created and removed there, as the CSV will be written at the end
         Path(csv_path).absolute().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=Path(csv_path).absolute().parent):
+            pass
     except OSError as err:
-        _fail(f"--csv {csv_path}: cannot create its directory: {err.strerror or err}")
-    if not os.access(Path(csv_path).absolute().parent, os.W_OK) or Path(csv_path).is_dir():
-        _fail(f"--csv {csv_path}: not writable")
+        _fail(f"--csv {csv_path}: not writable: {err.strerror or err}")
     placement = _placement_settings(options)
     placer: GpuPlacer | None = _open_placer(placement) if device in ("auto", "cuda") else None
     settings = BenchSettings(models, int(options["batches"]), int(options["batch_size"]), image_size,  # type: ignore[call-overload]
