@@ -438,13 +438,13 @@ def bench_models(**options: object) -> None:
     except OSError as err:
         _fail(f"--csv {csv_path}: not writable: {err.strerror or err}")
     placement = _placement_settings(options)
-    placer: GpuPlacer | None = _open_placer(placement) if device in ("auto", "cuda") else None
     settings = BenchSettings(models, int(options["batches"]), int(options["batch_size"]), image_size,  # type: ignore[call-overload]
                              device=device, threads=int(options["threads"]), timeout=float(options["timeout"]))  # type: ignore[call-overload]
     with Isolator("spawn") as isolator:
         unknown = check_models(isolator, models)
         if unknown:
             _fail(f"--models: unknown model(s) {', '.join(unknown)} (torchvision names, or vit_tiny_16, vit_small_16)")
+        placer: GpuPlacer | None = _open_placer(placement) if device in ("auto", "cuda") else None
         click.echo(f"[fedgpu] {len(models)} model(s) on {'a placed GPU' if placer else device}; CSV: {csv_path}", err=True)
         rows = measure_all(settings, isolator, placer,
                            on_row=lambda row: click.echo(f"[fedgpu] {row['model']}: {'failed' if row.get('error') else 'done'}", err=True))

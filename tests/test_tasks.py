@@ -32,7 +32,9 @@ torch.set_num_threads(1)
 def test_resolve_builtin_names() -> None:
     assert resolve_task("digits") == "fedgpu.tasks.digits:DigitsTask"
     assert resolve_task("cifar10") == "fedgpu.tasks.cifar10:Cifar10Task"
-    assert set(BUILTIN_TASKS) == {"digits", "cifar10"}
+    assert resolve_task("vit-flowers") == "fedgpu.tasks.vit_flowers:VitFlowersTask"
+    assert resolve_task("text-imdb") == "fedgpu.tasks.text_imdb:TextImdbTask"
+    assert set(BUILTIN_TASKS) == {"digits", "cifar10", "vit-flowers", "text-imdb"}
 
 
 def test_resolve_user_reference() -> None:
