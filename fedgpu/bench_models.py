@@ -49,11 +49,11 @@ def measure_all(settings: BenchSettings, isolator: Isolator, placer: GpuPlacer |
     rows = []
     # With a placer the child gets one GPU (CUDA_VISIBLE_DEVICES) and says "cuda".
     device = "cuda" if placer is not None else settings.device
+    kwargs = {"batches": settings.batches, "batch_size": settings.batch_size, "image_size": settings.image_size,
+              "classes": settings.classes, "device": device, "threads": settings.threads}
     for model in settings.models:
         row: dict[str, Any] = {"model": model, "batches": settings.batches, "batch_size": settings.batch_size,
                                "image_size": settings.image_size}
-        kwargs = {"batches": settings.batches, "batch_size": settings.batch_size, "image_size": settings.image_size,
-                  "classes": settings.classes, "device": device, "threads": settings.threads}
         try:
             outcome, _ = run_child(isolator, placer, _measure_one, (model, kwargs), key=f"bench-models/{model}",
                                    who={"model": model}, role="bench-child", timeout=settings.timeout)

@@ -431,9 +431,10 @@ def bench_models(**options: object) -> None:
     csv_path = str(options.pop("csv_path") or Path("runs") / time.strftime("bench-models-%Y%m%d-%H%M%S.csv"))
     if Path(csv_path).is_dir():
         _fail(f"--csv {csv_path}: is a directory")
+    csv_dir = Path(csv_path).absolute().parent
     try:  # a file created and removed there, as the CSV will be written at the end
-        Path(csv_path).absolute().parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=Path(csv_path).absolute().parent):
+        csv_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=csv_dir):
             pass
     except OSError as err:
         _fail(f"--csv {csv_path}: not writable: {err.strerror or err}")

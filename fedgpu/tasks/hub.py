@@ -45,14 +45,13 @@ def parquet_files(data_files: str, owner: str = "") -> dict[str, list[str]]:
     return files
 
 
-def hub_cached(repo: str) -> bool:
-    """Whether the Hub dataset ``repo`` is in a local Hugging Face cache already."""
+def hub_cached(repo: str, kind: str = "datasets") -> bool:
+    """Whether the Hub repository ``repo`` (of ``kind`` datasets or models) is in a local cache already."""
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     owner, _, name = repo.partition("/")
-    candidates = [
-        Path(os.environ.get("HF_HUB_CACHE", home / "hub")) / f"datasets--{owner}--{name}",
-        Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")) / f"{owner}___{name}",
-    ]
+    candidates = [Path(os.environ.get("HF_HUB_CACHE", home / "hub")) / f"{kind}--{owner}--{name}"]
+    if kind == "datasets":  # `datasets` also keeps its own Arrow copies
+        candidates.append(Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")) / f"{owner}___{name}")
     return any(path.is_dir() for path in candidates)
 
 

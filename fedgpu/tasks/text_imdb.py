@@ -10,10 +10,11 @@ without network.
 from __future__ import annotations
 
 import importlib.util
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedgpu.tasks.hub import HubDatasetTask, hub_unreachable
+from fedgpu.tasks.hub import HubDatasetTask, hub_cached, hub_unreachable
 
 if TYPE_CHECKING:
     import datasets
@@ -22,14 +23,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "prajjwal1/bert-tiny"
 NEEDS_EXTRA = "task text-imdb needs transformers: pip install -e '.[text]' (./run.sh installs it for this task)"
-
-
-def hub_model_cached(repo: str) -> bool:
-    import os
-
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    owner, _, name = repo.partition("/")
-    return (Path(os.environ.get("HF_HUB_CACHE", home / "hub")) / f"models--{owner}--{name}").is_dir()
 
 
 def _classifier_class() -> type:
@@ -63,7 +56,7 @@ class TextImdbTask(HubDatasetTask):
         if problem:
             return problem
         model = str(options.get("model") or DEFAULT_MODEL)
-        if Path(model).is_dir() or hub_model_cached(model):
+        if Path(model).is_dir() or hub_cached(model, kind="models"):
             return None
         if model.startswith((".", "/")):
             return f"task text-imdb: model directory {model} not found"
@@ -98,12 +91,17 @@ class TextImdbTask(HubDatasetTask):
         model = AutoModelForSequenceClassification.from_pretrained(self.model_name, num_labels=2)
         return _classifier_class()(model)
 
+    @cached_property
+    def _tokenizer(self) -> Any:
+        """Read once per task instance: the train and test loaders share it."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_name)
+
     def _loader(self, dataset: datasets.Dataset, *, shuffle: bool) -> DataLoader:
         import torch
         from torch.utils.data import DataLoader
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+        tokenizer = self._tokenizer
 
         def collate(rows: list[dict[str, Any]]) -> tuple[Any, torch.Tensor]:
             # A BatchEncoding: .to(device) moves every tensor, as the default train loop expects.
