@@ -434,11 +434,13 @@ def test_child_death_is_named(fn, returncode, signal_name, words, make_isolator)
     assert str(err.pid) in str(err)
     assert _gone(err.pid)
     if signal_name:
-        assert err.reason == f"killed by {signal_name}"
-        assert "likely" in str(err)  # a likely cause is named
+        assert err.kind == f"killed by {signal_name}"
+        # Not stopped by us, and a likely cause is named.
+        assert err.reason.startswith(f"killed by {signal_name}, not by fedgpu (likely "), err.reason
+        assert "likely" in str(err)
     else:
         assert "exit" in str(err) and "3" in str(err)
-        assert err.reason == "exit code 3"
+        assert err.kind == "exit code 3"
 
 
 # --- 5./6./7. timeouts and process groups ---------------------------------------------
@@ -652,6 +654,8 @@ def test_shutdown_from_another_thread_stops_call_in_flight(tmp_path, reap, fn, m
     assert info.value.pid == child
     if fn is _ignore_sigterm_pid_then_sleep:
         assert isinstance(info.value, ChildDied) and info.value.signal_name == "SIGKILL"
+    # fedgpu stopped it, and says so: not an OOM kill, not a crash.
+    assert info.value.kind == "stopped by fedgpu (shutting down)", info.value.reason
     assert _wait_gone([child], 1.0) == []
 
     with pytest.raises(RuntimeError) as refused:
@@ -752,3 +756,116 @@ def test_a_death_names_the_childs_peak_memory(make_isolator):
     assert info.value.signal_name == "SIGKILL"
     peak_mib = int(str(info.value).split("peak RSS was ")[1].split(" MiB")[0])
     assert 300 <= peak_mib < 2000, str(info.value)
+
+
+# --- nothing a call started outlives it, whoever ended the call ------------------------
+
+
+def _setsid_grandchild(pidfile: str, then: str) -> int:
+    grandchild = subprocess.Popen(["sleep", "300"], start_new_session=True)  # out of our group's reach
+    _write_pids(pidfile, grandchild.pid)
+    if then == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if then == "raise":
+        raise RuntimeError("after starting a grandchild")
+    return grandchild.pid
+
+
+@pytest.mark.parametrize("then", ["return", "raise", "crash"])
+def test_a_grandchild_in_its_own_session_does_not_outlive_the_call(tmp_path, reap, then, make_isolator):
+    pidfile = tmp_path / "pids"
+    with make_isolator() as iso:
+        with pytest.raises(IsolationError) if then != "return" else _no_error():
+            iso.run(_setsid_grandchild, (str(pidfile), then), timeout=30)
+    (grandchild,) = _wait_pids(pidfile, 0)
+    reap.append(grandchild)
+    assert os.getsid(grandchild) == grandchild if not _gone(grandchild) else True
+    assert _wait_gone([grandchild], 5.0) == [], f"grandchild {grandchild} in its own session outlived a call that ended by {then}"
+
+
+class _no_error:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _sigstop_self() -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def test_a_stopped_child_is_ended_by_its_deadline_and_fedgpu_says_it_did(make_isolator):
+    with make_isolator(grace=0.5) as iso:
+        with pytest.raises(ChildTimedOut) as info:
+            iso.run(_sigstop_self, timeout=2)
+    assert info.value.kind == "stopped by fedgpu after 2 s" and info.value.reason == "stopped by fedgpu after 2 s"
+    assert _wait_gone([info.value.pid], 5.0) == []
+
+
+def test_a_child_whose_zygote_died_has_an_unknown_exit_status(tmp_path):
+    directory = tmp_path / "z"
+    directory.mkdir(mode=0o700)
+    zygote = subprocess.Popen([sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", str(directory)], stdin=subprocess.DEVNULL)
+    try:
+        pidfile = tmp_path / "pids"
+
+        def kill_zygote() -> None:
+            _wait_pids(pidfile, 20)
+            zygote.kill()
+
+        threading.Thread(target=kill_zygote, daemon=True).start()
+        with Isolator("zygote", zygote=str(directory)) as iso:
+            with pytest.raises(ChildDied) as info:
+                iso.run(_pid_then_sleep, (str(pidfile),), timeout=30)
+    finally:
+        zygote.kill()
+        zygote.wait(10)
+    # Nobody saw how the child ended: said so, never guessed as a SIGKILL.
+    assert info.value.returncode is None and info.value.signal_name is None
+    assert info.value.kind == "exit status unknown", info.value.reason
+    assert "unknown" in str(info.value)
+
+
+# --- errors cross process boundaries ----------------------------------------------------
+
+
+def _all_errors() -> list:
+    from fedgpu.errors import FedgpuError
+    from fedgpu.flower.server import ServerError
+    from fedgpu.flower.strategy import TooFewNodes
+    from fedgpu.isolation.zygote import ZygoteError, ZygoteUntrusted
+    from fedgpu.nvml.placement import AdmissionTimedOut, PlacementError
+    from fedgpu.output import OutputError
+
+    return [
+        ChildRaised("ValueError", "bad batch", "Traceback ...", pid=12, original=ValueError("bad batch")),
+        ChildDied(-9, pid=13, detail="its peak RSS was 300 MiB"),
+        ChildDied(-15, pid=14, stopped_by="shutting down"),
+        ChildDied(None, pid=15),
+        ChildTimedOut(60, pid=16),
+        ZygoteError("cannot reach the zygote", pid=None),
+        ZygoteUntrusted("not our zygote"),
+        PlacementError("exceeds the largest GPU"),
+        AdmissionTimedOut("no GPU had 600 MiB free"),
+        ServerError("SuperLink not ready"),
+        TooFewNodes(3, 4, 300, 1),
+        OutputError("/run/metrics.csv", OSError(28, "No space left on device")),
+        FedgpuError("plain"),
+    ]
+
+
+@pytest.mark.parametrize("error", _all_errors(), ids=lambda error: type(error).__name__)
+def test_every_error_shares_one_base_and_survives_pickling(error):
+    import pickle
+
+    from fedgpu.errors import FedgpuError
+
+    assert isinstance(error, FedgpuError)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    fields = {k: v for k, v in vars(error).items() if k != "original"}
+    assert {k: v for k, v in vars(copy).items() if k != "original"} == fields
+    for name in ("kind", "detail", "reason", "pid", "returncode", "timeout", "path"):
+        if hasattr(error, name):
+            assert getattr(copy, name) == getattr(error, name), name

@@ -6,9 +6,11 @@ import json
 import os
 import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from helpers import FEDGPU, parent_pid, pid_alive
 
 from fedgpu.isolation import Isolator
-from fedgpu.isolation.zygote import KEY_NAME, READY_NAME, SOCKET_NAME, connect, read_key
+from fedgpu.isolation.zygote import KEY_NAME, READY_NAME, SOCKET_NAME, ZygoteUntrusted, connect, read_key
 
 SCRIPTS_DIR = Path(__file__).resolve().parent / "isolation_scripts"
 
@@ -85,17 +87,197 @@ def test_zygote_files_are_private_and_a_caller_without_the_key_is_refused(zygote
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE((directory / SOCKET_NAME).stat().st_mode) == 0o600
     assert stat.S_IMODE((directory / KEY_NAME).stat().st_mode) == 0o600
-    for key in (None, b"\0" * 32, read_key(str(directory))[:-1] + b"!"):
-        control, accepted = connect(str(directory), key)
-        assert accepted is False
-        assert control.recv(1) == b""  # and it hung up on us
-        control.close()
-    control, accepted = connect(str(directory), read_key(str(directory)))
-    assert accepted is True
-    control.close()
+    key = read_key(str(directory))
+    for wrong in (b"\0" * 32, key[:-1] + b"!"):
+        # The zygote proves it knows the key first: with the wrong one, we take it for an impostor.
+        with pytest.raises(ZygoteUntrusted, match="does not know the zygote's key"):
+            connect(str(directory), wrong)
+    # A caller that gives a wrong proof is hung up on; a garbage hello too.
+    for proof in (b"\0" * 32, None):
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(10)
+            raw.connect(str(directory / SOCKET_NAME))
+            if proof is None:
+                raw.sendall(b"GET / HTTP/1.0\r\n" * 3)
+            else:
+                raw.sendall(b"FGZ1" + os.urandom(32))
+                assert len(raw.recv(64)) == 64  # the zygote's nonce and proof
+                raw.sendall(proof)
+            try:
+                assert raw.recv(1) == b""
+            except ConnectionResetError:
+                pass  # closed with our bytes unread: hung up all the same
+    connect(str(directory), key).close()
     # The refusals did not disturb it.
     with Isolator("zygote", zygote=str(directory)) as iso:
         assert iso.run(sum, ([1, 2, 3],), timeout=30).value == 6
+
+
+class Impostor(threading.Thread):
+    """Listens on a zygote's socket without knowing its key, and records what callers send."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(daemon=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        (directory / KEY_NAME).write_bytes(os.urandom(32))
+        os.chmod(directory / KEY_NAME, 0o600)
+        (directory / READY_NAME).write_text(str(os.getpid()))
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(directory / SOCKET_NAME))
+        self.listener.listen(8)
+        self.received = b""
+
+    def run(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(5)
+        conn.sendall(os.urandom(64))  # a nonce and a "proof" made without the key
+        try:
+            while chunk := conn.recv(4096):
+                self.received += chunk
+        except OSError:
+            pass
+        conn.close()
+
+
+def test_a_caller_sends_nothing_to_a_zygote_that_cannot_prove_it_knows_the_key(tmp_path):
+    impostor = Impostor(tmp_path / "z")
+    impostor.start()
+    with pytest.raises(ZygoteUntrusted, match="does not know the zygote's key: it is not our zygote"):
+        with Isolator("zygote", zygote=str(tmp_path / "z"), env={"SECRET_TOKEN": "hunter2"}) as iso:
+            iso.run(os.getpid, timeout=30)
+    impostor.join(10)
+    # Only the hello (magic and our nonce): no proof of ours, no environment, nothing to unpickle.
+    assert len(impostor.received) == 36 and impostor.received.startswith(b"FGZ1"), impostor.received
+    assert b"hunter2" not in impostor.received
+
+
+def test_a_zygote_directory_or_key_open_to_others_is_refused(zygote, tmp_path):
+    directory, _, _ = zygote
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    os.chmod(open_dir, 0o755)
+    with pytest.raises(ZygoteUntrusted, match="is open to group or others .mode 0755.; it must be a private directory"):
+        Isolator("zygote", zygote=str(open_dir))
+    key = directory / KEY_NAME
+    os.chmod(key, 0o644)
+    try:
+        with pytest.raises(ZygoteUntrusted, match="is open to group or others .mode 0644.; it must be a private file"):
+            with Isolator("zygote", zygote=str(directory)) as iso:
+                iso.run(os.getpid, timeout=30)
+    finally:
+        os.chmod(key, 0o600)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root can make files and processes of another user")
+OTHER_UID = 54321
+
+
+@needs_root
+def test_a_zygote_directory_of_another_user_is_refused_by_caller_and_zygote(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, OTHER_UID, -1)
+    with pytest.raises(ZygoteUntrusted, match=f"belongs to uid {OTHER_UID}, not to us"):
+        Isolator("zygote", zygote=str(theirs))
+    proc = subprocess.run([str(FEDGPU), "zygote", "--dir", str(theirs)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc
+    assert proc.stderr.strip() == (
+        f"fedgpu: error: --dir {theirs}: directory {theirs} belongs to uid {OTHER_UID}, not to us (uid 0)"
+    ), proc.stderr
+
+
+@needs_root
+def test_a_socket_served_by_another_user_is_refused_before_the_handshake(tmp_path):
+    directory = tmp_path / "z"
+    directory.mkdir(mode=0o700)
+    (directory / KEY_NAME).write_bytes(os.urandom(32))
+    os.chmod(directory / KEY_NAME, 0o600)
+    (directory / READY_NAME).write_text("1")
+    # Bound as us, listening as another user: the kernel gives callers the listener's credentials.
+    server = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import os, socket, sys, time
+listener = socket.socket(socket.AF_UNIX)
+listener.bind({str(directory / SOCKET_NAME)!r})
+os.setuid({OTHER_UID})
+listener.listen(4)
+print("listening", flush=True)
+conn, _ = listener.accept()
+conn.settimeout(5)
+data = b""
+try:
+    while chunk := conn.recv(4096):
+        data += chunk
+except OSError:
+    pass
+print(len(data), flush=True)
+"""],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        with pytest.raises(ZygoteUntrusted, match=f"runs as uid {OTHER_UID}, not as us"):
+            connect(str(directory), read_key(str(directory)))
+        assert server.stdout.readline().strip() == "0"  # not even our hello reached it
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_idle_slow_and_garbage_connections_do_not_stall_a_real_call(zygote):
+    """50 idle connections, one that drips its hello byte by byte, one that proves the key and then
+    idles, one of garbage: the zygote serves a real caller meanwhile (the old one took 5 s per idler)."""
+    directory, _, _ = zygote
+    path = str(directory / SOCKET_NAME)
+    idle = []
+    for _ in range(50):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        idle.append(sock)
+    authenticated = connect(str(directory), read_key(str(directory)))  # then says nothing
+    garbage = socket.socket(socket.AF_UNIX)
+    garbage.connect(path)
+    garbage.sendall(os.urandom(4096))
+    drip = socket.socket(socket.AF_UNIX)
+    drip.connect(path)
+    hello = b"FGZ1" + os.urandom(32)
+    durations = []
+    try:
+        with Isolator("zygote", zygote=str(directory)) as iso:
+            for byte in hello[:10]:
+                drip.send(bytes([byte]))
+                started = time.monotonic()
+                assert iso.run(sum, ([1, 2],), timeout=30).value == 3
+                durations.append(time.monotonic() - started)
+    finally:
+        for sock in (*idle, authenticated, garbage, drip):
+            sock.close()
+    # Generous for a loaded machine; the stalled design needed 5 s and more per call.
+    assert max(durations) < 2.0, durations
+
+
+def test_a_new_zygote_replaces_a_dead_ones_socket_and_refuses_beside_a_live_one(tmp_path):
+    directory = tmp_path / "z"
+    first = start_zygote(directory)
+    wait_ready(directory, first)
+    second = subprocess.run([str(FEDGPU), "zygote", "--dir", str(directory)], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2, second
+    assert second.stderr.strip() == f"fedgpu: error: --dir {directory}: a zygote is already serving {directory} (pid {first.pid})"
+    first.kill()  # SIGKILL: no clean-up, its socket, key and ready file stay behind
+    first.wait(10)
+    assert (directory / SOCKET_NAME).exists() and (directory / READY_NAME).exists()
+    third = start_zygote(directory)
+    try:
+        # The dead zygote's ready file goes first, then the new one writes its own.
+        deadline = time.monotonic() + 60
+        while not (directory / READY_NAME).exists() or (directory / READY_NAME).read_text() != str(third.pid):
+            assert third.poll() is None and time.monotonic() < deadline, f"zygote exited with {third.returncode}"
+            time.sleep(0.05)
+        with Isolator("zygote", zygote=str(directory)) as iso:
+            assert iso.run(os.getpid, timeout=30).value != third.pid
+    finally:
+        third.terminate()
+        third.wait(10)
 
 
 def test_zygote_is_warm_single_threaded_and_never_touched_cuda(zygote):
@@ -171,15 +353,18 @@ def test_zygote_dies_with_its_parent_and_takes_its_children(tmp_path):
             parent.kill()
 
 
-@pytest.mark.parametrize("case", ["unknown-task", "dir-not-private"])
+@pytest.mark.parametrize("case", ["unknown-task", "dir-not-private", "dir-below-a-file"])
 def test_fedgpu_zygote_bad_input_is_one_line_and_exit_2(tmp_path, case):
     directory = tmp_path / "z"
     if case == "unknown-task":
         args, words = ["--dir", str(directory), "--task", "no-such-task"], "unknown task 'no-such-task'"
-    else:
+    elif case == "dir-not-private":
         directory.mkdir()
         os.chmod(directory, 0o755)
         args, words = ["--dir", str(directory)], "must be a private directory"
+    else:
+        (tmp_path / "afile").write_text("")
+        args, words = ["--dir", str(tmp_path / "afile" / "sub")], "cannot create"
     proc = subprocess.run([str(FEDGPU), "zygote", *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc
     assert proc.stderr.startswith("fedgpu: error:") and words in proc.stderr, proc.stderr

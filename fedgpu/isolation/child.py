@@ -28,13 +28,18 @@ def _on_sigterm(signum: int, _frame: object) -> None:
 
 
 def become_call_child(parent_pid: int) -> None:
-    """TERM kills us (and our group when orphaned); so does our parent's death."""
+    """TERM kills us (and our group when orphaned); so does our parent's death.
+
+    As a child subreaper we inherit whatever our call's processes leave
+    behind, sessions of their own included, so that the call's end can stop it.
+    """
     global _parent_pid
-    from fedgpu.isolation.procs import die_with_parent
+    from fedgpu.isolation.procs import die_with_parent, set_child_subreaper
 
     _parent_pid = parent_pid
     signal.signal(signal.SIGTERM, _on_sigterm)
     die_with_parent(parent_pid, signal.SIGTERM)
+    set_child_subreaper()
 
 
 def main(argv: list[str]) -> None:

@@ -9,7 +9,13 @@ Modes are launchers: ``zygote`` forks each call from a warm process that has
 imported everything but never touched CUDA (``fedgpu.isolation.zygote``);
 ``spawn`` starts a fresh interpreter per call; ``none`` runs the call in this
 process (the naive baseline). Each launcher hands back a child with the same
-four operations.
+operations.
+
+No descendant outlives its call: the child leads its own process group and is
+a child subreaper, so whatever it starts (even in a session of its own) stays
+below it and is killed when the call ends; what a crashed child leaves goes to
+the zygote, a subreaper too, or is found by the call's marker in its
+environment (``FEDGPU_CALL``).
 """
 
 from __future__ import annotations
@@ -23,14 +29,23 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from fedgpu.isolation import wire
 from fedgpu.isolation.errors import ChildDied, ChildRaised, ChildTimedOut, IsolationError, RemoteTraceback
-from fedgpu.isolation.procs import open_sentinel, pythonpath_with_package, signal_group, stop_group, wait_readable
+from fedgpu.isolation.procs import (
+    kill_marked,
+    open_sentinel,
+    pythonpath_with_package,
+    signal_group,
+    stop_group,
+    wait_readable,
+)
 
 DEFAULT_GRACE_SECONDS = 3.0
+CALL_MARKER = "FEDGPU_CALL"  # in every call child's environment, inherited by all it starts
 
 
 @dataclass(frozen=True)
@@ -45,10 +60,6 @@ class Outcome:
     mode: str
     gpu_peak_bytes: int = 0  # the child's peak GPU memory, if it was given a GPU to measure (FEDGPU_GPU)
 
-    @property
-    def overhead_seconds(self) -> float:
-        return max(0.0, self.seconds - self.work_seconds)
-
 
 class Child(Protocol):
     """A started child, as the Isolator drives it."""
@@ -56,6 +67,11 @@ class Child(Protocol):
     pid: int
     sock: socket.socket
     max_rss_kib: int  # known once it has exited; 0 if not
+    stopped_by: str | None  # why fedgpu stopped it, if it did
+
+    @property
+    def sentinel(self) -> int | None:
+        """A descriptor readable once the child has exited (None: poll ``wait_exit``)."""
 
     def wait_exit(self, timeout: float | None) -> bool:
         """True once the child has exited (it may stay unreaped)."""
@@ -63,8 +79,20 @@ class Child(Protocol):
     def stop(self, grace: float) -> None:
         """TERM the child's process group, wait ``grace``, KILL what is left."""
 
-    def finish(self) -> int:
-        """Kill leftovers of the group, reap, release; return the returncode."""
+    def finish(self) -> int | None:
+        """Kill leftovers of the group, reap, release; return the returncode (None: unknown)."""
+
+
+class Launcher(Protocol):
+    """Starts children of one mode."""
+
+    name: str
+
+    def start(self, env: Mapping[str, str]) -> Child:
+        """A new child with this environment, ready for its call."""
+
+    def close(self) -> None:
+        """Release what the launcher holds (a private zygote)."""
 
 
 class SpawnedChild:
@@ -81,10 +109,12 @@ class SpawnedChild:
         self._sentinel = open_sentinel(self.pid)
         self._lock = threading.Lock()
         self._returncode: int | None = None
+        self._reaped = False
+        self.stopped_by: str | None = None
         self.max_rss_kib = 0  # from the kernel once reaped (kept across exec: an upper bound)
 
     def wait_exit(self, timeout: float | None) -> bool:
-        if self._returncode is not None:
+        if self._reaped:
             return True
         if self._sentinel is not None:
             return wait_readable(self._sentinel, timeout)
@@ -98,12 +128,13 @@ class SpawnedChild:
 
     def stop(self, grace: float) -> None:
         with self._lock:
-            if self._returncode is None:
+            if not self.wait_exit(0):
                 stop_group(self.pid, grace, self.wait_exit)
 
-    def finish(self) -> int:
+    def finish(self) -> int | None:
         with self._lock:
-            if self._returncode is None:
+            if not self._reaped:
+                self._reaped = True
                 # The leader is at worst a zombie here, so its group id is still ours.
                 signal_group(self.pid, signal.SIGKILL)
                 try:
@@ -111,7 +142,7 @@ class SpawnedChild:
                     self._returncode = self.popen.returncode = os.waitstatus_to_exitcode(status)
                     self.max_rss_kib = usage.ru_maxrss
                 except ChildProcessError:
-                    self._returncode = self.popen.wait()
+                    self._returncode = None  # someone else reaped it: its status is unknown
                 if self._sentinel is not None:
                     os.close(self._sentinel)
                     self._sentinel = None
@@ -189,7 +220,7 @@ class Isolator:
         self.mode = mode
         self.env = dict(env or {})
         self.grace = grace
-        self._launcher: Any = None
+        self._launcher: Launcher | None = None
         if mode == "spawn":
             self._launcher = SpawnLauncher()
         elif mode == "zygote":
@@ -228,17 +259,26 @@ class Isolator:
             if on_start is not None:
                 on_start(os.getpid())
             return self._run_in_process(fn, args, kwargs, env)
-        child = self._start({**os.environ, **self._child_env(), **self.env, **(env or {})})
+        marker = uuid.uuid4().hex
+        child = self._start({**os.environ, **self._child_env(), **self.env, **(env or {}), CALL_MARKER: marker})
+        clean = False
         try:
             if on_start is not None:
                 on_start(child.pid)
-            return self._call(child, fn, args, kwargs, timeout)
+            outcome = self._call(child, fn, args, kwargs, timeout)
+            clean = True
+            return outcome
+        except ChildTimedOut:
+            self._stop(child, "timeout")
+            raise
         finally:
             # The one place a call's child is stopped and reaped: whatever ended
             # the call (result, death, timeout, an argument that does not pickle),
-            # the child and its group do not outlive it.
+            # the child and everything it started do not outlive it.
             child.stop(self.grace)
-            child.finish()
+            returncode = child.finish()
+            if not clean or returncode != 0:
+                kill_marked(CALL_MARKER, marker)  # a crashed child could not clean up after itself
             with self._lock:
                 self._live.discard(child)
 
@@ -248,7 +288,9 @@ class Isolator:
             self._closed = True
             children = list(self._live)
         for child in children:
-            signal_group(child.pid, signal.SIGTERM)
+            if not child.wait_exit(0):
+                child.stopped_by = child.stopped_by or "shutting down"
+                signal_group(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + (self.grace if grace is None else grace)
         for child in children:
             child.stop(max(0.0, deadline - time.monotonic()))
@@ -267,10 +309,17 @@ class Isolator:
         # The bootstrap module must import even from a source checkout.
         return {"PYTHONPATH": pythonpath_with_package()}
 
+    def _stop(self, child: Child, why: str) -> None:
+        """Stop a child on fedgpu's own account: its death is then ours, not a crash."""
+        if not child.wait_exit(0):
+            child.stopped_by = child.stopped_by or why
+        child.stop(self.grace)
+
     def _start(self, env: Mapping[str, str]) -> Child:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this Isolator has been shut down")
+            assert self._launcher is not None
             child = self._launcher.start(env)
             self._live.add(child)
             return child
@@ -291,7 +340,7 @@ class Isolator:
         if reply is None:
             returncode = child.finish()
             peak = f"its peak RSS was {child.max_rss_kib / 1024:.0f} MiB" if child.max_rss_kib else ""
-            raise ChildDied(returncode, pid=child.pid, detail=peak)
+            raise ChildDied(returncode, pid=child.pid, detail=peak, stopped_by=child.stopped_by)
         child.wait_exit(self.grace)  # let it exit by itself before `run` stops its group
         status, *body, facts = reply
         if status == "ok":
@@ -309,7 +358,7 @@ class Isolator:
         """The child's reply, or None if it exited without one."""
         poller = select.poll()
         poller.register(child.sock.fileno(), select.POLLIN)
-        sentinel = getattr(child, "sentinel", None)
+        sentinel = child.sentinel
         if sentinel is not None:
             poller.register(sentinel, select.POLLIN)
         while True:

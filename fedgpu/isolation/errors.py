@@ -1,11 +1,20 @@
-"""Errors raised in the parent for what happened in a child."""
+"""Errors raised in the parent for what happened in a child.
+
+Each names what happened in two parts: ``kind``, short and stable enough to
+count failures by ("raised ValueError", "killed by SIGSEGV", "stopped by
+fedgpu after 60 s"), and ``detail``. ``reason`` is the two in one line. A
+death names who caused it: fedgpu (a timeout, a shutdown) or not fedgpu, and
+an exit status nobody saw is reported as unknown, never guessed.
+"""
 
 from __future__ import annotations
 
 import signal
 
+from fedgpu.errors import FedgpuError
 
-class IsolationError(RuntimeError):
+
+class IsolationError(FedgpuError):
     """A call run in a child did not return a value."""
 
     def __init__(self, message: str, *, pid: int | None = None) -> None:
@@ -13,9 +22,27 @@ class IsolationError(RuntimeError):
         self.pid = pid
 
     @property
-    def reason(self) -> str:
-        """A short machine-friendly kind of failure, for reports."""
+    def kind(self) -> str:
+        """What happened, short: failures are counted by it."""
         return type(self).__name__
+
+    @property
+    def detail(self) -> str:
+        return str(self).splitlines()[0] if str(self) else ""
+
+    @property
+    def reason(self) -> str:
+        """One line for reports: the kind, then the detail."""
+        return join_reason(self.kind, self.detail)
+
+
+def join_reason(kind: str, detail: str) -> str:
+    """"killed by SIGKILL, not by fedgpu (...)", "raised ValueError: bad batch": the one way to join them."""
+    if not detail:
+        return kind
+    if detail.startswith("("):
+        return f"{kind} {detail}"
+    return f"{kind}{', ' if detail.startswith('not by ') else ': '}{detail}"
 
 
 class RemoteTraceback(Exception):
@@ -31,6 +58,8 @@ class RemoteTraceback(Exception):
 
 class ChildRaised(IsolationError):
     """The callable raised in the child; the child's traceback travels with it."""
+
+    _not_pickled = ("original",)  # the child's own exception object: its class may not exist elsewhere
 
     def __init__(
         self,
@@ -51,52 +80,90 @@ class ChildRaised(IsolationError):
         self.original = original
 
     @property
-    def reason(self) -> str:
-        return f"raised {self.type_name}: {self.message}"
+    def kind(self) -> str:
+        return f"raised {self.type_name}"
+
+    @property
+    def detail(self) -> str:
+        return self.message.splitlines()[0] if self.message else ""
 
 
 class ChildDied(IsolationError):
-    """The child exited without sending a result (signal, os._exit, OOM kill)."""
+    """The child exited without sending a result (signal, os._exit, OOM kill, stopped by us).
 
-    def __init__(self, returncode: int, *, pid: int | None = None, detail: str = "") -> None:
+    ``returncode`` is None when nobody could see the exit status (the zygote
+    that forked the child is gone). ``stopped_by`` says why fedgpu stopped it
+    ("shutting down"), None when something else ended it.
+    """
+
+    def __init__(
+        self, returncode: int | None, *, pid: int | None = None, detail: str = "", stopped_by: str | None = None
+    ) -> None:
         self.returncode = returncode
-        self.signal_name = signal_name(-returncode) if returncode < 0 else None
-        text = f"child (pid {pid}) {describe_returncode(returncode)} without sending a result"
+        self.signal_name = signal_name(-returncode) if returncode is not None and returncode < 0 else None
+        self.stopped_by = stopped_by
+        self.extra = detail
+        text = f"child (pid {pid}) {describe_returncode(returncode, stopped_by)} without sending a result"
         super().__init__(f"{text}{': ' + detail if detail else ''}", pid=pid)
 
     @property
-    def reason(self) -> str:
+    def kind(self) -> str:
+        if self.stopped_by:
+            return f"stopped by fedgpu ({self.stopped_by})"
+        if self.returncode is None:
+            return "exit status unknown"
         if self.signal_name:
             return f"killed by {self.signal_name}"
         return f"exit code {self.returncode}"
 
+    @property
+    def detail(self) -> str:
+        if self.stopped_by:
+            return ""
+        if self.returncode is None:
+            return "the zygote that forked it is gone"
+        cause = _likely_cause(self.returncode)
+        parts = [f"not by fedgpu ({cause})" if self.signal_name else ""]
+        if self.extra:
+            parts.append(self.extra)
+        return ", ".join(part for part in parts if part)
+
+
 
 class ChildTimedOut(IsolationError):
-    """The child ran past its timeout and was killed with its process group."""
+    """The child ran past its deadline and fedgpu stopped it with its process group."""
 
     def __init__(self, timeout: float, *, pid: int | None = None) -> None:
         self.timeout = timeout
         super().__init__(
             f"child (pid {pid}) ran past its timeout of {timeout:g} s; "
-            "its process group was sent SIGTERM, then SIGKILL",
+            "fedgpu stopped its process group (SIGTERM, then SIGKILL)",
             pid=pid,
         )
 
     @property
-    def reason(self) -> str:
-        return f"timeout after {self.timeout:g} s"
+    def kind(self) -> str:
+        return f"stopped by fedgpu after {self.timeout:g} s"
+
+    @property
+    def detail(self) -> str:
+        return ""
 
 
 # Why a signal most likely arrived, for the people reading the error.
 _LIKELY_CAUSE = {
-    signal.SIGKILL: "the kernel's OOM killer or a `kill -9`",
-    signal.SIGSEGV: "a crash in native code (CUDA, a C extension)",
-    signal.SIGBUS: "a bad memory access in native code, or /dev/shm full",
-    signal.SIGABRT: "a native assertion or abort()",
-    signal.SIGFPE: "an arithmetic fault in native code",
+    signal.SIGKILL: "likely the kernel's OOM killer, or a `kill -9`",
+    signal.SIGSEGV: "likely a crash in native code (CUDA, a C extension)",
+    signal.SIGBUS: "likely a bad memory access in native code, or /dev/shm full",
+    signal.SIGABRT: "likely a native assertion or abort()",
+    signal.SIGFPE: "likely an arithmetic fault in native code",
     signal.SIGTERM: "someone asked it to stop",
     signal.SIGINT: "an interrupt (Ctrl-C)",
 }
+
+
+def _likely_cause(returncode: int) -> str:
+    return _LIKELY_CAUSE.get(-returncode, "cause unknown")  # type: ignore[call-overload]
 
 
 def signal_name(signum: int) -> str:
@@ -106,11 +173,13 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def describe_returncode(returncode: int) -> str:
-    """'was killed by SIGKILL (likely ...)' or 'exited with code 3'."""
+def describe_returncode(returncode: int | None, stopped_by: str | None = None) -> str:
+    """'was killed by SIGKILL, not by fedgpu (likely ...)', 'was stopped by fedgpu (...)',
+    'exited with code 3' or 'exited with an unknown status'."""
+    if stopped_by:
+        return f"was stopped by fedgpu ({stopped_by})"
+    if returncode is None:
+        return "exited with an unknown status (the zygote that forked it is gone)"
     if returncode < 0:
-        signum = -returncode
-        cause = _LIKELY_CAUSE.get(signum)  # type: ignore[call-overload]
-        likely = f" (likely {cause})" if cause else ""
-        return f"was killed by {signal_name(signum)}{likely}"
+        return f"was killed by {signal_name(-returncode)}, not by fedgpu ({_likely_cause(returncode)})"
     return f"exited with code {returncode}"

@@ -14,6 +14,7 @@ import sys
 import time
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def pythonpath_with_package() -> str:
@@ -37,6 +38,95 @@ def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
         return libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants of ours (even in sessions of their own) ours, not init's.
+
+    A process that started something and died leaves it to its nearest
+    subreaper ancestor: so whatever a call started comes back to the process
+    that can stop it. Returns False where unsupported.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of ``pid``'s children, every thread's (Linux ``/proc``)."""
+    children: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as listing:
+                children.extend(int(word) for word in listing.read().split())
+        except OSError:
+            continue
+    return children
+
+
+def kill_orphan(pid: int) -> None:
+    """SIGKILL a process left behind by a finished call, and the group it leads."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def kill_descendants(limit_seconds: float = 1.0) -> None:
+    """SIGKILL every descendant of this process and reap what comes back to us.
+
+    For a subreaper about to exit: what its call started in other sessions is
+    out of reach of a group kill, but every one of them is below us.
+    """
+    deadline = time.monotonic() + limit_seconds
+    me = os.getpid()
+    while time.monotonic() < deadline:
+        found, frontier = [], children_of(me)
+        while frontier:
+            pid = frontier.pop()
+            found.append(pid)
+            frontier.extend(children_of(pid))
+        if not found:
+            return
+        for pid in found:
+            kill_orphan(pid)
+        for pid in children_of(me):  # killed descendants of ours come to us: reap them
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+def kill_marked(key: str, value: str) -> list[int]:
+    """SIGKILL every process of ours whose environment holds ``key=value``; return their pids.
+
+    The last net for what a crashed call started in a session of its own
+    where no subreaper of ours caught it (spawned children): every
+    descendant inherits the call's marker unless it scrubs its environment.
+    """
+    wanted = f"{key}={value}".encode()
+    me, killed = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                if wanted not in environ.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        kill_orphan(int(entry))
+        killed.append(int(entry))
+    return killed
 
 
 def die_with_parent(expected_parent: int | None = None, signum: int = signal.SIGTERM) -> None:
@@ -87,6 +177,7 @@ def stop_group(pgid: int, grace: float, exited=None) -> None:
     """
     if not signal_group(pgid, signal.SIGTERM):
         return
+    signal_group(pgid, signal.SIGCONT)  # a stopped process acts on TERM only once it runs again
     deadline = time.monotonic() + grace
     if exited is not None:
         exited(grace)

@@ -14,6 +14,7 @@ from typing import Any
 from multiprocess.reduction import ForkingPickler
 
 from fedgpu.isolation import wire
+from fedgpu.isolation.procs import kill_descendants
 from fedgpu.nvml.measure import gpu_peak_bytes
 
 
@@ -65,7 +66,8 @@ def _max_rss_kib() -> int:
 
 def _exit_now(code: int) -> None:
     # os._exit: a stray non-daemon thread in user code must not keep a
-    # finished child (and its GPU memory) alive.
+    # finished child (and its GPU memory) alive; nor may anything it started.
+    kill_descendants()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
