@@ -75,6 +75,18 @@ def parse_node_config(text: str) -> dict[str, object]:
     return config
 
 
+def _check_zygote(directory: str, ready_timeout: float = 300.0) -> None:
+    """The shared zygote exists, is ours and proves it (waiting for it to be ready); else exit 2."""
+    from fedgpu.isolation.zygote import ZygoteError, ZygoteLauncher
+
+    if not os.path.lexists(directory):
+        _fail(f"--zygote {directory}: no such directory (start `fedgpu zygote --dir {directory}` first)")
+    try:
+        ZygoteLauncher(directory).check(ready_timeout)
+    except ZygoteError as err:
+        _fail(f"--zygote {directory}: {err}")
+
+
 def _watch_parent(parent_pid: int | None) -> None:
     if parent_pid is None:
         return
@@ -162,7 +174,8 @@ def cli() -> None:
 @click.option("--isolation", type=click.Choice(ISOLATION_MODES), default="zygote", show_default=True, help="How the server's own torch work runs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="torch CPU threads per child (0: torch's default).")
-@click.option("--message-timeout", type=click.FloatRange(min=0, min_open=True), default=RunSettings.message_timeout, show_default=True, help="Seconds a round waits for replies.")
+@click.option("--message-timeout", type=click.FloatRange(min=0, min_open=True), default=RunSettings.message_timeout, show_default=True, help="Seconds a round waits for replies; a message's child may run as long.")
+@click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True), default=RunSettings.start_timeout, show_default=True, help="Seconds a round waits for enough client nodes before the run fails (exit 3).")
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
 @click.option("--check", is_flag=True, help="Only check the options (task, data, GPUs, port) and exit 0; start nothing.")
 @click.option("--ssl-ca-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS: the CA certificate (with --ssl-certfile and --ssl-keyfile; see launchers/make-certs.sh).")
@@ -172,8 +185,6 @@ def cli() -> None:
 @placement_options
 def server(**options: object) -> None:
     """Run a SuperLink and the fedgpu ServerApp until the run ends."""
-    from fedgpu.flower.server import Federation, ServerError, ServerSettings
-
     _watch_parent(options.pop("parent_pid"))  # type: ignore[arg-type]
     check_only = bool(options.pop("check"))
     tls, auth_keys = _server_security(options)
@@ -208,66 +219,10 @@ def server(**options: object) -> None:
     except OSError as err:
         _fail(f"run directory {run_dir} is not writable: {err.strerror or err}")
     run = RunSettings(run_dir=str(run_dir), **options)  # type: ignore[arg-type]
-    flwr_home = run_dir / "flwr-home"
-    # Every process of the run carries this marker (the launcher sets it for
-    # the client nodes too): the host-memory sampler finds them by it.
-    os.environ.setdefault("FEDGPU_RUN_DIR", str(run_dir))
-    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
-    federation = Federation(run, ServerSettings(host=host, port=port, tls=tls, auth_public_keys=auth_keys), env)
-    from fedgpu.flower.server import write_connection
+    from fedgpu.flower.server import ServerSettings, run_federation
 
-    write_connection(flwr_home, federation.server)
-    click.echo(f"[fedgpu] run directory {run_dir}", err=True)
-    status = "unknown"
-    # TERM/INT unwind through `finally`, which stops the SuperLink's whole tree:
-    # Flower starts its SuperExec in a new session, out of reach of group kills.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda received, _frame: sys.exit(128 + received))
-    from fedgpu.monitor.memory import MemoryMonitor
-    from fedgpu.nvml.devices import open_nvml
-
-    nvml, no_gpu = open_nvml()
-    if nvml is None:
-        click.echo(f"[fedgpu] no GPU to monitor ({no_gpu}): memory reports from host RSS", err=True)
-    monitor = MemoryMonitor(str(run_dir), os.environ["FEDGPU_RUN_DIR"], nvml=nvml, no_gpu_reason=no_gpu).start()
-    try:
-        federation.start_superlink()
-        federation.register_nodes()
-        click.echo(f"[fedgpu] SuperLink ready on {host}:{port}", err=True)
-        status = federation.submit_and_wait(sys.stdout)
-    except ServerError as err:
-        click.echo(f"[fedgpu] error: {err}", err=True)
-        sys.exit(1)
-    finally:
-        federation.close()
-        monitor.stop()
-        try:
-            _write_memory_reports(run_dir, monitor)
-            _print_failures(run_dir)
-        except Exception as err:  # noqa: BLE001 - the run's own result stands; say what the reports lack
-            click.echo(f"[fedgpu] could not write the end-of-run reports: {err!r}", err=True)
-    click.echo(f"[fedgpu] run {status}; outputs in {run_dir}")
-    sys.exit(0 if status == "finished:completed" else 1)
-
-
-def _write_memory_reports(run_dir: Path, monitor) -> None:  # type: ignore[no-untyped-def]
-    """memory.json, memory.png and report.json's host_memory; the per-round table on stdout."""
-    from fedgpu.monitor.host import merge_into_report
-    from fedgpu.monitor.plot import write_plot
-    from fedgpu.monitor.report import one_run
-    from fedgpu.monitor.summary import Timeline, write_summary
-
-    memory = monitor.host.summary()
-    merge_into_report(str(run_dir / "report.json"), "host_memory", memory)
-    timeline = Timeline.load(str(run_dir))  # read once: the timeline can be tens of MB
-    summary = write_summary(str(run_dir), timeline)
-    write_plot(str(run_dir), summary, timeline)
-    click.echo(one_run(str(run_dir), summary))  # on the console, after the rounds
-    click.echo(
-        f"[fedgpu] peak memory of the run's processes: {memory['peak_total_pss_mib']:.0f} MiB PSS "
-        f"({memory['peak_total_rss_mib']:.0f} MiB summed RSS); see memory.json, memory.png",
-        err=True,
-    )
+    settings = ServerSettings(host=host, port=port, tls=tls, auth_public_keys=auth_keys)
+    sys.exit(run_federation(run, settings, click.echo))
 
 
 def _server_security(options: dict):  # type: ignore[no-untyped-def]
@@ -288,16 +243,6 @@ def _server_security(options: dict):  # type: ignore[no-untyped-def]
         if not keys:
             _fail(f"--auth-public-keys {keys_path}: no *.pub file there")
     return tls, keys
-
-
-def _print_failures(run_dir: Path) -> None:
-    from fedgpu.flower.recorder import failure_summary
-
-    try:
-        report = json.loads((run_dir / "report.json").read_text())
-    except (OSError, ValueError):
-        return  # the ServerApp never started: the error above says why
-    click.echo("\n".join(failure_summary(report, run_dir)))
 
 
 @cli.command()
@@ -366,8 +311,8 @@ def client(**options: object) -> None:
         _fail(f"--node-config: {', '.join(taken)} come from their own options")
     node_config.update(extra)
     zygote_dir = options["zygote_dir"]
-    if zygote_dir and options["mp"] and options["isolation"] == "zygote" and not Path(str(zygote_dir)).is_dir():
-        _fail(f"--zygote {zygote_dir}: no such directory (start `fedgpu zygote --dir {zygote_dir}` first)")
+    if zygote_dir and options["mp"] and options["isolation"] == "zygote":
+        _check_zygote(str(zygote_dir))
     from fedgpu.flower.node import superlink_reachable
 
     patience = float(options["max_wait_time"])  # type: ignore[arg-type]
@@ -466,15 +411,15 @@ def zygote(directory: str, tasks: tuple[str, ...], parent_pid: int | None) -> No
     tasks = tasks or ("digits",)
     for task in tasks:
         _check_task(task)
-    path = Path(directory)
-    if path.exists() and (not path.is_dir() or path.stat().st_mode & 0o077):
-        _fail(f"--dir {directory}: must be a private directory (mode 0700)")
     from fedgpu.flower.settings import zygote_warm_ups
     from fedgpu.isolation.procs import pythonpath_with_package
-    from fedgpu.isolation.zygote import SINGLE_THREADED_ENV, SOCKET_NAME
+    from fedgpu.isolation.zygote import ZygoteError
+    from fedgpu.isolation.zygote.server import SINGLE_THREADED_ENV, prepare_directory
 
-    if path.exists() and (path / SOCKET_NAME).exists():
-        _fail(f"--dir {directory}: a zygote socket is already there")
+    try:  # the zygote checks again; here a bad path is one line before anything is imported
+        prepare_directory(directory)
+    except ZygoteError as err:
+        _fail(f"--dir {directory}: {err}")
 
     # This process has loaded flwr and numpy (and their thread pools) already:
     # become a fresh interpreter, same pid, with single-threaded libraries.

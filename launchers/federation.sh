@@ -93,7 +93,7 @@ while (($#)); do
     --no-mp) mp=0 && shift ;;
     --tls) tls=1 && shift ;;
     --task | --port | --run-dir | --timeout | --eval-sampled | --lr | --lr-decay | --local-epochs | --batch-size | \
-        --partitioner | --alpha | --seed | --data-files | --task-option | --device | --threads | --message-timeout | --isolation | \
+        --partitioner | --alpha | --seed | --data-files | --task-option | --device | --threads | --message-timeout | --start-timeout | --isolation | \
         --gpus | --placement | --gpu-mem | --admission-timeout)
         (($# >= 2)) || die_usage "option $1 needs a value"
         case $1 in

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,3 +132,89 @@ def cleaned_up(proc: subprocess.Popen, run_dir: Path):
 def kill_leftovers(run_dir: Path) -> list[str]:
     """SIGKILL any process still carrying the run's marker; return what was found."""
     return kill_processes_with_env("FEDGPU_RUN_DIR", str(run_dir))
+
+
+# --- driving whole federations -----------------------------------------------
+
+LONG_LIVED = ("fedgpu client", "fedgpu server", "flower-superlink", "flower-superexec", "flwr-serverapp")
+
+
+class ProcessSampler(threading.Thread):
+    """Watches every process of a run: which ones had torch or CUDA mapped."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.run_dir = run_dir
+        self.seen: dict[int, str] = {}
+        self.parent: dict[int, int] = {}
+        self.torch_pids: set[int] = set()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            for pid, cmdline in processes_with_env("FEDGPU_RUN_DIR", str(self.run_dir)).items():
+                self.seen[pid] = cmdline
+                parent = parent_pid(pid)
+                if parent is not None:
+                    self.parent[pid] = parent
+                if maps_torch(pid):
+                    self.torch_pids.add(pid)
+            self._halt.wait(0.3)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def long_lived(self, torch: bool) -> list[str]:
+        return [
+            cmd for pid, cmd in self.seen.items()
+            if any(name in cmd for name in LONG_LIVED) and (pid in self.torch_pids) == torch
+        ]
+
+
+def run_federation(run_dir: Path, *args: str, timeout: float = 420) -> tuple[int, str, ProcessSampler]:
+    sampler = ProcessSampler(run_dir)
+    sampler.start()
+    try:
+        done = subprocess.run(
+            [str(RUN_SH), *args, "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=timeout
+        )
+    finally:
+        sampler.stop()
+        leftovers = kill_leftovers(run_dir)
+    assert not leftovers, f"processes outlived run.sh: {leftovers}"
+    return done.returncode, done.stdout + done.stderr, sampler
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def events(run_dir: Path) -> list[dict]:
+    try:
+        lines = (run_dir / "events.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: int, to_group: bool) -> None:
+    """Signal run.sh; everything it started must be gone within 10 s, port freed."""
+    if to_group:  # what a terminal's Ctrl-C does: the whole foreground group
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    started = time.monotonic()
+    try:
+        proc.wait(timeout=10)
+        gone = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), 10 - (time.monotonic() - started))
+        left = processes_with_env("FEDGPU_RUN_DIR", str(run_dir))
+    finally:
+        leftovers = kill_leftovers(run_dir)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert gone and not leftovers, f"still running {time.monotonic() - started:.1f} s after the signal: {left}"
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 128 + signum, proc.stderr.read() if proc.stderr else ""
+    assert port_free(port), f"port {port} still bound"

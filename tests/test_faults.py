@@ -6,13 +6,13 @@ chosen partitions misbehaves; everything else is the real run.sh federation.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
-from test_federation import read_metrics, run_federation
+from helpers import ROOT, pid_alive, read_metrics, run_federation
 
 PLUGINS = ROOT / "tests" / "plugins"
 
@@ -36,7 +36,7 @@ def test_failed_children_are_counted_with_their_reason_and_the_next_round_is_nor
     first, second = read_metrics(run_dir)
     assert (first["results"], first["failures"]) == ("1", "4"), first
     assert sorted(first["failure_reasons"].split("; ")) == [
-        "killed by SIGKILL x1", "killed by SIGSEGV x1", "raised ValueError x1", "timeout after 15 s x1"
+        "killed by SIGKILL x1", "killed by SIGSEGV x1", "raised ValueError x1", "stopped by fedgpu after 15 s x1"
     ], first
     assert (second["results"], second["failures"], second["failure_reasons"]) == ("5", "0", ""), second
     assert float(second["server_accuracy"]) > float(first["server_accuracy"]) - 0.05
@@ -45,3 +45,47 @@ def test_failed_children_are_counted_with_their_reason_and_the_next_round_is_nor
     assert f"raised ValueError x1: round 1 train client 0 ({run_dir / 'client-0.log'})" in output, output
     assert f"killed by SIGSEGV x1: round 1 train client 1 ({run_dir / 'client-1.log'})" in output, output
     assert "ValueError: injected fault: bad batch" in (run_dir / "client-0.log").read_text()
+    failed = {f["client"]: f for f in json.loads((run_dir / "report.json").read_text())["rounds"][0]["failed_messages"]}
+    # Who ended the child is said: fedgpu for the timeout, something else for the SIGKILL.
+    assert failed["2"]["error"].startswith("killed by SIGKILL, not by fedgpu (likely the kernel's OOM killer"), failed["2"]
+    assert failed["3"]["error"].startswith("stopped by fedgpu after 15 s (client 3, child pid "), failed["3"]
+    assert all(isinstance(f["pid"], int) and f["round"] == 1 for f in failed.values()), failed
+
+
+def test_bad_replies_cost_one_message_each_and_the_round_aggregates_the_rest(faulty, tmp_path: Path) -> None:
+    """Wrong shapes, one array too many or too few, a NaN, zero examples: each is one failure."""
+    task = faulty("0=badshape,1=extra,2=missing,3=nan,4=zero")
+    run_dir = tmp_path / "run"
+    code, output, _ = run_federation(run_dir, "6", "6", "6", "2", "--task", task)
+    assert code == 0, output
+    first, second = read_metrics(run_dir)
+    assert (first["results"], first["failures"], first["failure_reasons"]) == ("1", "5", "bad reply x5"), first
+    assert (second["results"], second["failures"]) == ("6", "0"), second
+    assert float(second["server_accuracy"]) > 0.5, second  # the one good reply and round 2 trained the model
+    failed = {f["client"]: f for f in json.loads((run_dir / "report.json").read_text())["rounds"][0]["failed_messages"]}
+    assert failed["0"]["detail"] == "array '0.weight' has shape (3, 3), expected (16, 1, 3, 3)", failed["0"]
+    assert failed["1"]["detail"] == "9 arrays, expected 8: unexpected array 'extra-8'", failed["1"]
+    assert failed["2"]["detail"] == "7 arrays, expected 8: array '8.bias' is missing", failed["2"]
+    assert failed["3"]["detail"] == "array '0.weight' has non-finite values (NaN or inf)", failed["3"]
+    assert failed["4"]["detail"] == "'num-examples' is 0, expected a positive integer", failed["4"]
+    assert failed["0"]["error"] == "bad reply: array '0.weight' has shape (3, 3), expected (16, 1, 3, 3) (client 0)"
+    assert "[fedgpu] failures: 5 of 12 messages, in 1 of 2 rounds" in output, output
+    assert f"bad reply x5: round 1 train client 0 ({run_dir / 'client-0.log'})" in output, output
+
+
+def test_stopped_looping_children_are_stopped_by_the_deadline_and_nothing_they_started_survives(
+    faulty, tmp_path: Path
+) -> None:
+    """No --timeout: the message timeout bounds every child; a setsid() grandchild dies with its call."""
+    task = faulty("0=sigstop,1=loop,2=setsid")
+    run_dir = tmp_path / "run"
+    # The run waits 30 s for replies; children get 30 s less the margin for the failure reply (5 s).
+    code, output, _ = run_federation(run_dir, "3", "3", "3", "2", "--task", task, "--message-timeout", "30")
+    assert code == 0, output
+    first, second = read_metrics(run_dir)
+    assert (first["results"], first["failures"], first["failure_reasons"]) == (
+        "1", "2", "stopped by fedgpu after 25 s x2"
+    ), first
+    assert (second["results"], second["failures"]) == ("3", "0"), second  # the same nodes serve round 2
+    grandchild = int((tmp_path / "grandchild-2").read_text())
+    assert not pid_alive(grandchild), "a grandchild in its own session outlived its call"

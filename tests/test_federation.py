@@ -4,67 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
 from pathlib import Path
 
-
-from helpers import RUN_SH, kill_leftovers, maps_torch, parent_pid, pid_alive, processes_with_env
-
-LONG_LIVED = ("fedgpu client", "fedgpu server", "flower-superlink", "flower-superexec", "flwr-serverapp")
-
-
-class ProcessSampler(threading.Thread):
-    """Watches every process of a run: which ones had torch or CUDA mapped."""
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__(daemon=True)
-        self.run_dir = run_dir
-        self.seen: dict[int, str] = {}
-        self.parent: dict[int, int] = {}
-        self.torch_pids: set[int] = set()
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            for pid, cmdline in processes_with_env("FEDGPU_RUN_DIR", str(self.run_dir)).items():
-                self.seen[pid] = cmdline
-                parent = parent_pid(pid)
-                if parent is not None:
-                    self.parent[pid] = parent
-                if maps_torch(pid):
-                    self.torch_pids.add(pid)
-            self._halt.wait(0.3)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
-
-    def long_lived(self, torch: bool) -> list[str]:
-        return [
-            cmd for pid, cmd in self.seen.items()
-            if any(name in cmd for name in LONG_LIVED) and (pid in self.torch_pids) == torch
-        ]
-
-
-def run_federation(run_dir: Path, *args: str, timeout: float = 420) -> tuple[int, str, ProcessSampler]:
-    import subprocess
-
-    sampler = ProcessSampler(run_dir)
-    sampler.start()
-    try:
-        done = subprocess.run(
-            [str(RUN_SH), *args, "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=timeout
-        )
-    finally:
-        sampler.stop()
-        leftovers = kill_leftovers(run_dir)
-    assert not leftovers, f"processes outlived run.sh: {leftovers}"
-    return done.returncode, done.stdout + done.stderr, sampler
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as handle:
-        return list(csv.DictReader(handle))
+from helpers import pid_alive, read_metrics, run_federation
 
 
 def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None:

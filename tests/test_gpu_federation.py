@@ -13,8 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from helpers import FAKE_GPU_DIR, FEDGPU
-from test_federation import read_metrics, run_federation
+from helpers import FAKE_GPU_DIR, FEDGPU, read_metrics, run_federation
 
 TASK = "fake_gpu_task:FakeGpuDigits"
 

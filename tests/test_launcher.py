@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,9 @@ from helpers import (
     call_children,
     free_port,
     kill_leftovers,
-    port_free,
     processes_with_env,
     start_run_sh,
+    stop_and_check,
     wait_for,
 )
 
@@ -175,27 +174,6 @@ def test_fedgpu_server_unwritable_run_dir(tmp_path: Path) -> None:
     assert len(lines) == 1 and "is not writable" in lines[0], done.stderr
 
 
-def _stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: int, to_group: bool) -> None:
-    """Signal run.sh; everything it started must be gone within 10 s, port freed."""
-    if to_group:  # what a terminal's Ctrl-C does: the whole foreground group
-        os.killpg(proc.pid, signum)
-    else:
-        proc.send_signal(signum)
-    started = time.monotonic()
-    try:
-        proc.wait(timeout=10)
-        gone = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), 10 - (time.monotonic() - started))
-        left = processes_with_env("FEDGPU_RUN_DIR", str(run_dir))
-    finally:
-        leftovers = kill_leftovers(run_dir)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert gone and not leftovers, f"still running {time.monotonic() - started:.1f} s after the signal: {left}"
-    assert time.monotonic() - started < 10
-    assert proc.returncode == 128 + signum, proc.stderr.read() if proc.stderr else ""
-    assert port_free(port), f"port {port} still bound"
-
-
 def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
     # Many local epochs: each child trains for seconds, long enough to be seen.
@@ -214,7 +192,7 @@ def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
         kill_leftovers(run_dir)
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("no training child appeared")
-    _stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True)
+    stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True)
 
 
 def test_sigterm_before_round_one_stops_everything(tmp_path: Path) -> None:
@@ -223,4 +201,4 @@ def test_sigterm_before_round_one_stops_everything(tmp_path: Path) -> None:
     proc = start_run_sh(["3", "3", "2", "2", "--port", str(port), "--run-dir", str(run_dir)])
     # The launcher starts the client nodes only once the SuperLink answers.
     assert wait_for(lambda: (run_dir / "client-2.log").exists(), timeout=120), "client nodes never started"
-    _stop_and_check(proc, run_dir, port, signal.SIGTERM, to_group=False)
+    stop_and_check(proc, run_dir, port, signal.SIGTERM, to_group=False)

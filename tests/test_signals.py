@@ -4,23 +4,13 @@ gone within 10 s and the port free (test_launcher: before round 1, mid-training)
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, free_port, kill_leftovers, start_run_sh, wait_for
-from test_launcher import _stop_and_check
-
-
-def events(run_dir: Path) -> list[dict]:
-    try:
-        lines = (run_dir / "events.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    return [json.loads(line) for line in lines if line.endswith("}")]
+from helpers import ROOT, events, free_port, kill_leftovers, start_run_sh, stop_and_check, wait_for
 
 
 def _start(run_dir: Path, port: int, *args: str):
@@ -40,7 +30,7 @@ def test_sigint_during_set_up_stops_everything(tmp_path: Path) -> None:
     if not wait_for(lambda: (run_dir / "server.log").exists(), timeout=120, interval=0.05):
         _give_up(proc, run_dir, "the server's start")
     assert not (run_dir / "client-0.log").exists()
-    _stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True)
+    stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True)
 
 
 def test_sigterm_between_rounds_stops_everything(tmp_path: Path) -> None:
@@ -48,7 +38,7 @@ def test_sigterm_between_rounds_stops_everything(tmp_path: Path) -> None:
     proc = _start(run_dir, port, "3", "3", "2", "3")
     if not wait_for(lambda: any(e["event"] == "round-end" for e in events(run_dir)), timeout=240, interval=0.05):
         _give_up(proc, run_dir, "the end of round 1")
-    _stop_and_check(proc, run_dir, port, signal.SIGTERM, to_group=False)
+    stop_and_check(proc, run_dir, port, signal.SIGTERM, to_group=False)
 
 
 def test_sigint_during_the_final_evaluation_stops_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,4 +55,4 @@ def test_sigint_during_the_final_evaluation_stops_everything(tmp_path: Path, mon
 
     if not wait_for(final_evaluation_running, timeout=240, interval=0.05):
         _give_up(proc, run_dir, "the final evaluation")
-    _stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True)
+    stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True)

@@ -7,8 +7,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from helpers import FEDGPU, ROOT, cleaned_up, free_port, processes_with_env, read_or_empty, start_run_sh, wait_for
-from test_federation import read_metrics
+from helpers import FEDGPU, ROOT, cleaned_up, free_port, processes_with_env, read_metrics, read_or_empty, start_run_sh, wait_for
 
 MAKE_CERTS = ROOT / "launchers" / "make-certs.sh"
 

@@ -20,8 +20,7 @@ import pytest
 import torch
 
 import workload_data
-from helpers import FEDGPU, ROOT
-from test_federation import read_metrics, run_federation
+from helpers import FEDGPU, ROOT, read_metrics, run_federation
 
 from fedgpu.tasks import data_problem, installed_tasks, load_task, resolve_task
 from fedgpu.tasks.vit_flowers import WEIGHTS_URL, VitFlowersTask

@@ -7,9 +7,10 @@ functions when they run, never when this module is imported.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedgpu.flower.records import named_record
 from fedgpu.flower.settings import RunSettings
 from fedgpu.tasks.work import evaluate_partition, train_partition
 
@@ -39,7 +40,8 @@ def train(msg: Message, context: Context) -> Message:
         epochs=int(config["local-epochs"]),
         lr=float(config["lr"]),
     )
-    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    # The reply names its arrays as the server did: the server checks them by name.
+    content = RecordDict({"arrays": named_record(arrays, list(msg.content["arrays"].keys())), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 

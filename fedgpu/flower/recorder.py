@@ -7,11 +7,11 @@ the rounds it completed. Reads only NumPy and Flower records, never torch.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 import platform
-import re
 import time
+from dataclasses import asdict
 from importlib import metadata
 from logging import INFO
 from pathlib import Path
@@ -21,8 +21,10 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.supercore import log
 
+from fedgpu.flower.failures import Failure, no_reply
 from fedgpu.flower.runner import FEDGPU_RECORD
 from fedgpu.monitor.events import emit
+from fedgpu.output import OutputError, append_line, write_atomic, write_json
 
 METRICS_COLUMNS = (
     "round",
@@ -39,21 +41,15 @@ METRICS_COLUMNS = (
 )
 
 
-def failure_kind(reason: str) -> str:
-    """The kind of a failure, from its reason: "raised ValueError", "killed by SIGSEGV",
-    "timeout after 15 s", "Node Unavailable", "no reply within 600 s"."""
-    text = reason.split(" (client ")[0].split(" (child pid ")[0]
-    if text.startswith("Error: "):  # Flower's own: "Error: Node Unavailable — The destination node ..."
-        text = text[len("Error: ") :]
-    for separator in (" — ", " - ", ": "):
-        text = text.split(separator)[0]
-    return text.strip() or "unknown"
+def failure_fields(failure: Failure) -> dict[str, Any]:
+    """A failed message's entry in report.json: the line to read, and the fields to count by."""
+    return {"error": failure.text(), **{k: v for k, v in asdict(failure).items() if v not in ("", None)}}
 
 
 def _by_kind(failed: list[dict[str, Any]]) -> str:
     counts: dict[str, int] = {}
     for entry in failed:
-        kind = failure_kind(entry["error"])
+        kind = entry.get("kind") or "unknown"
         counts[kind] = counts.get(kind, 0) + 1
     return "; ".join(f"{kind} x{count}" for kind, count in counts.items())
 
@@ -85,8 +81,7 @@ class RunRecorder:
         self._round: dict[str, Any] | None = None
         self._round_started = 0.0
         self._metrics_path = self.run_dir / "metrics.csv"
-        with self._metrics_path.open("w", newline="") as handle:
-            csv.writer(handle).writerow(METRICS_COLUMNS)
+        write_atomic(self._metrics_path, _csv_line(METRICS_COLUMNS))
         self._write_report()
 
     def round_started(self, server_round: int) -> None:
@@ -105,12 +100,13 @@ class RunRecorder:
         missing = self._round.get("sent", {}).get(kind, 0) - len(replies)
         timeout = self.config.get("message-timeout", "the message timeout")
         for _ in range(max(0, missing)):
-            self._round["failed_messages"].append({"type": kind, "node_id": None, "error": f"no reply within {timeout} s"})
+            failure = no_reply(timeout).where(round=server_round)
+            self._round["failed_messages"].append({"type": kind, "node_id": None, **failure_fields(failure)})
         for reply in replies:
             entry: dict[str, Any] = {"type": kind, "node_id": reply.metadata.src_node_id}
             if reply.has_error():
-                entry["error"] = reply.error.reason
-                self._round["failed_messages"].append(entry)
+                failure = Failure.from_error(reply.error).where(round=server_round)
+                self._round["failed_messages"].append({**entry, **failure_fields(failure)})
                 continue
             for record_name in reply.content.metric_records:
                 entry.update(dict(reply.content[record_name]))
@@ -128,8 +124,7 @@ class RunRecorder:
         assert self._round is not None and self._round["round"] == server_round
         row = self._finish_round(figures)
         emit("round-end", str(self.run_dir), round=server_round)
-        with self._metrics_path.open("a", newline="") as handle:
-            csv.writer(handle).writerow([row[column] for column in METRICS_COLUMNS])
+        append_line(self._metrics_path, _csv_line([row[column] for column in METRICS_COLUMNS]))
         self._write_report()
         log(
             INFO,
@@ -167,17 +162,31 @@ class RunRecorder:
         self._round = None
         return row
 
-    def finish(self, arrays: ArrayRecord | None, status: str = "completed") -> None:
+    def finish(self, arrays: ArrayRecord | None) -> None:
         if arrays is not None:
-            np.savez(self.run_dir / "model.npz", **{name: a.numpy() for name, a in arrays.items()})
-        self.report["status"] = status
+            model = io.BytesIO()
+            np.savez(model, **{name: a.numpy() for name, a in arrays.items()})
+            write_atomic(self.run_dir / "model.npz", model.getvalue())
+        self.report["status"] = "completed"
         self._write_report()
 
+    def fail(self, kind: str, detail: str, **more: Any) -> None:
+        """The run failed: say why in report.json, if it can still be written."""
+        self.report["status"] = "failed"
+        self.report["failure"] = {"kind": kind, "detail": detail, **more}
+        try:
+            self._write_report()
+        except OutputError:
+            pass  # the disk that failed the run cannot take the report either: the console says why
+
     def _write_report(self) -> None:
-        path = self.run_dir / "report.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.report, indent=2, default=str))
-        tmp.replace(path)
+        write_json(self.run_dir / "report.json", self.report, default=str)
+
+
+def _csv_line(values: Any) -> str:
+    line = io.StringIO()
+    csv.writer(line).writerow(values)
+    return line.getvalue()
 
 
 def failure_summary(report: dict[str, Any], run_dir: Path, most_places: int = 4) -> list[str]:
@@ -191,12 +200,12 @@ def failure_summary(report: dict[str, Any], run_dir: Path, most_places: int = 4)
     lines = [f"[fedgpu] failures: {len(failed)} of {sent} messages, in {len({r for r, _ in failed})} of {len(rounds)} rounds"]
     kinds: dict[str, list[str]] = {}
     for server_round, failure in failed:
-        client = re.search(r"\(client (\S+?)[,)]", failure["error"])
         place = f"round {server_round} {failure['type']}"
-        if client:
-            log_file = run_dir / f"client-{client.group(1)}.log"
-            place += f" client {client.group(1)}" + (f" ({log_file})" if log_file.exists() else "")
-        kinds.setdefault(failure_kind(failure["error"]), []).append(place)
+        client = failure.get("client")
+        if client not in (None, ""):
+            log_file = run_dir / f"client-{client}.log"
+            place += f" client {client}" + (f" ({log_file})" if log_file.exists() else "")
+        kinds.setdefault(failure.get("kind") or "unknown", []).append(place)
     for kind, places in kinds.items():
         more = f"; +{len(places) - most_places} more" if len(places) > most_places else ""
         lines.append(f"[fedgpu]   {kind} x{len(places)}: {'; '.join(places[:most_places])}{more}")

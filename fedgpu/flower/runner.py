@@ -9,6 +9,7 @@ process never loads the ClientApp, so it never imports torch or touches CUDA.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -16,10 +17,10 @@ import time
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 
-from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.cli.install import install_from_fab
 from flwr.clientapp.utils import get_load_client_app_fn
-from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.constant import SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore import log
 from flwr.supercore.constant import TaskType
@@ -29,14 +30,36 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
 from fedgpu.flower.children import placer_for, run_child
+from fedgpu.flower.failures import Failure
+from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
 from fedgpu.isolation import IsolationError, Isolator, Outcome
 from fedgpu.nvml.devices import MIB
 from fedgpu.nvml.placement import GpuPlacer, Placement
 
 # Key of the ConfigRecord the runner adds to every reply: how it was isolated.
 FEDGPU_RECORD = "fedgpu"
+# A failure reply must still reach the server before it stops waiting for the message:
+# a tenth of the time, at least enough to stop the child (TERM, grace, KILL) and push.
+REPLY_MARGIN_SECONDS = (5.0, 30.0)
+
+
+def message_deadline(message: Message, context: Context, timeout: float | None) -> float:
+    """Seconds the message's child may run: always bounded.
+
+    What the server waits for a reply (the run's ``message-timeout`` where the
+    run says, else what is left of the message's TTL), less a margin for the
+    failure reply to get back in time, and at most the node's ``--timeout``.
+    Whole seconds: a deadline is reported, and counted, as a number.
+    """
+    waits = context.run_config.get("message-timeout")
+    if not isinstance(waits, (int, float)) or isinstance(waits, bool) or waits <= 0:
+        waits = message.metadata.created_at + message.metadata.ttl - time.time()
+    low, high = REPLY_MARGIN_SECONDS
+    deadline = float(math.floor(waits - min(high, max(low, 0.1 * waits))))
+    if timeout is not None:
+        deadline = min(deadline, timeout)
+    return max(1.0, deadline)
 
 
 @dataclass(frozen=True)
@@ -128,9 +151,12 @@ class TaskRunner:
         message: Message | None = None
         context: Context | None = None
         reply: Message | None = None
-        sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+        base = Failure("ClientApp task failed")
+        failure: Failure | None = base
         try:
             message, context, run, fab = pull_task_input(client)
+            who = _who(message, context)
+            base = failure = Failure("ClientApp task failed", client=str(who["client"]), round=who["round"])
             install_from_fab(fab.content, skip_prompt=True)
             call = ClientAppCall(
                 run.fab_id,
@@ -140,9 +166,9 @@ class TaskRunner:
                 message,
                 context,
             )
-            who = _who(message, context)
             placer = placer_for(self.placer, context.run_config.get("device", "auto"))
-            log(INFO, "[fedgpu] %s message: running in a child", message.metadata.message_type)
+            deadline = message_deadline(message, context, self.timeout)
+            log(INFO, "[fedgpu] %s message: running in a child (deadline %.0f s)", message.metadata.message_type, deadline)
             started = time.perf_counter()
             outcome, placement = run_child(
                 self.isolator,
@@ -152,23 +178,25 @@ class TaskRunner:
                 key=f"{context.run_config.get('task', '')}/{who['message']}",
                 who=who,
                 role="client-child",
-                timeout=self.timeout,
+                timeout=deadline,
             )
             call_seconds = time.perf_counter() - started  # child asked for -> reply back -> child reaped
             reply, context = outcome.value
-            _stamp(reply, outcome, call_seconds, placement)
-            sub_status, details = SubStatus.COMPLETED, ""
+            _stamp(reply, outcome, call_seconds, placement, who["client"])
+            failure = None
             log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid, outcome.seconds)
         except IsolationError as err:
-            details = f"{err.reason} ({_where(context)}child pid {err.pid})"
+            failure = base.where(kind=err.kind, detail=err.detail, pid=err.pid)
             log(ERROR, "[fedgpu] ClientApp failed in its child: %s", err)
         except Exception as err:  # noqa: BLE001 - answer the server instead of dying
-            where = _where(context)
-            details = f"{type(err).__name__}: {err}" + (f" ({where[:-2]})" if where else "")
-            log(ERROR, "[fedgpu] ClientApp task failed: %s", details, exc_info=err)
+            failure = base.where(kind=f"{type(err).__name__} in the node", detail=str(err).splitlines()[0] if str(err) else "")
+            log(ERROR, "[fedgpu] ClientApp task failed: %s", failure.text(), exc_info=err)
         finally:
-            if sub_status == SubStatus.FAILED and message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+            sub_status, details = SubStatus.COMPLETED, ""
+            if failure is not None:
+                sub_status, details = SubStatus.FAILED, failure.text()
+                if message is not None:
+                    reply = Message(failure.to_error(), reply_to=message)
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
@@ -177,13 +205,6 @@ class TaskRunner:
                 log(ERROR, "[fedgpu] could not push the reply: %s", err)
             heartbeat.stop()
             client.close()
-
-
-def _where(context: Context | None) -> str:
-    """"client 3, " for a failure's reason: the server's summary points to that client's log."""
-    if context is None or "partition-id" not in context.node_config:
-        return ""
-    return f"client {context.node_config['partition-id']}, "
 
 
 def _who(message: Message, context: Context) -> dict:
@@ -197,7 +218,7 @@ def _who(message: Message, context: Context) -> dict:
     }
 
 
-def _stamp(reply: Message, outcome: Outcome, call_seconds: float, placement: Placement | None) -> None:
+def _stamp(reply: Message, outcome: Outcome, call_seconds: float, placement: Placement | None, client: object) -> None:
     """Record where and how the reply was computed, for the server's report."""
     if reply.has_error():
         return
@@ -212,6 +233,7 @@ def _stamp(reply: Message, outcome: Outcome, call_seconds: float, placement: Pla
     reply.content[FEDGPU_RECORD] = ConfigRecord(
         {
             **gpu,
+            "client": str(client),
             "isolation": outcome.mode,
             "child-pid": outcome.pid,
             "child-seconds": outcome.seconds,

@@ -8,7 +8,7 @@ children too; this process handles only NumPy arrays and Flower records.
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,12 +16,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from fedgpu.flower.checks import CheckedStrategy
 from fedgpu.flower.children import run_child, wants_placement
+from fedgpu.flower.records import named_record
 from fedgpu.flower.recorder import RunRecorder
+from fedgpu.flower.server import RUN_FAILED_MARK
 from fedgpu.flower.settings import RunSettings, zygote_warm_ups
-from fedgpu.flower.strategy import ExactFedAvg
+from fedgpu.flower.strategy import ExactFedAvg, TooFewNodes
 from fedgpu.isolation import Isolator
 from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
+from fedgpu.output import OutputError
 from fedgpu.tasks.work import evaluate_global, initial_arrays
 
 app = ServerApp()
@@ -61,9 +65,37 @@ class PromptGrid:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
-    recorder = RunRecorder(settings.run_dir, settings.to_run_config(), run_id=context.run_id)
+    try:
+        recorder = RunRecorder(settings.run_dir, settings.to_run_config(), run_id=context.run_id)
+    except OutputError as err:
+        log(ERROR, "%s%s", RUN_FAILED_MARK, err)
+        raise
+    try:
+        arrays = _federate(grid, settings, recorder)
+        recorder.finish(arrays)
+    except BaseException as err:
+        kind, detail, more = _failure_of(err)
+        recorder.fail(kind, detail, **more)
+        # One line on the launcher's console (it shows "[fedgpu] " lines), the traceback in serverapp.log.
+        log(ERROR, "%s%s", RUN_FAILED_MARK, detail)
+        raise
+
+
+def _failure_of(err: BaseException) -> tuple[str, str, dict[str, Any]]:
+    """(kind, one line, more fields) of what ended the run, for report.json."""
+    if isinstance(err, TooFewNodes):
+        return "too few nodes", str(err), {"exit_code": err.exit_code}
+    if isinstance(err, OutputError):
+        return "output", str(err), {"path": err.path}
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return "stopped", f"stopped by {type(err).__name__}", {}
+    first = str(err).splitlines()[0] if str(err) else ""
+    return "ServerApp raised", f"the ServerApp raised {type(err).__name__}: {first} (traceback in serverapp.log)", {}
+
+
+def _federate(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> ArrayRecord | None:
+    """Every round; the final global model."""
     work = settings.work()
-    arrays = None
     # Evaluation children are placed like the client nodes' (same settings, same host ledger).
     placer = None
     if settings.isolation != "none" and wants_placement(settings.device):
@@ -83,8 +115,9 @@ def main(grid: Grid, context: Context) -> None:
                 recorder.server_evaluated(server_round, outcome.value, outcome.seconds)
                 return MetricRecord({"loss": outcome.value["loss"], "accuracy": outcome.value["accuracy"]})
 
-            initial = ArrayRecord(in_child(initial_arrays, (work,), 0, "initial").value)
-            result = ExactFedAvg(settings, recorder).start(
+            initial = named_record(in_child(initial_arrays, (work,), 0, "initial").value)
+            strategy = CheckedStrategy(ExactFedAvg(settings, recorder))
+            result = strategy.start(
                 grid=PromptGrid(grid),  # type: ignore[arg-type]
                 initial_arrays=initial,
                 num_rounds=settings.num_rounds,
@@ -92,11 +125,7 @@ def main(grid: Grid, context: Context) -> None:
                 train_config=ConfigRecord(),
                 evaluate_fn=evaluate,
             )
-            arrays = result.arrays
-    except BaseException:
-        recorder.finish(arrays, status="failed")
-        raise
+            return result.arrays
     finally:
         if placer is not None:
             placer.close()
-    recorder.finish(arrays)

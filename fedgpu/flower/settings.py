@@ -51,7 +51,8 @@ class RunSettings:
     isolation: str = "zygote"  # how the server's own torch work is isolated
     device: str = "auto"
     threads: int = 1
-    message_timeout: float = 600.0  # how long a round waits for its replies
+    message_timeout: float = 600.0  # how long a round waits for its replies (and a message may run)
+    start_timeout: float = 300.0  # how long a round waits for enough client nodes
 
     def to_run_config(self) -> dict[str, Any]:
         return {name.replace("_", "-"): value for name, value in asdict(self).items()}

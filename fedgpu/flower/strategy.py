@@ -1,26 +1,56 @@
-"""FedAvg in which exactly K clients train each round, and round 1 waits for M."""
+"""FedAvg in which exactly K clients train each round, and round 1 waits (bounded) for M."""
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedgpu.errors import FedgpuError
 from fedgpu.flower.recorder import RunRecorder
 from fedgpu.flower.settings import RunSettings
+
+NODE_POLL_SECONDS = 0.5
+EXIT_TOO_FEW_NODES = 3
+
+
+class TooFewNodes(FedgpuError):
+    """Fewer nodes than a round needs registered within the start timeout."""
+
+    exit_code = EXIT_TOO_FEW_NODES
+
+    def __init__(self, connected: int, needed: int, timeout: float, server_round: int) -> None:
+        self.connected, self.needed, self.timeout, self.server_round = connected, needed, timeout, server_round
+        verb = "registered" if server_round == 1 else f"connected for round {server_round}"
+        super().__init__(f"only {connected} of {needed} client nodes {verb} within {timeout:g} s")
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, server_round: int) -> list[int]:
+    """The connected node ids once at least ``needed`` are connected; TooFewNodes after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= needed:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise TooFewNodes(len(nodes), needed, timeout, server_round)
+        time.sleep(NODE_POLL_SECONDS)
 
 
 class ExactFedAvg(FedAvg):
     """FedAvg with exact sample sizes instead of fractions of available nodes.
 
     Flower's FedAvg samples ``max(fraction * available, min_train_nodes)``, so
-    the number trained drifts with the number connected. Here round 1 starts
-    only once ``min_clients`` are connected, and every round trains exactly
-    ``sampled`` (and evaluates exactly ``eval_sampled``) clients. Later rounds
-    need only ``sampled`` connected, so a run survives a lost node.
+    the number trained drifts with the number connected, and it waits for
+    nodes forever. Here round 1 starts once ``min_clients`` are connected,
+    every round trains exactly ``sampled`` (and evaluates exactly
+    ``eval_sampled``) clients, and no wait for nodes lasts longer than
+    ``start_timeout``. Later rounds need only ``sampled`` connected, so a run
+    survives a lost node. Messages live as long as the round waits for them.
     """
 
     def __init__(self, settings: RunSettings, recorder: RunRecorder) -> None:
@@ -34,13 +64,20 @@ class ExactFedAvg(FedAvg):
         self.settings = settings
         self.recorder = recorder
 
+    def _sample(self, grid: Grid, server_round: int, connected: int, size: int) -> list[int]:
+        nodes = wait_for_nodes(grid, max(connected, size), self.settings.start_timeout, server_round)
+        return random.sample(nodes, size)
+
+    def _messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
+        ttl = self.settings.message_timeout
+        return [Message(content=record, dst_node_id=node, message_type=message_type, ttl=ttl) for node in node_ids]
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.recorder.round_started(server_round)
         sampled = self.settings.sampled
-        # sample_nodes(grid, connected, size) waits until `connected` nodes are up.
-        node_ids, _ = sample_nodes(grid, self.settings.min_clients if server_round == 1 else sampled, sampled)
+        node_ids = self._sample(grid, server_round, self.settings.min_clients if server_round == 1 else sampled, sampled)
         round_config = ConfigRecord(
             {
                 **config,
@@ -50,7 +87,7 @@ class ExactFedAvg(FedAvg):
             }
         )
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: round_config})
-        messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
+        messages = self._messages(record, node_ids, MessageType.TRAIN)
         self.recorder.sent(server_round, "train", len(messages))
         return messages
 
@@ -66,11 +103,11 @@ class ExactFedAvg(FedAvg):
     ) -> Iterable[Message]:
         if not self.settings.eval_sampled:
             return []
-        node_ids, _ = sample_nodes(grid, self.settings.eval_sampled, self.settings.eval_sampled)
+        node_ids = self._sample(grid, server_round, self.settings.eval_sampled, self.settings.eval_sampled)
         record = RecordDict(
             {self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**config, "server-round": server_round})}
         )
-        messages = list(self._construct_messages(record, node_ids, MessageType.EVALUATE))
+        messages = self._messages(record, node_ids, MessageType.EVALUATE)
         self.recorder.sent(server_round, "evaluate", len(messages))
         return messages
 
@@ -78,4 +115,3 @@ class ExactFedAvg(FedAvg):
         replies = list(replies)
         self.recorder.replies(server_round, "evaluate", replies)
         return super().aggregate_evaluate(server_round, replies)
-

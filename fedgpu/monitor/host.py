@@ -20,6 +20,7 @@ import psutil
 
 from fedgpu.monitor.events import RUN_DIR_ENV as MARKER  # one name for the run's marker
 from fedgpu.nvml.devices import MIB
+from fedgpu.output import write_json
 
 
 def process_kind(cmdline: list[str], zygote_pids: set[int], ppid: int) -> str:
@@ -172,7 +173,4 @@ def merge_into_report(report_path: str, key: str, value: Any) -> None:
     except (OSError, ValueError):
         pass
     report[key] = value
-    tmp = report_path + ".tmp"
-    with open(tmp, "w") as out:
-        json.dump(report, out, indent=2)
-    os.replace(tmp, report_path)
+    write_json(report_path, report)

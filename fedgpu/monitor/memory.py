@@ -16,13 +16,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
 from fedgpu.monitor.events import EventsTail, emit
 from fedgpu.monitor.host import HostMemorySampler
 from fedgpu.nvml.devices import MIB, Nvml
+from fedgpu.output import OutputError
 
 TIMELINE_FILE = "memory.csv"
 COLUMNS = (
@@ -89,6 +90,7 @@ class MemoryMonitor:
         gpu_interval: float = 0.1,
         host_interval: tuple[float, float] = (0.2, 2.0),
         host_budget: float = 0.05,
+        on_error: Callable[[OutputError], None] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.nvml = nvml
@@ -103,9 +105,16 @@ class MemoryMonitor:
         self._events = EventsTail(run_dir)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._file = open(os.path.join(run_dir, TIMELINE_FILE), "w", newline="")  # noqa: SIM115 - open for the run
-        self._csv = csv.writer(self._file)
-        self._csv.writerow(COLUMNS)
+        self.path = os.path.join(run_dir, TIMELINE_FILE)
+        self.error: OutputError | None = None  # why the timeline stopped, if it could not be written
+        self.on_error = on_error
+        self._last_at = 0.0
+        try:
+            self._file = open(self.path, "w", newline="")  # noqa: SIM115 - open for the run
+            self._csv = csv.writer(self._file)
+            self._csv.writerow(COLUMNS)
+        except OSError as err:
+            raise OutputError(self.path, err) from None
         self._host_total_mib = _mib(psutil.virtual_memory().total)  # fixed for the run: read once
 
     def start(self) -> "MemoryMonitor":
@@ -122,11 +131,22 @@ class MemoryMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as err:
+            self.error = self.error or OutputError(self.path, err)
         if self.nvml is not None:
             self.nvml.close()
 
     def _loop(self) -> None:
+        try:
+            self._sample_until_stopped()
+        except OSError as err:  # the run directory is full or gone: stop sampling, say so once
+            self.error = OutputError(self.path, err)
+            if self.on_error is not None:
+                self.on_error(self.error)
+
+    def _sample_until_stopped(self) -> None:
         now = time.monotonic()
         next_gpu = next_host = now
         host_interval = self.host_interval[0]
@@ -137,7 +157,8 @@ class MemoryMonitor:
             now = time.monotonic()
             if self.nvml is not None and (now >= next_gpu or stopping):
                 self.sample_gpus()
-                next_gpu = max(next_gpu + self.gpu_interval, now)
+                # Behind schedule (a busy host): the next sample one interval from now, not at once.
+                next_gpu = max(next_gpu + self.gpu_interval, now + self.gpu_interval / 2)
             if now >= next_host or stopping:
                 self.sample_host()
                 cost = time.monotonic() - now
@@ -159,9 +180,15 @@ class MemoryMonitor:
         # A zygote child no call has announced: the spare, forked ahead of the next call.
         return _Who("zygote-spare" if fallback_role == "call-child" else fallback_role)
 
+    def _now(self) -> str:
+        """This sample's time: strictly later than the last one's, so no two samples share a moment."""
+        at = max(time.time(), self._last_at + 1e-6)
+        self._last_at = at
+        return f"{at:.6f}"
+
     def sample_gpus(self) -> None:
         assert self.nvml is not None
-        at = f"{time.time():.3f}"
+        at = self._now()
         for gpu in self.nvml.sample():
             self._csv.writerow(
                 [at, "gpu", gpu.index, "", "", "", self.registry.current_round, "", _mib(gpu.used), _mib(gpu.total), "",
@@ -172,7 +199,7 @@ class MemoryMonitor:
                 self._csv.writerow([at, "gpu-process", gpu.index, pid, who.role, who.client, who.round, who.message, _mib(used), "", "", ""])
 
     def sample_host(self) -> None:
-        at = f"{time.time():.3f}"
+        at = self._now()
         rows = self.host.sample()
         total = sum(rss for _, _, rss in rows)
         self._csv.writerow(

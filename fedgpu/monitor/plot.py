@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Any
 
 from fedgpu.monitor.summary import Timeline
+from fedgpu.output import write_atomic
 
 PLOT_FILE = "memory.png"
 
@@ -42,6 +44,8 @@ def write_plot(run_dir: str, summary: dict[str, Any], timeline: Timeline | None 
     axes.grid(alpha=0.3)
     figure.tight_layout()
     path = os.path.join(run_dir, PLOT_FILE)
-    figure.savefig(path)
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
     plt.close(figure)
+    write_atomic(path, image.getvalue())
     return path

@@ -21,6 +21,7 @@ from typing import Any
 
 from fedgpu.monitor.events import read_events
 from fedgpu.monitor.memory import TIMELINE_FILE
+from fedgpu.output import write_json
 
 SUMMARY_FILE = "memory.json"
 NOT_OURS = "other"
@@ -204,10 +205,7 @@ def summarise(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
 
 def write_summary(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
     summary = summarise(run_dir, timeline)
-    path = os.path.join(run_dir, SUMMARY_FILE)
-    with open(path + ".tmp", "w") as out:
-        json.dump(summary, out, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
     return summary
 
 

@@ -26,8 +26,10 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
+from fedgpu.errors import FedgpuError
 from fedgpu.nvml.devices import MIB, GpuState, Nvml, open_nvml
 from fedgpu.nvml.measure import FEDGPU_GPU
+from fedgpu.output import write_atomic
 
 POLICIES = ("free", "round-robin")
 DEFAULT_ESTIMATE_MIB = 1024.0  # before a flag or a measured child says otherwise
@@ -44,11 +46,11 @@ ENV_TIMEOUT = "FEDGPU_ADMISSION_TIMEOUT"
 ENV_LEDGER = "FEDGPU_LEDGER"
 
 
-class PlacementError(RuntimeError):
+class PlacementError(FedgpuError):
     """No child can be placed: bad settings, or a request no GPU could ever hold."""
 
 
-class AdmissionTimedOut(RuntimeError):
+class AdmissionTimedOut(FedgpuError):
     """No GPU had room for the request within the admission timeout."""
 
 
@@ -182,10 +184,7 @@ class Ledger:
             try:
                 state = self._load()
                 yield state
-                tmp = f"{self.path}.{os.getpid()}.tmp"
-                with open(tmp, "w") as out:
-                    json.dump(state, out)
-                os.replace(tmp, self.path)
+                write_atomic(self.path, json.dumps(state), mode=0o600)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 

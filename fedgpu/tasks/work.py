@@ -39,9 +39,11 @@ def warm_up(task: str) -> None:
     load_task(task).warm_up()
 
 
-def initial_arrays(settings: WorkSettings) -> list:
+def initial_arrays(settings: WorkSettings) -> dict:
+    """The initial model as name -> array (its state_dict's names, in order)."""
     task, _ = _setup(settings)
-    return task.get_arrays(task.build_model())
+    model = task.build_model()
+    return dict(zip(task.array_keys(model), task.get_arrays(model)))
 
 
 def _model_with(task: Any, arrays: list, device: str) -> Any:

@@ -3,6 +3,13 @@
 ``FEDGPU_FAULTS="0=raise,1=segfault,2=sigkill,3=hang"``: partition 0's first
 train raises, 1's segfaults, 2's is SIGKILLed, 3's hangs. Each fault happens
 once (a marker in ``FEDGPU_FAULTS_DIR``), so the next round is normal.
+
+More faults: ``sigstop`` (the child stops itself), ``loop`` (spins forever),
+``setsid`` (starts a grandchild in a session of its own, writes its pid to
+``FEDGPU_FAULTS_DIR/grandchild-<partition>``, then trains normally), and bad
+replies that train normally but send ``badshape`` (the first array reshaped),
+``extra`` (one array too many), ``missing`` (one too few), ``nan`` (a NaN in
+the first array) or ``zero`` (0 examples).
 ``FEDGPU_SLOW_SERVER_EVAL=S``: the server's evaluation of the global model takes S seconds more.
 """
 
@@ -10,10 +17,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from typing import Any
 
+import numpy as np
+
 from fedgpu.tasks.digits import DigitsTask
+
+REPLY_FAULTS = ("badshape", "extra", "missing", "nan", "zero")
 
 
 def _faults() -> dict[int, str]:
@@ -21,7 +33,7 @@ def _faults() -> dict[int, str]:
     return {int(part): fault for part, _, fault in (item.partition("=") for item in plan.split(",") if item)}
 
 
-def _misbehave(fault: str) -> None:
+def _misbehave(fault: str, partition: int) -> None:
     if fault == "raise":
         raise ValueError("injected fault: bad batch")
     if fault == "segfault":
@@ -32,11 +44,23 @@ def _misbehave(fault: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "hang":
         time.sleep(3600)
+    if fault == "sigstop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if fault == "loop":
+        while True:
+            pass
+    if fault == "setsid":
+        grandchild = subprocess.Popen(["sleep", "3600"], start_new_session=True)
+        path = os.path.join(os.environ["FEDGPU_FAULTS_DIR"], f"grandchild-{partition}")
+        with open(path + ".tmp", "w") as out:
+            out.write(str(grandchild.pid))
+        os.replace(path + ".tmp", path)
 
 
 class FaultyDigits(DigitsTask):
     name = "faulty-digits"
     _partition: int | None = None
+    _reply_fault: str | None = None
 
     def load_train_partition(self, partition_id: int, num_partitions: int) -> Any:
         self._partition = partition_id
@@ -52,5 +76,25 @@ class FaultyDigits(DigitsTask):
             marker = os.path.join(os.environ["FEDGPU_FAULTS_DIR"], f"done-{self._partition}")
             if not os.path.exists(marker):
                 open(marker, "w").close()
-                _misbehave(fault)
-        return super().train(model, data, **kwargs)
+                if fault in REPLY_FAULTS:
+                    self._reply_fault = fault
+                else:
+                    _misbehave(fault, self._partition)
+        metrics = super().train(model, data, **kwargs)
+        if self._reply_fault == "zero":
+            metrics["num-examples"] = 0
+        return metrics
+
+    def get_arrays(self, model: Any) -> list[np.ndarray]:
+        arrays = super().get_arrays(model)
+        fault = self._reply_fault
+        if fault == "badshape":
+            arrays[0] = arrays[0].reshape(-1)[:9].reshape(3, 3)
+        elif fault == "extra":
+            arrays.append(np.zeros(3, dtype=np.float32))
+        elif fault == "missing":
+            arrays.pop()
+        elif fault == "nan":
+            arrays[0] = arrays[0].copy()
+            arrays[0].flat[0] = np.nan
+        return arrays
