@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=6, help="messages per mode through Flower")
     args = parser.parse_args()
     with Isolator("spawn") as iso:
-        arrays = iso.run(initial_arrays, (WorkSettings("digits"),), timeout=600).value
+        arrays = list(iso.run(initial_arrays, (WorkSettings("digits"),), timeout=600).value.values())
 
     core = core_overheads(arrays, args.calls)
     warm = median(r["wall"] for r in core["none"])

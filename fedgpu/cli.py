@@ -251,14 +251,20 @@ def report(run_dirs: tuple[str, ...]) -> None:
     """Print a run's memory per round, or two runs side by side (B - A)."""
     from fedgpu.monitor.memory import TIMELINE_FILE
     from fedgpu.monitor.report import one_run, two_runs
-    from fedgpu.monitor.summary import SUMMARY_FILE, load_summary
+    from fedgpu.monitor.summary import SUMMARY_FILE, load_summary_checked
 
     if len(run_dirs) > 2:
         _fail(f"report takes one or two run directories, got {len(run_dirs)}")
+    summaries = []
     for run_dir in run_dirs:
         if not any((Path(run_dir) / name).is_file() for name in (SUMMARY_FILE, TIMELINE_FILE)):
             _fail(f"{run_dir}: not a run directory (no {SUMMARY_FILE} or {TIMELINE_FILE})")
-    summaries = [load_summary(run_dir) for run_dir in run_dirs]
+        summary, problems = load_summary_checked(run_dir)
+        if summary is None:
+            _fail(f"{run_dir}: nothing to report: {'; '.join(problems)}")
+        for problem in problems:
+            click.echo(f"fedgpu: warning: {run_dir}: {problem}", err=True)
+        summaries.append(summary)
     if len(run_dirs) == 1:
         click.echo(one_run(run_dirs[0], summaries[0]))
     else:
@@ -280,6 +286,7 @@ def report(run_dirs: tuple[str, ...]) -> None:
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
 @click.option("--root-certificates", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS: the CA certificate the SuperLink's certificate is checked against [default: insecure].")
 @click.option("--auth-private-key", type=click.Path(exists=True, dir_okay=False), default=None, help="SuperNode authentication: this node's private key (its public key registered with the server; needs TLS).")
+@click.option("--check", is_flag=True, help="Only check the options and exit 0; connect to nothing.")
 @placement_options
 def client(**options: object) -> None:
     """Run a long-lived client node; with --mp each message runs in a child."""
@@ -310,6 +317,12 @@ def client(**options: object) -> None:
     if taken:
         _fail(f"--node-config: {', '.join(taken)} come from their own options")
     node_config.update(extra)
+    if options["check"]:
+        if options["mp"]:
+            checked = _open_placer(placement, quiet=True)
+            if checked is not None:
+                checked.close()
+        return
     zygote_dir = options["zygote_dir"]
     if zygote_dir and options["mp"] and options["isolation"] == "zygote":
         _check_zygote(str(zygote_dir))

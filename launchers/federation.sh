@@ -54,6 +54,7 @@ options:
                        SuperLink's certificate and one key per node are made in
                        RUN_DIR/certs (launchers/make-certs.sh)
   --port P             SuperLink port (default: a free one)
+  --force              start even when this host seems too small for the clients
   --run-dir DIR        output directory (default: runs/<timestamp>)
   --timeout S          seconds a message may run before its child is killed
   --isolation MODE     zygote (default: one warm process per host forks each
@@ -81,9 +82,11 @@ mp=1
 task=digits
 isolation=zygote
 port=""
+port_given=0
 run_dir=""
 gpus=""
 tls=0
+force=0
 while (($#)); do
     case $1 in
     -h | --help)
@@ -92,6 +95,7 @@ while (($#)); do
         ;;
     --no-mp) mp=0 && shift ;;
     --tls) tls=1 && shift ;;
+    --force) force=1 && shift ;;
     --task | --port | --run-dir | --timeout | --eval-sampled | --lr | --lr-decay | --local-epochs | --batch-size | \
         --partitioner | --alpha | --seed | --data-files | --task-option | --device | --threads | --message-timeout | --start-timeout | --isolation | \
         --gpus | --placement | --gpu-mem | --admission-timeout)
@@ -99,7 +103,7 @@ while (($#)); do
         case $1 in
         --task) task=$2 ;;
         --isolation) isolation=$2 ;;
-        --port) port=$2 ;;
+        --port) port=$2 && port_given=1 ;;
         --run-dir) run_dir=$2 ;;
         --timeout) client_args+=(--timeout "$2") ;;
         --gpus)
@@ -124,8 +128,9 @@ while (($#)); do
 done
 
 fedgpu_read_shape "${positional[@]}"
-if [[ -n $port ]]; then
-    [[ $port =~ ^[0-9]+$ ]] && ((10#$port >= 1 && 10#$port <= 65535)) || die_usage "--port must be 1..65535, got '$port'"
+if ((port_given)); then
+    [[ $port =~ ^[0-9]{1,5}$ ]] && ((10#$port >= 1 && 10#$port <= 65535)) || die_usage "--port must be 1..65535, got '$port'"
+    port=$((10#$port))
 fi
 [[ -z $gpus ]] || ((mp)) || die_usage "--gpus needs the children of --mp (drop --no-mp)"
 [[ $isolation == zygote || $isolation == spawn ]] || die_usage "--isolation must be zygote or spawn, got '$isolation'"
@@ -145,6 +150,16 @@ FEDGPU=$ROOT/.venv/bin/fedgpu
 server_command=("$FEDGPU" server --rounds "$rounds" --min-clients "$min" --sampled "$sampled" --port "$port" "${server_args[@]}")
 if ! check=$("${server_command[@]}" --check 2>&1 >/dev/null); then
     die_usage "$(printf '%s\n' "$check" | grep -v '^\s*$' | tail -n 1 | sed 's/^fedgpu: error: //')"
+fi
+# The client nodes' own options (--timeout, --gpus, ...), checked the same way.
+mp_flag=--mp
+((mp)) || mp_flag=--no-mp
+if ! check=$("$FEDGPU" client --check "$mp_flag" --superlink "127.0.0.1:$port" --partition-id 0 --num-partitions "$clients" \
+    "${client_args[@]}" 2>&1 >/dev/null); then
+    die_usage "$(printf '%s\n' "$check" | grep -v '^\s*$' | tail -n 1 | sed 's/^fedgpu: error: //')"
+fi
+if ((!force)) && ! check=$("$PY" -m fedgpu.capacity "$clients" "$sampled" $( ((mp)) || echo --no-mp) 2>&1); then
+    die_usage "$check"
 fi
 
 if [[ -z $run_dir ]]; then
@@ -212,8 +227,6 @@ wait_nodes_registered() { # first last: until those nodes have a SuperNode ID (o
     done
 }
 
-mp_flag=--mp
-((mp)) || mp_flag=--no-mp
 clients_pids=()
 # In waves of 4 per core, each registered with the SuperLink before the next
 # starts: a hundred interpreters importing Flower at once on a small host starve
@@ -249,5 +262,5 @@ while kill -0 "$server" 2>/dev/null; do
 done
 wait "$server"
 status=$?
-((status == 0)) || echo "run.sh: run failed (exit $status); see $run_dir/server.log" >&2
+((status == 0)) || echo "run.sh: run failed (exit $status); logs in $run_dir: serverapp.log (the ServerApp), server.log" >&2
 exit "$status"

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_SH = ROOT / "run.sh"
 FEDGPU = ROOT / ".venv" / "bin" / "fedgpu"
 FAKE_GPU_DIR = ROOT / "tests" / "fake_gpu"  # a fake pynvml, a fake CUDA, a task that uses them
+PLUGINS = ROOT / "tests" / "plugins"  # tasks that misbehave on purpose
 
 
 def load_fake_pynvml():

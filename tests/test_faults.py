@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, pid_alive, read_metrics, run_federation
+from helpers import PLUGINS, pid_alive, read_metrics, run_federation
 
-PLUGINS = ROOT / "tests" / "plugins"
 
 
 @pytest.fixture
@@ -89,3 +88,19 @@ def test_stopped_looping_children_are_stopped_by_the_deadline_and_nothing_they_s
     assert (second["results"], second["failures"]) == ("3", "0"), second  # the same nodes serve round 2
     grandchild = int((tmp_path / "grandchild-2").read_text())
     assert not pid_alive(grandchild), "a grandchild in its own session outlived its call"
+
+
+def test_a_server_app_that_fails_says_why_on_the_console_and_names_its_log(faulty, tmp_path: Path, monkeypatch) -> None:
+    task = faulty("")
+    monkeypatch.setenv("FEDGPU_SERVER_EVAL_FAULT", "raise")  # the server's evaluation of the initial model raises
+    run_dir = tmp_path / "run"
+    code, output, _ = run_federation(run_dir, "2", "2", "2", "2", "--task", task)
+    assert code == 1, output
+    line = (
+        "[fedgpu] run failed: the ServerApp's child raised OSError: injected fault: the test split is unreadable "
+        f"(traceback in {run_dir / 'serverapp.log'})"
+    )
+    assert line in output, output
+    assert "OSError: injected fault" in (run_dir / "serverapp.log").read_text()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "failed" and report["failure"]["kind"] == "ServerApp raised", report

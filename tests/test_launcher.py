@@ -12,6 +12,7 @@ import pytest
 
 from helpers import (
     FEDGPU,
+    PLUGINS,
     RUN_SH,
     call_children,
     free_port,
@@ -48,6 +49,17 @@ RUN_SH_BAD_INPUT = [
     (["2", "2", "1", "1", "--task", "vit-flowers", "--task-option", "weights=bogus"], "task vit-flowers: weights must be one of IMAGENET1K_V1, none"),
     (["2", "2", "1", "1", "--task-option", "nonsense"], "--task-option 'nonsense': expected KEY=VALUE"),
     (["2", "2", "1", "1", "--task-option", "colour=red"], "task 'digits' got unknown option(s): colour"),
+    # Numbers are read as text: no wrap-around, no silent default.
+    (["18446744073709551617", "2", "1", "1"], "clients must be at most 999999, got '18446744073709551617'"),
+    (["2", "2", "1", "1", "--port", ""], "--port must be 1..65535, got ''"),
+    # A host that cannot hold the clients is refused with the estimate (--force overrides).
+    (["100000", "1", "1", "1"], "100000 client nodes need about"),
+    # The client nodes' own options, checked before anything starts:
+    (["2", "2", "1", "1", "--timeout", "-5"], "'--timeout': -5.0 is not in the range x>0"),
+    (["2", "2", "1", "1", "--start-timeout", "0"], "'--start-timeout': 0.0 is not in the range x>0"),
+    # A task module that exists but does not import (tests/plugins/broken_task.py):
+    (["2", "2", "1", "1", "--task", "broken_task:BrokenDigits"],
+     "task 'broken_task:BrokenDigits' does not load: raised ModuleNotFoundError: No module named 'no_such_dependency'"),
 ]
 
 
@@ -55,8 +67,8 @@ RUN_SH_BAD_INPUT = [
 def test_run_sh_rejects_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
     run_dir = tmp_path / "run"
     # No network here, as in CI: HF_HUB_OFFLINE makes that certain for the download case.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([str(RUN_SH), "--run-dir", str(run_dir), *args], capture_output=True, text=True, timeout=60, env=env)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([str(RUN_SH), "--run-dir", str(run_dir), *args], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run.sh: ") and message in lines[0], done.stderr
@@ -95,7 +107,12 @@ FEDGPU_BAD_INPUT = [
     (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--zygote", "/nonexistent/z"],
      "--zygote /nonexistent/z: no such directory"),
     (["zygote", "--dir", "/tmp", "--task", "bogus"], "unknown task 'bogus'"),
-    (["zygote", "--dir", "/tmp"], "--dir /tmp: must be a private directory (mode 0700)"),
+    (["zygote", "--dir", "/tmp"], "--dir /tmp: directory /tmp is open to group or others (mode 1777); it must be a private directory (mode 0700)"),
+    (["zygote", "--dir", "/etc/passwd/sub"], "--dir /etc/passwd/sub: cannot create /etc/passwd/sub: Not a directory"),
+    (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--zygote", "/tmp"],
+     "--zygote /tmp: directory /tmp is open to group or others (mode 1777); it must be a private directory (mode 0700)"),
+    (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--timeout", "-5"],
+     "'--timeout': -5.0 is not in the range x>0"),
     (["server", "--ssl-certfile", "/etc/passwd"], "TLS needs all three of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile"),
     (["server", "--auth-public-keys", "/etc/passwd"], "--auth-public-keys needs TLS"),
     (["server", "--ssl-ca-certfile", "/nonexistent/ca.crt"], "'--ssl-ca-certfile': File '/nonexistent/ca.crt' does not exist"),

@@ -94,3 +94,42 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_server_without_enough_nodes_gives_up_after_the_start_timeout(tmp_path: Path) -> None:
+    run_dir, port = tmp_path / "run", free_port()
+    run_dir.mkdir()
+    env = {**os.environ, "FEDGPU_RUN_DIR": str(run_dir)}
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(FEDGPU), "server", "--rounds", "2", "--min-clients", "2", "--sampled", "2", "--start-timeout", "8",
+         "--port", str(port), "--run-dir", str(run_dir)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    took = time.monotonic() - started
+    leftovers = kill_leftovers(run_dir)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "[fedgpu] run failed: only 0 of 2 client nodes registered within 8 s" in done.stdout, done.stdout
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "failed" and report["failure"]["kind"] == "too few nodes", report
+    assert not leftovers, leftovers
+    assert took < 200, took
+
+
+def test_a_node_that_dies_before_round_1_fails_the_run_after_the_start_timeout(tmp_path: Path) -> None:
+    """Three nodes to start, one dies before it registers: no waiting forever, exit 3, nothing left."""
+    run_dir, port = tmp_path / "run", free_port()
+    proc = start_run_sh(["3", "3", "2", "1", "--start-timeout", "20", "--port", str(port), "--run-dir", str(run_dir)])
+    with cleaned_up(proc, run_dir):
+        def node_2() -> list[int]:
+            return [pid for pid, cmd in processes_with_env("FEDGPU_RUN_DIR", str(run_dir)).items()
+                    if "fedgpu client" in cmd and "--partition-id 2 " in cmd]
+
+        assert wait_for(node_2, timeout=120, interval=0.05), "client node 2 never started"
+        assert "SuperNode ID" not in read_or_empty(run_dir / "client-2.log")
+        for pid in node_2():
+            os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 3, out + err
+        assert "[fedgpu] run failed: only 2 of 3 client nodes registered within 20 s" in out, out + err
+        assert wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), timeout=15)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from fedgpu.monitor.events import emit
+from fedgpu.monitor.events import emit, read_events
 from fedgpu.monitor.memory import MemoryMonitor
 from fedgpu.monitor.plot import write_plot
-from fedgpu.monitor.summary import write_summary
+from fedgpu.monitor.summary import read_timeline, write_summary
 from fedgpu.nvml.devices import Nvml
 from helpers import FEDGPU
 
@@ -143,3 +143,100 @@ def test_without_a_gpu_the_same_files_come_from_host_memory(fake_gpus, tmp_path:
     write_plot(str(run_dir), summary)
     out = subprocess.run([str(FEDGPU), "report", str(run_dir)], capture_output=True, text=True, timeout=60).stdout
     assert summary["note"] in out and "host at rest MiB" in out and "ours at rest" not in out
+
+
+def test_samples_taken_back_to_back_stay_apart(fake_gpus, tmp_path: Path) -> None:
+    """A busy host delays the monitor, which then samples twice in quick succession: the two
+    must stay two moments (they were merged into one, doubling every figure, in a loaded CI)."""
+    fake_gpus({"total_mib": 1000})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {**os.environ, "FEDGPU_RUN_DIR": str(run_dir)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, "120"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monitor = MemoryMonitor(str(run_dir), str(run_dir), nvml=Nvml.open())
+        emit("child-start", str(run_dir), pid=holder.pid, role="client-child", client=0, round=1, message="train")
+        monitor.registry.absorb(read_events(str(run_dir)))
+        for _ in range(50):
+            monitor.sample_gpus()
+        monitor.stop()
+    finally:
+        holder.kill()
+        holder.wait()
+    gpu, _ = read_timeline(str(run_dir))
+    assert len(gpu) == 50
+    assert {moment.ours for moment in gpu} == {300.0} and {moment.holders for moment in gpu} == {1}
+
+
+def test_a_timeline_that_cannot_be_written_stops_the_monitor_and_says_which_file(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    errors = []
+    monitor = MemoryMonitor(str(run_dir), str(run_dir), nvml=None, host_interval=(0.05, 0.05), on_error=errors.append)
+    monitor._file.close()
+    monitor._file = open("/dev/full", "w")  # noqa: SIM115 - the device of a full disk: every write fails
+    monitor._csv = csv.writer(monitor._file)
+    monitor.start()
+    deadline = time.monotonic() + 30
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.05)
+    monitor.stop()
+    assert errors and str(errors[0]) == f"cannot write {run_dir / 'memory.csv'}: No space left on device"
+    assert monitor.error is errors[0]
+
+
+@pytest.fixture
+def recorded_run(tmp_path: Path) -> Path:
+    """A real timeline and events of a short round, without a GPU: memory.csv, events.jsonl."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monitor = MemoryMonitor(str(run_dir), str(run_dir), nvml=None, no_gpu_reason="no GPU here", host_interval=(0.05, 0.1)).start()
+    emit("round-start", str(run_dir), round=1)
+    time.sleep(0.5)
+    emit("round-end", str(run_dir), round=1)
+    time.sleep(0.3)
+    monitor.stop()
+    return run_dir
+
+
+def _report(run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(FEDGPU), "report", str(run_dir)], capture_output=True, text=True, timeout=60)
+
+
+def test_report_on_a_timeline_cut_by_a_kill_still_reports_with_a_note(recorded_run: Path) -> None:
+    data = (recorded_run / "memory.csv").read_bytes()
+    rows = data.count(b"\n") - 1  # below the header
+    (recorded_run / "memory.csv").write_bytes(data[: data.rstrip(b"\n").rfind(b",")])  # the last row cut mid-way
+    done = _report(recorded_run)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^\s*1\s", done.stdout, re.M), done.stdout  # round 1 is reported
+    assert done.stderr.strip() == (
+        f"fedgpu: warning: {recorded_run}: memory.csv: 1 of {rows} rows unreadable and skipped "
+        "(the last one cut short: the run was stopped mid-write)"
+    ), done.stderr
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "foreign-json", "foreign-json-alone", "garbage-json"])
+def test_report_on_damaged_files_warns_or_refuses_in_one_line(recorded_run: Path, damage: str) -> None:
+    timeline, summary = recorded_run / "memory.csv", recorded_run / "memory.json"
+    if damage == "garbage":
+        timeline.write_bytes(bytes(range(256)) * 20)
+    elif damage == "empty":
+        timeline.write_bytes(b"")
+        summary.write_bytes(b"")
+    elif damage.startswith("foreign-json"):
+        summary.write_text('{"rounds": [{"round": "one"}], "hello": "world"}')
+        if damage == "foreign-json-alone":
+            timeline.unlink()
+    else:
+        summary.write_bytes(b"\xff\xfe{not json")
+    done = _report(recorded_run)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    if damage in ("foreign-json", "garbage-json"):  # the timeline is still there: reported, with a warning
+        assert done.returncode == 0 and re.search(r"^\s*1\s", done.stdout, re.M), done
+        assert len(lines) == 1 and lines[0].startswith(f"fedgpu: warning: {recorded_run}: memory.json: "), lines
+    else:
+        assert done.returncode == 2 and len(lines) == 1, done
+        assert lines[0].startswith(f"fedgpu: error: {recorded_run}: nothing to report: "), lines

@@ -106,3 +106,24 @@ def test_a_job_runs_on_a_fake_two_node_allocation(tmp_path: Path) -> None:
 
 def _option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
+
+
+def test_a_job_whose_node_step_died_ends_after_the_start_timeout(tmp_path: Path) -> None:
+    """One node's step dies before its client nodes register: the job fails with exit 3 instead of
+    waiting for the allocation's time limit, and stops the other steps."""
+    run_dir, port = tmp_path / "r", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="78", SLURM_JOB_NODELIST="localhost,127.0.0.1", PATH=f"{FAKE_SLURM}{os.pathsep}{env['PATH']}",
+               FAKE_SRUN_DEAD_HOST="127.0.0.1")
+    job = subprocess.Popen([str(RUN_JOB), "4", "4", "2", "1", "--run-dir", str(run_dir), "--port", str(port),
+                            "--start-timeout", "20"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        leftovers = kill_leftovers(run_dir)
+    assert job.returncode == 3, out + err
+    assert "[fedgpu] run failed: only 2 of 4 client nodes registered within 20 s" in out, out + err
+    assert not leftovers, leftovers

@@ -26,7 +26,7 @@ def train(msg: Message, context: Context) -> Message:
 
     arrays = msg.content["arrays"].to_numpy_ndarrays()
     started = time.perf_counter()
-    new_arrays, _ = train_partition(WorkSettings("digits"), arrays, 0, 10, epochs=1, lr=0.05)
+    new_arrays, _, _ = train_partition(WorkSettings("digits"), arrays, 0, 10, epochs=1, lr=0.05)
     work = time.perf_counter() - started
     metrics = MetricRecord({"work-seconds": work, "pid": os.getpid(), "returned-at": time.time()})
     return Message(RecordDict({"arrays": ArrayRecord(new_arrays), "metrics": metrics}), reply_to=msg)

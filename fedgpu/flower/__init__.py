@@ -1,9 +1,21 @@
 """Flower integration: client nodes, server and apps; knows nothing of CUDA.
 
 Importing this package never imports torch. ``isolate`` is the one wrapper a
-Flower user needs to run their own ClientApp's work in short-lived children.
+Flower user needs to run their own ClientApp's work in short-lived children;
+``CheckedStrategy`` wraps their strategy so that a bad reply costs one message.
 """
+
+from typing import Any
 
 from fedgpu.flower.isolate import isolate
 
-__all__ = ["isolate"]
+__all__ = ["CheckedStrategy", "isolate"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: a client node never loads the server's strategies.
+    if name == "CheckedStrategy":
+        from fedgpu.flower.checks import CheckedStrategy
+
+        return CheckedStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

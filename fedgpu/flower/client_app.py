@@ -7,7 +7,7 @@ functions when they run, never when this module is imported.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedgpu.flower.records import named_record
@@ -15,6 +15,7 @@ from fedgpu.flower.settings import RunSettings
 from fedgpu.tasks.work import evaluate_partition, train_partition
 
 app = ClientApp()
+WARNINGS_RECORD = "warnings"  # what the run should know, e.g. a partition smaller than one batch
 
 
 def _settings(context: Context) -> RunSettings:
@@ -33,7 +34,7 @@ def _partition(context: Context) -> tuple[int, int]:
 def train(msg: Message, context: Context) -> Message:
     settings = _settings(context)
     config = msg.content["config"]
-    arrays, metrics = train_partition(
+    arrays, metrics, warnings = train_partition(
         settings.work(),
         msg.content["arrays"].to_numpy_ndarrays(),
         *_partition(context),
@@ -42,6 +43,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     # The reply names its arrays as the server did: the server checks them by name.
     content = RecordDict({"arrays": named_record(arrays, list(msg.content["arrays"].keys())), "metrics": MetricRecord(metrics)})
+    if warnings:
+        content[WARNINGS_RECORD] = ConfigRecord({str(i): text for i, text in enumerate(warnings)})
     return Message(content=content, reply_to=msg)
 
 

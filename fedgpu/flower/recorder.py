@@ -13,7 +13,7 @@ import platform
 import time
 from dataclasses import asdict
 from importlib import metadata
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.supercore import log
 
+from fedgpu.flower.client_app import WARNINGS_RECORD
 from fedgpu.flower.failures import Failure, no_reply
 from fedgpu.flower.runner import FEDGPU_RECORD
 from fedgpu.monitor.events import emit
@@ -80,6 +81,7 @@ class RunRecorder:
         }
         self._round: dict[str, Any] | None = None
         self._round_started = 0.0
+        self._warned = False
         self._metrics_path = self.run_dir / "metrics.csv"
         write_atomic(self._metrics_path, _csv_line(METRICS_COLUMNS))
         self._write_report()
@@ -102,8 +104,13 @@ class RunRecorder:
         for _ in range(max(0, missing)):
             failure = no_reply(timeout).where(round=server_round)
             self._round["failed_messages"].append({"type": kind, "node_id": None, **failure_fields(failure)})
+        noted: list[str] = []
         for reply in replies:
             entry: dict[str, Any] = {"type": kind, "node_id": reply.metadata.src_node_id}
+            if not reply.has_error() and WARNINGS_RECORD in reply.content.config_records:
+                stamp = reply.content.config_records.get(FEDGPU_RECORD)
+                who = f"client {stamp['client']}: " if stamp is not None and "client" in stamp else ""
+                noted += [f"{who}{text}" for text in reply.content[WARNINGS_RECORD].values()]
             if reply.has_error():
                 failure = Failure.from_error(reply.error).where(round=server_round)
                 self._round["failed_messages"].append({**entry, **failure_fields(failure)})
@@ -113,6 +120,12 @@ class RunRecorder:
             if FEDGPU_RECORD in reply.content:
                 entry.update(dict(reply.content[FEDGPU_RECORD]))
             self._round["messages"].append(entry)
+        if noted and not self._warned:
+            # Once per run: the same warning from every client would drown the rounds.
+            self._warned = True
+            more = f" (and {len(noted) - 1} more alike)" if len(noted) > 1 else ""
+            log(WARNING, "[fedgpu] warning: %s%s", noted[0], more)
+            self.report.setdefault("warnings", []).extend(noted)
 
     def server_evaluated(self, server_round: int, metrics: dict[str, Any], seconds: float) -> None:
         figures = {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]), "seconds": seconds}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from logging import ERROR, INFO
+from pathlib import Path
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,7 +24,7 @@ from fedgpu.flower.recorder import RunRecorder
 from fedgpu.flower.server import RUN_FAILED_MARK
 from fedgpu.flower.settings import RunSettings, zygote_warm_ups
 from fedgpu.flower.strategy import ExactFedAvg, TooFewNodes
-from fedgpu.isolation import Isolator
+from fedgpu.isolation import IsolationError, Isolator
 from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
 from fedgpu.output import OutputError
 from fedgpu.tasks.work import evaluate_global, initial_arrays
@@ -74,14 +75,14 @@ def main(grid: Grid, context: Context) -> None:
         arrays = _federate(grid, settings, recorder)
         recorder.finish(arrays)
     except BaseException as err:
-        kind, detail, more = _failure_of(err)
+        kind, detail, more = _failure_of(err, Path(settings.run_dir) / "serverapp.log")
         recorder.fail(kind, detail, **more)
         # One line on the launcher's console (it shows "[fedgpu] " lines), the traceback in serverapp.log.
         log(ERROR, "%s%s", RUN_FAILED_MARK, detail)
         raise
 
 
-def _failure_of(err: BaseException) -> tuple[str, str, dict[str, Any]]:
+def _failure_of(err: BaseException, log_file: Path) -> tuple[str, str, dict[str, Any]]:
     """(kind, one line, more fields) of what ended the run, for report.json."""
     if isinstance(err, TooFewNodes):
         return "too few nodes", str(err), {"exit_code": err.exit_code}
@@ -89,8 +90,10 @@ def _failure_of(err: BaseException) -> tuple[str, str, dict[str, Any]]:
         return "output", str(err), {"path": err.path}
     if isinstance(err, (KeyboardInterrupt, SystemExit)):
         return "stopped", f"stopped by {type(err).__name__}", {}
+    if isinstance(err, IsolationError):  # the server's own evaluation, in its child
+        return "ServerApp raised", f"the ServerApp's child {err.reason} (traceback in {log_file})", {}
     first = str(err).splitlines()[0] if str(err) else ""
-    return "ServerApp raised", f"the ServerApp raised {type(err).__name__}: {first} (traceback in serverapp.log)", {}
+    return "ServerApp raised", f"the ServerApp raised {type(err).__name__}: {first} (traceback in {log_file})", {}
 
 
 def _federate(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> ArrayRecord | None:

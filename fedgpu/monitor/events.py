@@ -56,10 +56,19 @@ class EventsTail:
         events = []
         for line in lines:
             try:
-                events.append(json.loads(line))
+                event = json.loads(line)
             except ValueError:
                 continue
+            if _well_formed(event):
+                events.append(event)
         return events
+
+
+def _well_formed(event: Any) -> bool:
+    """An event as ``emit`` writes it: a time, a name, and a whole round number where it names a round."""
+    if not isinstance(event, dict) or not isinstance(event.get("t"), (int, float)) or not isinstance(event.get("event"), str):
+        return False
+    return event["event"] not in ("round-start", "round-end") or isinstance(event.get("round"), int)
 
 
 def read_events(run_dir: str) -> list[dict[str, Any]]:

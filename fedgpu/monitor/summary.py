@@ -41,37 +41,58 @@ class Moment:
     roles: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
-def read_timeline(run_dir: str) -> tuple[list[Moment], list[Moment]]:
-    """(GPU moments, host moments), each in time order."""
+def read_timeline(run_dir: str, problems: list[str] | None = None) -> tuple[list[Moment], list[Moment]]:
+    """(GPU moments, host moments), each in time order.
+
+    Rows that cannot be read (a line cut short by a kill, bytes that are not
+    text) are skipped and counted in ``problems``, one line each kind.
+    """
     gpu: dict[float, Moment] = {}
     host: dict[float, Moment] = {}
+    path = os.path.join(run_dir, TIMELINE_FILE)
     try:
-        handle = open(os.path.join(run_dir, TIMELINE_FILE), newline="")
+        handle = open(path, newline="", errors="replace")  # noqa: SIM115 - closed below
     except OSError:
         return [], []
+    skipped = rows = 0
+    last_cut = False
     with handle:
-        for row in csv.DictReader(handle):
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or "time" not in reader.fieldnames or "source" not in reader.fieldnames:
+            if problems is not None:
+                problems.append(f"{TIMELINE_FILE}: not a fedgpu memory timeline (no time and source columns)")
+            return [], []
+        for row in reader:
+            rows += 1
             try:
-                t, used = float(row["time"]), float(row["used_mib"] or 0)
-            except (KeyError, ValueError):
-                continue  # a line cut short by a crash
-            source = row["source"]
+                if None in row.values() or None in row:  # fewer (or more) fields than columns: cut short
+                    raise ValueError("cut short")
+                t, used, source = float(row["time"]), float(row["used_mib"] or 0), str(row["source"])
+                role, client = str(row["role"] or ""), str(row["client"] or "")
+            except (KeyError, TypeError, ValueError):
+                skipped += 1  # a line cut short by a crash, or not ours
+                last_cut = True
+                continue
+            last_cut = False
             moments = gpu if source.startswith("gpu") else host
             moment = moments.setdefault(t, Moment(t))
             if source == "gpu":
                 moment.total += used
-                moment.per_gpu[row["gpu"]] = used
+                moment.per_gpu[str(row.get("gpu") or "")] = used
             elif source == "host":
                 moment.total = used
-            elif row["role"] != NOT_OURS:
+            elif role != NOT_OURS:
                 moment.ours += used
                 if used > 0:
                     moment.holders += 1
-                moment.roles[row["role"]] += used
-                if row["client"] != "":
-                    moment.clients[row["client"]] += used
+                moment.roles[role] += used
+                if client != "":
+                    moment.clients[client] += used
                     if used > 0:
-                        moment.client_holders.add(row["client"])
+                        moment.client_holders.add(client)
+    if skipped and problems is not None:
+        cut = " (the last one cut short: the run was stopped mid-write)" if last_cut else ""
+        problems.append(f"{TIMELINE_FILE}: {skipped} of {rows} rows unreadable and skipped{cut}")
     return [gpu[t] for t in sorted(gpu)], [host[t] for t in sorted(host)]
 
 
@@ -211,8 +232,41 @@ def write_summary(run_dir: str, timeline: Timeline | None = None) -> dict[str, A
 
 def load_summary(run_dir: str) -> dict[str, Any]:
     """memory.json, derived again from the timeline if it is missing."""
-    try:
-        with open(os.path.join(run_dir, SUMMARY_FILE)) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return summarise(run_dir)
+    summary, _ = load_summary_checked(run_dir)
+    return summary or summarise(run_dir)
+
+
+def load_summary_checked(run_dir: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """(the run's memory summary or None if nothing is usable, one-line problems found on the way).
+
+    memory.json when it is one of ours; else derived from memory.csv and
+    events.jsonl, with what could not be read said and skipped.
+    """
+    problems: list[str] = []
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    if os.path.exists(path):
+        try:
+            with open(path, errors="replace") as handle:
+                summary = json.load(handle)
+            if is_summary(summary):
+                return summary, problems
+            problems.append(f"{SUMMARY_FILE}: not a fedgpu memory summary (ignored)")
+        except (OSError, ValueError) as err:
+            problems.append(f"{SUMMARY_FILE}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); derived again from {TIMELINE_FILE}")
+    timeline = Timeline(*read_timeline(run_dir, problems), read_events(run_dir))
+    if not timeline.gpu and not timeline.host:
+        if os.path.exists(os.path.join(run_dir, TIMELINE_FILE)) and not any(p.startswith(TIMELINE_FILE) for p in problems):
+            problems.append(f"{TIMELINE_FILE}: no sample in it")
+        return None, problems
+    return summarise(run_dir, timeline), problems
+
+
+def is_summary(value: Any) -> bool:
+    """Whether a JSON value is a memory summary as ``summarise`` writes it."""
+    if not isinstance(value, dict) or not isinstance(value.get("rounds"), list) or "before_round_1" not in value:
+        return False
+    return all(
+        isinstance(entry, dict) and isinstance(entry.get("round"), int) and isinstance(entry.get("host"), dict)
+        and isinstance(entry.get("admission"), dict)
+        for entry in value["rounds"]
+    )

@@ -91,13 +91,26 @@ def load_task(name: str, options: dict[str, Any] | None = None) -> Task:
     return task_class(**(options or {}))
 
 
-def data_problem(name: str, options: dict[str, Any]) -> str | None:
-    """A one-line problem with the options or the data of a builtin task (None: none found).
+def _load_in_child(name: str, options: dict[str, Any]) -> None:
+    load_task(name, options)
+
+
+def data_problem(name: str, options: dict[str, Any], timeout: float = 300.0) -> str | None:
+    """A one-line problem with the options or the data of a task (None: none found).
 
     Builtin task modules import torch only inside methods, so the parent side
-    may construct and ask them; a user's task module is never imported there.
+    may construct and ask them; a user's task module is never imported here:
+    it is loaded once in a spawned child, so that a module that does not
+    import is found before anything starts.
     """
     if name.strip() not in BUILTIN_TASKS:
+        from fedgpu.isolation import IsolationError, Isolator
+
+        with Isolator("spawn") as isolator:
+            try:
+                isolator.run(_load_in_child, (name, options), timeout=timeout)
+            except IsolationError as err:
+                return f"task {name!r} does not load: {err.reason}"
         return None
     module_name, _, class_name = BUILTIN_TASKS[name.strip()].partition(":")
     task_class = getattr(importlib.import_module(module_name), class_name)

@@ -60,13 +60,25 @@ def evaluate_global(settings: WorkSettings, arrays: list) -> dict:
 
 def train_partition(
     settings: WorkSettings, arrays: list, partition_id: int, num_partitions: int, *, epochs: int, lr: float
-) -> tuple[list, dict]:
-    """Client side: local training on one partition; returns new arrays and metrics."""
+) -> tuple[list, dict, list[str]]:
+    """Client side: local training on one partition; returns new arrays, metrics and warnings."""
     task, device = _setup(settings)
     model = _model_with(task, arrays, device)
     data = task.load_train_partition(*task.partition_of(partition_id, num_partitions))
     metrics = task.train(model, data, epochs=epochs, lr=lr, device=device)
-    return task.get_arrays(model), metrics
+    return task.get_arrays(model), metrics, partition_warnings(data, partition_id, num_partitions)
+
+
+def partition_warnings(data: Any, partition_id: int, num_partitions: int) -> list[str]:
+    """A partition smaller than one batch trains on less than the batch size says: say so."""
+    batch = getattr(data, "batch_size", None)
+    try:
+        size = len(data.dataset)
+    except (AttributeError, TypeError):
+        return []
+    if isinstance(batch, int) and size < batch:
+        return [f"partition {partition_id} of {num_partitions} holds {size} examples, fewer than one batch ({batch})"]
+    return []
 
 
 def evaluate_partition(settings: WorkSettings, arrays: list, partition_id: int, num_partitions: int) -> dict:

@@ -10,7 +10,8 @@ More faults: ``sigstop`` (the child stops itself), ``loop`` (spins forever),
 replies that train normally but send ``badshape`` (the first array reshaped),
 ``extra`` (one array too many), ``missing`` (one too few), ``nan`` (a NaN in
 the first array) or ``zero`` (0 examples).
-``FEDGPU_SLOW_SERVER_EVAL=S``: the server's evaluation of the global model takes S seconds more.
+``FEDGPU_SLOW_SERVER_EVAL=S``: the server's evaluation of the global model takes S seconds more;
+``FEDGPU_SERVER_EVAL_FAULT=raise``: it raises.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class FaultyDigits(DigitsTask):
 
     def load_test_split(self) -> Any:
         time.sleep(float(os.environ.get("FEDGPU_SLOW_SERVER_EVAL", "0")))  # only the server evaluates on it
+        if os.environ.get("FEDGPU_SERVER_EVAL_FAULT") == "raise":
+            raise OSError("injected fault: the test split is unreadable")
         return super().load_test_split()
 
     def train(self, model: Any, data: Any, **kwargs: Any) -> dict:

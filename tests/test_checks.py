@@ -1,0 +1,70 @@
+"""CheckedStrategy around Flower's own FedAvg: a bad reply is one failure, the rest aggregate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedgpu.flower import CheckedStrategy
+from fedgpu.flower.failures import Failure
+from fedgpu.flower.transfer import adopt_task_identity, task_identity
+
+MODEL = {"conv1.weight": np.zeros((4, 1, 3, 3), np.float32), "fc.bias": np.zeros(10, np.float32)}
+
+
+@pytest.fixture(autouse=True)
+def in_a_run():
+    """Messages are made inside a Flower run: a task identity as the runtime would set it."""
+    saved = task_identity()
+    adopt_task_identity((7, 1, 1))
+    yield
+    adopt_task_identity(saved)
+
+
+def _record(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({name: Array(value) for name, value in arrays.items()})
+
+
+def _reply(node: int, arrays: dict, examples=10) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+    content = RecordDict({"arrays": _record(arrays), "metrics": MetricRecord({"num-examples": examples, "loss": 0.5})})
+    return Message(content, reply_to=instruction)
+
+
+def _replies() -> list[Message]:
+    good = [_reply(node, {name: np.full_like(v, node) for name, v in MODEL.items()}) for node in (1, 2)]
+    bad_shape = _reply(3, {"conv1.weight": np.zeros((2, 2), np.float32), "fc.bias": MODEL["fc.bias"]})
+    no_examples = _reply(4, dict(MODEL), examples=0)
+    return [*good, bad_shape, no_examples]
+
+
+def test_flowers_fedavg_alone_fails_the_round_on_one_bad_reply() -> None:
+    with pytest.raises(ValueError, match="broadcast"):
+        FedAvg().aggregate_train(1, _replies())
+
+
+def test_checked_fedavg_aggregates_the_good_replies_and_names_the_bad_ones() -> None:
+    seen = []
+    strategy = CheckedStrategy(FedAvg(), on_bad_reply=lambda rnd, reply, why: seen.append((rnd, reply.metadata.src_node_id, why)))
+    strategy.configure_train(1, _record(MODEL), ConfigRecord(), grid=_NoGrid())  # the round's global model
+    arrays, metrics = strategy.aggregate_train(1, _replies())
+    assert np.allclose(arrays["conv1.weight"].numpy(), 1.5) and np.allclose(arrays["fc.bias"].numpy(), 1.5)
+    assert metrics["loss"] == 0.5
+    assert seen == [
+        (1, 3, "array 'conv1.weight' has shape (2, 2), expected (4, 1, 3, 3)"),
+        (1, 4, "'num-examples' is 0, expected a positive integer"),
+    ]
+    checked = strategy.checked(1, _replies(), _record(MODEL))
+    failures = [Failure.from_error(reply.error) for reply in checked if reply.has_error()]
+    assert [(f.kind, f.round) for f in failures] == [("bad reply", 1), ("bad reply", 1)]
+    assert [reply.metadata.src_node_id for reply in checked] == [1, 2, 3, 4]  # still from the same nodes
+    assert strategy.fraction_train == FedAvg().fraction_train  # the wrapped strategy's own settings show through
+
+
+class _NoGrid:
+    """FedAvg's configure_train asks the grid for its nodes (and waits for at least two)."""
+
+    def get_node_ids(self):
+        return [1, 2, 3, 4]
