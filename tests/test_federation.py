@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 from helpers import pid_alive, read_metrics, run_federation
@@ -95,3 +96,14 @@ def test_without_mp_the_node_itself_loads_torch(tmp_path: Path) -> None:
     assert all(m["isolation"] == "none" and m["child-pid"] == m["node-pid"] for m in messages)
     assert all(m["node-torch-loaded"] is True for m in messages)
     assert any("fedgpu client" in cmd for cmd in sampler.long_lived(torch=True))
+
+
+def test_a_partition_smaller_than_one_batch_is_a_warning_on_the_console(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, output, _ = run_federation(run_dir, "2", "2", "2", "1", "--batch-size", "1000")
+    assert code == 0, output
+    warnings = [line for line in output.splitlines() if "[fedgpu] warning:" in line]
+    assert len(warnings) == 1, output  # once per run, not once per client and round
+    assert re.search(r"\[fedgpu\] warning: client [01]: partition [01] of 2 holds \d+ examples, fewer than one batch "
+                     r"\(1000\) \(and 1 more alike\)$", warnings[0]), warnings
+    assert len(json.loads((run_dir / "report.json").read_text())["warnings"]) == 2

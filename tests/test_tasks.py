@@ -72,6 +72,12 @@ def test_import_tasks_does_not_import_torch() -> None:
         "for name in fedgpu.tasks.BUILTIN_TASKS:\n"  # what the server's --check asks of each, parent side
         "    fedgpu.tasks.data_problem(name, {'data_files': '/nonexistent'})\n"
         "import fedgpu.bench_models, fedgpu.zoo\n"
+        # Every module of the parent side: client node, server, ServerApp, launchers' helpers, reports.
+        "import fedgpu.cli, fedgpu.capacity, fedgpu.output, fedgpu.slurm\n"
+        "import fedgpu.flower.node, fedgpu.flower.runner, fedgpu.flower.server, fedgpu.flower.server_app\n"
+        "import fedgpu.flower.client_app, fedgpu.flower.checks, fedgpu.flower.failures, fedgpu.flower.recorder\n"
+        "import fedgpu.monitor.memory, fedgpu.monitor.summary, fedgpu.monitor.report, fedgpu.monitor.host\n"
+        "import fedgpu.nvml.placement, fedgpu.isolation.zygote.server, fedgpu.isolation.zygote.caller\n"
         "heavy = {'torch', 'torchvision', 'datasets', 'flwr_datasets', 'sklearn', 'transformers'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
