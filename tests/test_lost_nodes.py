@@ -67,7 +67,9 @@ def test_a_node_killed_mid_run_the_others_finish_the_run(tmp_path: Path) -> None
     rows = read_metrics(run_dir)
     assert len(rows) == 2 and int(rows[0]["results"]) == 2 and int(rows[-1]["results"]) >= 2, rows
     failed = [f for r in json.loads((run_dir / "report.json").read_text())["rounds"] for f in r["failed_messages"]]
-    assert 1 <= len(failed) <= 2 and all("no reply within 30.0 s" == f["error"] or "Node Unavailable" in f["error"] for f in failed), failed
+    # Which of these it is depends on timing: the round's wait, the message's TTL, the node's heartbeat.
+    no_reply = {"no reply within 30.0 s", "no reply (the message expired, or its node left)", "node unavailable"}
+    assert 1 <= len(failed) <= 2 and all(f["kind"] in no_reply for f in failed), failed
     assert "[fedgpu] failures: " in out
 
 

@@ -25,7 +25,8 @@ MARK = "fedgpu-failure: "
 _FLOWER_KINDS = {
     ErrorCode.LOAD_CLIENT_APP_EXCEPTION: "ClientApp failed to load",
     ErrorCode.CLIENT_APP_RAISED_EXCEPTION: "ClientApp raised",
-    ErrorCode.MESSAGE_UNAVAILABLE: "message unavailable",
+    # A message lives as long as the server waits for its reply (its TTL): past that, Flower says this.
+    ErrorCode.MESSAGE_UNAVAILABLE: "no reply (the message expired, or its node left)",
     ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply expired",
     ErrorCode.NODE_UNAVAILABLE: "node unavailable",
     ErrorCode.MOD_FAILED_PRECONDITION: "mod failed",

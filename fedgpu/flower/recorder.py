@@ -212,7 +212,12 @@ def failure_summary(report: dict[str, Any], run_dir: Path, most_places: int = 4)
         return [f"[fedgpu] failures: none of {sent} messages in {len(rounds)} rounds", f"[fedgpu] {logs}"]
     lines = [f"[fedgpu] failures: {len(failed)} of {sent} messages, in {len({r for r, _ in failed})} of {len(rounds)} rounds"]
     kinds: dict[str, list[str]] = {}
-    for server_round, failure in failed:
+
+    def order(item: tuple[int, dict[str, Any]]) -> tuple[int, str, int, str]:
+        client = str(item[1].get("client", ""))
+        return item[0], item[1]["type"], int(client) if client.isdigit() else -1, client
+
+    for server_round, failure in sorted(failed, key=order):
         place = f"round {server_round} {failure['type']}"
         client = failure.get("client")
         if client not in (None, ""):

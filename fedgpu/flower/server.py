@@ -188,19 +188,23 @@ class Federation:
                 preexec_fn=_die_with_us,
             )
             assert stream.stdout is not None
-            for line in stream.stdout:
-                self.tail.append(line)
-                try:
-                    log_file.write(line)
-                    log_file.flush()
-                except OSError as err:
+            try:
+                for line in stream.stdout:
+                    self.tail.append(line)
+                    try:
+                        log_file.write(line)
+                        log_file.flush()
+                    except OSError as err:
+                        raise OutputError(log_path, err) from None
+                    started_run = started_run or RUN_STARTED_MARK in line
+                    if ROUND_LINE_MARK in line:
+                        console.write(line[line.index(ROUND_LINE_MARK) :])
+                        console.flush()
+                return started_run, stream.wait()
+            finally:
+                if stream.poll() is None:  # stopped early (a signal, a full disk): `flwr run` goes too
                     stream.kill()
-                    raise OutputError(log_path, err) from None
-                started_run = started_run or RUN_STARTED_MARK in line
-                if ROUND_LINE_MARK in line:
-                    console.write(line[line.index(ROUND_LINE_MARK) :])
-                    console.flush()
-            return started_run, stream.wait()
+                    stream.wait()
 
     def final_status(self) -> str:
         listing = subprocess.run(
@@ -308,7 +312,8 @@ def run_federation(run: RunSettings, server: ServerSettings, say: Callable[..., 
     except (ServerError, OutputError) as err:
         failed_line = str(err)
     finally:
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)  # the clean-up itself is not interrupted
         federation.close()
         monitor.stop()
     if code != 0 and failed_line:
