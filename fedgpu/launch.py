@@ -1,0 +1,263 @@
+"""A whole federation on this host: ``fedgpu run`` (``./run.sh`` calls it too).
+
+One process owns everything it starts: the server (a SuperLink and the run's
+submission, ``fedgpu server``), the host's zygote and N client nodes. Each is
+the leader of a process group of its own and dies with us (parent-death
+signal); on exit, Ctrl-C or TERM every group gets TERM, a grace period, then
+KILL. fedgpu's own tasks and any Flower app directory are served the same way:
+only the server's submission and the zygote's warm-up differ.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fedgpu.isolation.procs import group_alive, signal_group
+
+GRACE_SECONDS = 5.0
+READY_TIMEOUT_SECONDS = 120.0
+WATCH_SECONDS = 0.5
+WAVE_PER_CORE = 4  # nodes started at once per core, each wave registered before the next
+REGISTERED_MARK = "SuperNode ID"  # Flower's SuperNode logs this once its SuperLink accepted it
+
+
+@dataclass
+class LaunchPlan:
+    """What to start, already checked: every argument list is valid for its command."""
+
+    nodes: int
+    run_dir: Path
+    port: int
+    server_args: list[str]  # `fedgpu server` options, without --run-dir, --port, --parent-pid
+    node_args: list[str]  # each `fedgpu client` options, without --partition-id, --num-partitions, --superlink
+    zygote_args: list[str] = field(default_factory=list)  # `fedgpu zygote` warm-up options; [] for no zygote
+    needed_alive: int = 1  # fewer live nodes than this and the run cannot finish
+    start_timeout: float = 300.0  # every node registered by then, or exit 3
+    tls: bool = False
+    prog: str = "fedgpu"  # how messages name us: "run.sh" when run.sh called
+
+
+class Stopping(Exception):
+    """A signal arrived: stop everything and exit 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class RunEnded(Exception):
+    """The run ended early with this exit code and this line."""
+
+    def __init__(self, code: int, line: str) -> None:
+        super().__init__(line)
+        self.code, self.line = code, line
+
+
+def fedgpu_command() -> list[str]:
+    """How to run fedgpu's CLI in a child: the ``fedgpu`` script of this environment.
+
+    Its command line reads ``fedgpu client ...``: the memory monitor tells a
+    run's processes apart by it.
+    """
+    script = Path(sys.executable).parent / "fedgpu"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "fedgpu.cli"]
+
+
+def certs_script() -> Path:
+    return Path(__file__).resolve().parent.parent / "launchers" / "make-certs.sh"
+
+
+class Launcher:
+    def __init__(self, plan: LaunchPlan, say: Callable[[str], None]) -> None:
+        self.plan = plan
+        self.say = say
+        self.groups: list[subprocess.Popen] = []  # leaders of the groups we started, in order
+        self.nodes: list[subprocess.Popen] = []
+        self.zygote: subprocess.Popen | None = None
+        self.server: subprocess.Popen | None = None
+        self.zygote_dir: str | None = None
+        self.certs: Path | None = None
+
+    # -- the whole run -----------------------------------------------------------
+
+    def run(self) -> int:
+        """Start everything, wait for the server, stop everything; the exit code."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+        try:
+            return self._run()
+        except Stopping as stopped:
+            self.say(f"{self.plan.prog}: {stopped} received, stopping the federation")
+            return 128 + stopped.signum
+        except RunEnded as ended:
+            self.say(f"{self.plan.prog}: {ended.line}")
+            return ended.code
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)  # the clean-up itself is not interrupted
+            self.stop_all()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        raise Stopping(signum)
+
+    def _run(self) -> int:
+        plan = self.plan
+        os.environ.update(FEDGPU_RUN_DIR=str(plan.run_dir), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+        if plan.tls:
+            self._make_certs()
+        self.say(f"{plan.prog}: {plan.nodes} client nodes; run directory {plan.run_dir}")
+        if plan.zygote_args:
+            self._start_zygote()
+        self._start_server()
+        self._start_nodes()
+        self.say(f"{plan.prog}: server and {plan.nodes} client nodes started; logs in {plan.run_dir}")
+        return self._watch()
+
+    # -- starting ---------------------------------------------------------------
+
+    def _spawn(self, argv: list[str], *, stdout: object, stderr: object, env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
+            env=env if env is not None else os.environ.copy(),
+        )
+        self.groups.append(proc)
+        return proc
+
+    def _log(self, name: str):  # noqa: ANN202 - an open file, closed once the child has it
+        return open(self.plan.run_dir / name, "ab")  # noqa: SIM115
+
+    def _make_certs(self) -> None:
+        self.certs = self.plan.run_dir / "certs"
+        done = subprocess.run([str(certs_script()), str(self.certs), "--nodes", str(self.plan.nodes)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RunEnded(1, f"could not create certificates in {self.certs}: {(done.stderr or done.stdout).strip()}")
+
+    def _start_zygote(self) -> None:
+        # One warm zygote for the host: every client node (and the server's own
+        # evaluation) forks its children from it. It warms up while the rest start.
+        self.zygote_dir = tempfile.mkdtemp(prefix="fedgpu-zygote.")
+        os.environ["FEDGPU_ZYGOTE"] = self.zygote_dir
+        with self._log("zygote.log") as log:
+            self.zygote = self._spawn(
+                [*fedgpu_command(), "zygote", "--dir", self.zygote_dir, *self.plan.zygote_args, "--parent-pid", str(os.getpid())],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def _start_server(self) -> None:
+        plan = self.plan
+        argv = [*fedgpu_command(), "server", *plan.server_args, "--port", str(plan.port), "--run-dir", str(plan.run_dir),
+                "--parent-pid", str(os.getpid())]
+        if self.certs is not None:
+            argv += ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                     "--ssl-keyfile", str(self.certs / "server.key"), "--auth-public-keys", str(self.certs / "nodes")]
+        with self._log("server.log") as log:
+            self.server = self._spawn(argv, stdout=None, stderr=log)  # its rounds and summary on our console
+        from fedgpu.flower.probe import wait_for_health
+
+        scheme = "https" if self.certs is not None else "http"
+        ca = str(self.certs / "ca.crt") if self.certs is not None else None
+        if not wait_for_health(f"{scheme}://127.0.0.1:{plan.port}/health", READY_TIMEOUT_SECONDS,
+                               alive=lambda: self.server.poll() is None, ca_file=ca):
+            code = self.server.wait(GRACE_SECONDS) if self.server.poll() is not None else 1
+            raise RunEnded(code or 1, f"server failed (exit {code}): {_last_line(plan.run_dir / 'server.log')}")
+        # With node authentication, the server registers the nodes' keys after the SuperLink answers.
+        if self.certs is not None:
+            deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+            while "SuperLink ready on" not in _read(plan.run_dir / "server.log"):
+                if self.server.poll() is not None or time.monotonic() > deadline:
+                    raise RunEnded(self.server.poll() or 1, f"server failed: {_last_line(plan.run_dir / 'server.log')}")
+                time.sleep(0.2)
+
+    def _start_nodes(self) -> None:
+        plan = self.plan
+        # In waves, each registered before the next starts: a hundred interpreters
+        # importing Flower at once on a small host starve the SuperLink, registrations
+        # time out, and Flower's retry of a registration that did go through is refused.
+        wave = (os.cpu_count() or 2) * WAVE_PER_CORE
+        for i in range(plan.nodes):
+            argv = [*fedgpu_command(), "client", "--superlink", f"127.0.0.1:{plan.port}", "--partition-id", str(i),
+                    "--num-partitions", str(plan.nodes), "--parent-pid", str(os.getpid()), *plan.node_args]
+            if self.certs is not None:
+                argv += ["--root-certificates", str(self.certs / "ca.crt"), "--auth-private-key", str(self.certs / "nodes" / f"node-{i}")]
+            with self._log(f"client-{i}.log") as log:
+                self.nodes.append(self._spawn(argv, stdout=log, stderr=subprocess.STDOUT))
+            if (i + 1) % wave == 0 and i + 1 < plan.nodes:
+                self._wait_registered(range(i + 1 - wave, i + 1), time.monotonic() + READY_TIMEOUT_SECONDS)
+
+    def registered(self, i: int) -> bool:
+        return REGISTERED_MARK in _read(self.plan.run_dir / f"client-{i}.log")
+
+    def _wait_registered(self, indices: range, deadline: float) -> None:
+        for i in indices:
+            while time.monotonic() < deadline and self.nodes[i].poll() is None and not self.registered(i):
+                time.sleep(0.2)
+
+    # -- watching -----------------------------------------------------------------
+
+    def _watch(self) -> int:
+        """Until the server exits; a run cannot finish without its zygote or with too few nodes."""
+        plan = self.plan
+        assert self.server is not None
+        started = time.monotonic()
+        waiting_for_nodes = True
+        while self.server.poll() is None:
+            if self.zygote is not None and self.zygote.poll() is not None:
+                raise RunEnded(1, f"the zygote exited: {_last_line(plan.run_dir / 'zygote.log')}; see {plan.run_dir / 'zygote.log'}")
+            alive = sum(node.poll() is None for node in self.nodes)
+            if alive < plan.needed_alive:
+                raise RunEnded(1, f"only {alive} of {plan.nodes} client nodes are alive, fewer than the {plan.needed_alive} "
+                                  f"the run needs; see {plan.run_dir}/client-*.log")
+            if waiting_for_nodes:
+                registered = sum(self.registered(i) for i in range(plan.nodes))
+                waiting_for_nodes = registered < plan.nodes
+                if waiting_for_nodes and time.monotonic() - started > plan.start_timeout:
+                    raise RunEnded(3, f"only {registered} of {plan.nodes} client nodes registered within "
+                                      f"{plan.start_timeout:g} s; see {plan.run_dir}/client-*.log")
+            time.sleep(WATCH_SECONDS)
+        code = self.server.wait()
+        if code != 0:
+            self.say(f"{plan.prog}: run failed (exit {code}); logs in {plan.run_dir}: serverapp.log (the ServerApp), server.log")
+        return code
+
+    # -- stopping -----------------------------------------------------------------
+
+    def stop_all(self) -> None:
+        """TERM every group we started, wait GRACE_SECONDS, KILL what is left; reap; remove the zygote's directory."""
+        for proc in self.groups:
+            signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_SECONDS
+        # poll() reaps a leader that exited, so that its group counts only the living.
+        while time.monotonic() < deadline and any(proc.poll() is None or group_alive(proc.pid) for proc in self.groups):
+            time.sleep(0.05)
+        for proc in self.groups:
+            signal_group(proc.pid, signal.SIGKILL)
+        for proc in self.groups:
+            try:
+                proc.wait(GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+        self.groups = []
+        if self.zygote_dir:
+            shutil.rmtree(self.zygote_dir, ignore_errors=True)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in _read(path).splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
