@@ -110,3 +110,55 @@ def print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         out.write(f"{row['model']:<20} {row['params'] / 1e6:>9.2f}M {row['head_params'] / 1e3:>8.1f}k "
                   f"{row['train_median_s']:>9.3f} {row['finetune_median_s']:>11.3f} {ratio:>5.1f}x "
                   f"{row['peak_mib']:>9.0f}  {row['device']} ({row['peak_source']})\n")
+
+
+def bench_models_command(options: dict[str, Any], say: Callable[..., None]) -> int:
+    """``fedgpu bench-models``: check the options (BadInput), measure, write the CSV; the exit code."""
+    import re
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from fedgpu.errors import BadInput
+    from fedgpu.nvml.placement import check_placement
+    from fedgpu.zoo import DEFAULT_MODELS
+
+    models = tuple(m.strip() for m in str(options["models"] or ",".join(DEFAULT_MODELS)).split(",") if m.strip())
+    if not models:
+        raise BadInput("--models: no model named")
+    device = str(options["device"])
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    image_size = int(options["image_size"])
+    if any(m.startswith("vit_") for m in models) and image_size % 16:
+        raise BadInput(f"--image-size {image_size}: ViT models need a multiple of 16")
+    csv_path = str(options["csv_path"] or Path("runs") / time.strftime("bench-models-%Y%m%d-%H%M%S.csv"))
+    if Path(csv_path).is_dir():
+        raise BadInput(f"--csv {csv_path}: is a directory")
+    csv_dir = Path(csv_path).absolute().parent
+    try:  # a file created and removed there, as the CSV will be written at the end
+        csv_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=csv_dir):
+            pass
+    except OSError as err:
+        raise BadInput(f"--csv {csv_path}: not writable: {err.strerror or err}") from None
+    wants_gpu = device in ("auto", "cuda")
+    placement = check_placement(options, children=True) if wants_gpu else None
+    settings = BenchSettings(models, int(options["batches"]), int(options["batch_size"]), image_size,
+                             device=device, threads=int(options["threads"]), timeout=float(options["timeout"]))
+    placer: GpuPlacer | None = None
+    with Isolator("spawn") as isolator:
+        unknown = check_models(isolator, models)
+        if unknown:
+            raise BadInput(f"--models: unknown model(s) {', '.join(unknown)} (torchvision names, or vit_tiny_16, vit_small_16)")
+        if placement is not None:
+            placer = GpuPlacer.from_settings(placement, log=lambda line: say(f"[fedgpu] {line}", err=True))
+        say(f"[fedgpu] {len(models)} model(s) on {'a placed GPU' if placer else device}; CSV: {csv_path}", err=True)
+        rows = measure_all(settings, isolator, placer,
+                           on_row=lambda row: say(f"[fedgpu] {row['model']}: {'failed' if row.get('error') else 'done'}", err=True))
+    if placer is not None:
+        placer.close()
+    write_csv(csv_path, rows)
+    print_table(rows, sys.stdout)
+    return 1 if any(row.get("error") for row in rows) else 0

@@ -28,3 +28,7 @@ def _restore(cls: type[FedgpuError], args: tuple[Any, ...], state: dict[str, Any
     error.args = args
     error.__dict__.update(state)
     return error
+
+
+class BadInput(FedgpuError):
+    """Input that cannot work: one line naming the problem; the command exits 2 before starting anything."""

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from fedgpu.isolation.procs import group_alive, signal_group
 
@@ -40,10 +40,15 @@ class LaunchPlan:
     server_args: list[str]  # `fedgpu server` options, without --run-dir, --port, --parent-pid
     node_args: list[str]  # each `fedgpu client` options, without --partition-id, --num-partitions, --superlink
     zygote_args: list[str] = field(default_factory=list)  # `fedgpu zygote` warm-up options; [] for no zygote
+    what: str = ""  # the task or app, as the console names it
     needed_alive: int = 1  # fewer live nodes than this and the run cannot finish
-    start_timeout: float = 300.0  # every node registered by then, or exit 3
+    needed_as: str = "the run needs"  # what those are, for the message
+    start_timeout: float | None = None  # every node registered by then, or exit 3 (a task's ServerApp waits itself)
     tls: bool = False
     prog: str = "fedgpu"  # how messages name us: "run.sh" when run.sh called
+
+    def describe(self) -> str:
+        return f"{self.nodes} client nodes for {self.what}; run directory {self.run_dir}"
 
 
 class Stopping(Exception):
@@ -114,7 +119,7 @@ class Launcher:
         os.environ.update(FEDGPU_RUN_DIR=str(plan.run_dir), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
         if plan.tls:
             self._make_certs()
-        self.say(f"{plan.prog}: {plan.nodes} client nodes; run directory {plan.run_dir}")
+        self.say(f"{plan.prog}: {plan.describe()}")
         if plan.zygote_args:
             self._start_zygote()
         self._start_server()
@@ -124,10 +129,10 @@ class Launcher:
 
     # -- starting ---------------------------------------------------------------
 
-    def _spawn(self, argv: list[str], *, stdout: object, stderr: object, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(self, argv: list[str], *, stdout: object, stderr: object) -> subprocess.Popen:
+        # In the run directory: whatever an app writes to its working directory lands with the run's outputs.
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
-            env=env if env is not None else os.environ.copy(),
+            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True, cwd=self.plan.run_dir,
         )
         self.groups.append(proc)
         return proc
@@ -216,8 +221,8 @@ class Launcher:
             alive = sum(node.poll() is None for node in self.nodes)
             if alive < plan.needed_alive:
                 raise RunEnded(1, f"only {alive} of {plan.nodes} client nodes are alive, fewer than the {plan.needed_alive} "
-                                  f"the run needs; see {plan.run_dir}/client-*.log")
-            if waiting_for_nodes:
+                                  f"{plan.needed_as}; see {plan.run_dir}/client-*.log")
+            if waiting_for_nodes and plan.start_timeout is not None:
                 registered = sum(self.registered(i) for i in range(plan.nodes))
                 waiting_for_nodes = registered < plan.nodes
                 if waiting_for_nodes and time.monotonic() - started > plan.start_timeout:
@@ -261,3 +266,102 @@ def _read(path: Path) -> str:
 def _last_line(path: Path) -> str:
     lines = [line for line in _read(path).splitlines() if line.strip()]
     return lines[-1] if lines else "(no output)"
+
+
+# -- checking `fedgpu run` ----------------------------------------------------------
+
+DEFAULT_NODES = 10
+
+
+def plan_run(
+    options: dict[str, Any],
+    *,
+    prog: str,
+    given: set[str],
+    server_argv: Callable[[dict[str, Any]], list[str]],
+    node_argv: Callable[[dict[str, Any]], list[str]],
+    warn: Callable[[str], None],
+) -> LaunchPlan:
+    """Check every option of ``fedgpu run`` before anything starts; BadInput names the first problem.
+
+    ``given``: the options the user gave (not defaults). ``server_argv`` and
+    ``node_argv`` turn option values into ``fedgpu server`` / ``fedgpu client``
+    arguments: one definition of each option, in the CLI.
+    """
+    from fedgpu.capacity import too_many
+    from fedgpu.errors import BadInput
+    from fedgpu.flower.node import free_port, port_free
+    from fedgpu.flower.server import check_task_run, make_writable_dir
+    from fedgpu.flower.settings import parse_config_pairs
+    from fedgpu.nvml.placement import check_placement
+
+    values = dict(options)
+    mp, app_dir = bool(values["mp"]), values.get("app_dir")
+    task_only = {"rounds", "min_clients", "sampled", "eval_sampled", "task", "lr", "lr_decay", "local_epochs", "batch_size",
+                 "partitioner", "alpha", "seed", "data_files", "task_options", "device", "threads", "message_timeout"}
+    if app_dir:
+        from fedgpu.flower.app import check_app, connection_num_supernodes
+
+        mixed = sorted(task_only & given)
+        if mixed:
+            raise BadInput(f"--{mixed[0].replace('_', '-')} is for fedgpu's own tasks; a Flower app takes --run-config")
+        app, overrides = check_app(str(app_dir), tuple(values["run_config"]), warn=warn)
+        nodes = int(values["nodes"] or app.num_supernodes or connection_num_supernodes() or DEFAULT_NODES)
+        needed, sampled, what = 1, nodes, app.name
+        server_values = {"app_dir": str(app.directory), "run_config": overrides}
+        zygote_args = ["--app", str(app.directory)]
+        os.environ["FEDGPU_APP_CHECKED"] = str(app.directory)
+    else:
+        if values["run_config"]:
+            raise BadInput("--run-config is for a Flower app (give APP_DIR); fedgpu's tasks take their own options")
+        nodes = int(values["nodes"] or DEFAULT_NODES)
+        values["min_clients"] = values["min_clients"] or nodes
+        values["sampled"] = values["sampled"] or min(5, nodes)
+        for name in ("min_clients", "sampled"):
+            if values[name] > nodes:
+                raise BadInput(f"--{name.replace('_', '-')} ({values[name]}) must not exceed --nodes ({nodes})")
+        if values["data_files"]:  # the server and the nodes run elsewhere (in the run directory)
+            values["data_files"] = str(Path(values["data_files"]).absolute())
+        check_task_run(values, min_clients=nodes, sampled=values["sampled"])
+        needed, sampled, what = int(values["sampled"]), int(values["sampled"]), f"task {values['task']}"
+        server_values = {name: values[name] for name in task_only | {"start_timeout"}}
+        zygote_args = ["--task", str(values["task"])]
+    try:
+        extra = parse_config_pairs(str(values["node_config"]))
+    except ValueError as err:
+        raise BadInput(f"--node-config: {err}") from None
+    taken = sorted(set(extra) & {"partition-id", "num-partitions", "task"})
+    if taken:
+        raise BadInput(f"--node-config: {', '.join(taken)} come from their own options")
+    check_placement(values, children=mp)
+    port = values["port"]
+    if port is None:
+        port = free_port()
+    elif not port_free(int(port)):
+        raise BadInput(f"port {port} on 127.0.0.1 is in use")
+    if not values["force"]:
+        problem = too_many(nodes, sampled, mp=mp)
+        if problem:
+            raise BadInput(problem)
+    run_dir = Path(values["run_dir"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()
+    if not values["run_dir"] and run_dir.exists():
+        run_dir = run_dir.with_name(f"{run_dir.name}-{os.getpid()}")
+    if not values["check"]:
+        make_writable_dir(run_dir)
+    placement = {name: values[name] for name in ("gpus", "placement", "gpu_mem", "admission_timeout")}
+    node_values = {**placement, "mp": mp, "isolation": values["isolation"], "node_config": values["node_config"],
+                   "timeout": values["timeout"], "task": None if app_dir else values["task"]}
+    return LaunchPlan(
+        nodes=nodes,
+        run_dir=run_dir,
+        port=int(port),
+        server_args=server_argv({**server_values, **placement, "isolation": values["isolation"]}),
+        node_args=node_argv(node_values),
+        zygote_args=zygote_args if mp and values["isolation"] == "zygote" else [],
+        what=what,
+        needed_alive=needed,
+        needed_as="the run needs" if app_dir else "sampled per round",
+        start_timeout=float(values["start_timeout"]) if app_dir else None,
+        tls=bool(values["tls"]),
+        prog=prog,
+    )

@@ -137,7 +137,7 @@ def kill_leftovers(run_dir: Path) -> list[str]:
 
 # --- driving whole federations -----------------------------------------------
 
-LONG_LIVED = ("fedgpu client", "fedgpu server", "flower-superlink", "flower-superexec", "flwr-serverapp")
+LONG_LIVED = ("fedgpu run", "fedgpu client", "fedgpu server", "flower-superlink", "flower-superexec", "flwr-serverapp")
 
 
 class ProcessSampler(threading.Thread):
@@ -174,16 +174,20 @@ class ProcessSampler(threading.Thread):
 
 
 def run_federation(run_dir: Path, *args: str, timeout: float = 420) -> tuple[int, str, ProcessSampler]:
+    """./run.sh with these arguments, watched; (exit code, its output, the sampler)."""
+    return run_federation_command([str(RUN_SH), *args, "--run-dir", str(run_dir)], run_dir, timeout=timeout)
+
+
+def run_federation_command(argv: list[str], run_dir: Path, *, timeout: float = 420) -> tuple[int, str, ProcessSampler]:
+    """A launcher command run to its end, its processes watched; nothing of the run may outlive it."""
     sampler = ProcessSampler(run_dir)
     sampler.start()
     try:
-        done = subprocess.run(
-            [str(RUN_SH), *args, "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=timeout
-        )
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     finally:
         sampler.stop()
         leftovers = kill_leftovers(run_dir)
-    assert not leftovers, f"processes outlived run.sh: {leftovers}"
+    assert not leftovers, f"processes outlived the launcher: {leftovers}"
     return done.returncode, done.stdout + done.stderr, sampler
 
 

@@ -174,3 +174,35 @@ def test_example_stops_everything_on_sigterm(tmp_path: Path) -> None:
         assert "SIGTERM received" in log.read_text(errors="replace")
     finally:
         kill_processes_with_env("EXAMPLE_MARKER", marker)
+
+
+def test_example_runs_in_the_simulation_engine_every_call_in_a_child(tmp_path: Path) -> None:
+    """Flower's Simulation Engine (Ray actors): @isolate() forks each call from the actor's zygote."""
+    marker = f"fedgpu-test-{uuid.uuid4()}"
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local-sim"\n\n[superlink.local-sim]\naddress = ":local:"\noptions.num-supernodes = 2\n'
+    )
+    result_file = tmp_path / "result.json"
+    env = {**os.environ, "EXAMPLE_MARKER": marker, "FLWR_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("FEDGPU_ZYGOTE", None)
+    try:
+        done = subprocess.run(
+            ["flwr", "run", str(EXAMPLE), "local-sim", "--stream", "--run-config", f'result-file="{result_file}"'],
+            env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=tmp_path,
+        )
+        listing = subprocess.run(["flwr", "ls", "local-sim", "--format", "json"], env=env, capture_output=True, text=True,
+                                 timeout=120, cwd=tmp_path)
+    finally:
+        kill_processes_with_env("EXAMPLE_MARKER", marker)  # `:local:` leaves its SuperLink running: ours to stop
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads(listing.stdout)["runs"][-1]["status"] == "finished:completed", listing.stdout
+    result = json.loads(result_file.read_text())
+    train = result["train_metrics_clientapp"]
+    pids = [pid for r in ("1", "2") for pid in _per_node(train[r], "pid")]
+    assert len(set(pids)) == 4, train  # a child per call, in the Simulation Engine's actors too
+    assert all(_per_node(train[r], "isolated") == [1, 1] for r in ("1", "2")), train
+    assert result["final_accuracy"] > result["initial_accuracy"], result

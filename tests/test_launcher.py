@@ -34,13 +34,13 @@ RUN_SH_BAD_INPUT = [
     (["1", "2", "3", "4", "5"], "too many arguments"),
     (["--bogus"], "unknown option --bogus"),
     (["2", "2", "1", "1", "--task"], "option --task needs a value"),
-    (["2", "2", "1", "1", "--port", "99999"], "--port must be 1..65535"),
-    (["2", "2", "1", "1", "--isolation", "fork"], "--isolation must be zygote or spawn"),
-    (["2", "2", "1", "1", "--gpus", "0", "--no-mp"], "--gpus needs the children of --mp"),
+    (["2", "2", "1", "1", "--port", "99999"], "Invalid value for '--port': 99999 is not in the range 1<=x<=65535."),
+    (["2", "2", "1", "1", "--isolation", "fork"], "Invalid value for '--isolation': 'fork' is not one of 'zygote', 'spawn'."),
+    (["2", "2", "1", "1", "--gpus", "0", "--no-mp"], "--gpus needs --mp: without it the node itself holds the GPU it first used"),
     (["2", "2", "1", "1", "--gpus", "0,,1"], "--gpus must be GPU indices"),
-    (["2", "2", "1", "1", "--placement", "packed"], "--placement must be free or round-robin"),
-    (["2", "2", "1", "1", "--gpu-mem", "0"], "--gpu-mem must be a number > 0"),
-    (["2", "2", "1", "1", "--admission-timeout", "soon"], "--admission-timeout must be a number > 0"),
+    (["2", "2", "1", "1", "--placement", "packed"], "Invalid value for '--placement': 'packed' is not one of 'free', 'round-robin'."),
+    (["2", "2", "1", "1", "--gpu-mem", "0"], "Invalid value for '--gpu-mem': 0.0 is not in the range x>0."),
+    (["2", "2", "1", "1", "--admission-timeout", "soon"], "Invalid value for '--admission-timeout': 'soon' is not a valid float."),
     # The server's own checks, run by run.sh before anything starts:
     (["2", "2", "1", "1", "--task", "cifar10", "--data-files", "/nonexistent/cifar"], "--data-files /nonexistent/cifar: not found"),
     (["2", "2", "1", "1", "--task", "cifar10"], "downloads uoft-cs/cifar10 from the Hugging Face Hub, which is unreachable"),
@@ -51,7 +51,7 @@ RUN_SH_BAD_INPUT = [
     (["2", "2", "1", "1", "--task-option", "colour=red"], "task 'digits' got unknown option(s): colour"),
     # Numbers are read as text: no wrap-around, no silent default.
     (["18446744073709551617", "2", "1", "1"], "clients must be at most 999999, got '18446744073709551617'"),
-    (["2", "2", "1", "1", "--port", ""], "--port must be 1..65535, got ''"),
+    (["2", "2", "1", "1", "--port", ""], "Invalid value for '--port': '' is not a valid integer."),
     # A host that cannot hold the clients is refused with the estimate (--force overrides).
     (["100000", "1", "1", "1"], "100000 client nodes need about"),
     # The client nodes' own options, checked before anything starts:

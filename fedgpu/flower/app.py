@@ -23,6 +23,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 PYPROJECT = "pyproject.toml"
+APP_CHECKED_ENV = "FEDGPU_APP_CHECKED"  # set by the launcher for its server: this app directory is checked
 
 
 class AppError(FedgpuError):
@@ -138,3 +139,79 @@ def check_dependencies(app: FlowerApp) -> tuple[list[str], list[str]]:
         if requirement.specifier and not requirement.specifier.contains(installed, prereleases=True):
             warnings.append(f"{app.name} asks for {requirement.name}{requirement.specifier}; this environment has {installed}")
     return missing, warnings
+
+
+def describe(app: FlowerApp) -> dict[str, Any]:
+    """The app as report.json names it."""
+    return {"name": app.name, "version": app.version, "directory": str(app.directory),
+            "serverapp": app.serverapp, "clientapp": app.clientapp}
+
+
+def _import_components(directory: str, refs: tuple[str, ...]) -> None:
+    """In a child: import each ``module:attribute`` from the app's directory."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, directory)
+    for ref in refs:
+        module_name, _, attribute = ref.partition(":")
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+
+
+def check_app(
+    directory: str, run_config: tuple[str, ...], *, warn: Any = None, import_check: bool = True
+) -> tuple[FlowerApp, tuple[str, ...]]:
+    """The app and its run-config overrides, checked before anything starts; BadInput names the first problem.
+
+    Checked: the directory and its pyproject; that every dependency is installed
+    (a differing version is a warning, through ``warn``); that the overrides
+    parse and name keys of the app's config; that both components import, in a
+    spawned child (the app may import torch: this process must not).
+    """
+    from fedgpu.errors import BadInput
+    from fedgpu.flower.settings import parse_config_pairs
+
+    try:
+        app = FlowerApp.read(directory)
+    except AppError as err:
+        raise BadInput(str(err)) from None
+    missing, warnings = check_dependencies(app)
+    if missing:
+        raise BadInput(
+            f"{app.name} needs packages this environment lacks: {', '.join(missing)} "
+            "(install them first: nothing is installed at run time)"
+        )
+    for line in warnings:
+        if warn is not None:
+            warn(line)
+    for text in run_config:
+        try:
+            overrides = parse_config_pairs(text)
+        except ValueError as err:
+            raise BadInput(f"--run-config: {err}") from None
+        unknown = sorted(set(overrides) - set(_flat_keys(app.config)))
+        if unknown:
+            raise BadInput(f"--run-config: {', '.join(unknown)} not in {app.name}'s config (its keys: {', '.join(_flat_keys(app.config)) or 'none'})")
+    if import_check:
+        from fedgpu.isolation import IsolationError, Isolator
+
+        with Isolator("spawn") as isolator:
+            for role, ref in (("clientapp", app.clientapp), ("serverapp", app.serverapp)):
+                try:
+                    isolator.run(_import_components, (str(app.directory), (ref,)), timeout=300)
+                except IsolationError as err:
+                    raise BadInput(f"{app.name}'s {role} {ref} does not import: {err.reason}") from None
+    return app, tuple(text for text in run_config if text.strip())
+
+
+def _flat_keys(config: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys as ``--run-config`` names them: nested tables joined with dots."""
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            keys += _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys

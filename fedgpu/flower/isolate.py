@@ -8,10 +8,19 @@
         import torch  # imported, and CUDA initialised, in the child only
         ...
 
-The decorated function runs in a fresh child per message; its reply and its
-``context.state`` come back through a pipe, and the child's GPU memory is
-released when it exits. Works under any Flower runtime (SuperNode, Simulation
-Engine); under ``fedgpu client --mp`` the whole ClientApp is isolated already.
+The decorated function runs in a short-lived child per message, forked from a
+warm zygote; its reply and its ``context.state`` come back through a pipe, and
+the child's GPU memory is released when it exits. Works under any Flower
+runtime (SuperNode, Simulation Engine); under ``fedgpu client --mp`` the whole
+ClientApp is isolated already.
+
+Import torch inside the decorated functions, never at the module's top: the
+process that hosts the ClientApp (a Simulation Engine actor, a
+``flwr-clientapp``) then never loads it, and stays light.
+
+One zygote serves every decorated function of a process: the host's shared
+one (``$FEDGPU_ZYGOTE``) or one private to the process, started at the first
+call and warmed with every ``preload`` declared so far.
 """
 
 from __future__ import annotations
@@ -45,36 +54,51 @@ def _call_in_child(
     return reply, context
 
 
+# One Isolator per process and mode, whatever number of functions are decorated.
+_isolators: dict[str, Isolator] = {}
+_preloads: list[str] = []  # every decorator's preload, for the one private zygote
+
+
+def _isolator(mode: str) -> Isolator:
+    if mode not in _isolators:
+        _isolators[mode] = Isolator(mode, env={IN_ISOLATED_CHILD: "1"}, warm_ups=tuple(_preloads))
+        atexit.register(_isolators[mode].shutdown)
+    return _isolators[mode]
+
+
 def isolate(
     fn: ClientAppFunction | None = None,
     *,
-    mode: str = "spawn",
+    mode: str = "zygote",
     timeout: float | None = None,
     env: dict[str, str] | None = None,
     preload: tuple[str, ...] = (),
 ) -> Any:
     """Decorate a ``(msg, context) -> Message`` function to run in a child.
 
-    ``mode="zygote"`` forks each call from a warm zygote: the host's shared one
-    (``$FEDGPU_ZYGOTE``) or one private to this process, which first imports
-    (or calls) each ``preload`` entry: ``module``, ``module:function``.
+    ``mode``: ``zygote`` (default) forks each call from a warm zygote, the
+    host's shared one (``$FEDGPU_ZYGOTE``) or the process's own, which first
+    imports the decorated function's module and then (or calls) each
+    ``preload`` entry: ``module``, ``module:function``; ``spawn`` starts a
+    fresh interpreter per call; ``none`` runs it here.
     """
 
     def decorate(function: ClientAppFunction) -> ClientAppFunction:
-        isolator: list[Isolator] = []
+        # Its own module, optionally ("?"): what a child would import first, and what it imports.
+        modules = () if function.__module__ == "__main__" else (f"?{function.__module__}",)
+        for entry in (*preload, *modules):
+            if entry not in _preloads:
+                _preloads.append(entry)
 
         @functools.wraps(function)
         def wrapper(message: Message, context: Context) -> Message:
             if os.environ.get(IN_ISOLATED_CHILD) == "1" or mode == "none":
                 return function(message, context)
-            if not isolator:
-                isolator.append(Isolator(mode, env={**(env or {}), IN_ISOLATED_CHILD: "1"}, warm_ups=preload))
-                atexit.register(isolator[0].shutdown)
             if function.__module__ == "__main__":
                 call: tuple[Any, ...] = (lambda m, c: (function(m, c), c), (message, context))
             else:
                 call = (_call_in_child, (task_identity(), function.__module__, function.__qualname__, message, context))
-            reply, child_context = isolator[0].run(*call, timeout=timeout).value
+            reply, child_context = _isolator(mode).run(*call, timeout=timeout, env=env).value
             context.state = child_context.state
             return reply
 

@@ -9,24 +9,29 @@ idle node at the cost of Flower's SuperNode alone.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from logging import ERROR, INFO
+from pathlib import Path
+from typing import Any
 
 from flwr.supercore import log
 from flwr.supercore.exit import add_exit_handler
 
+from fedgpu.errors import BadInput
 from fedgpu.flower.isolate import IN_ISOLATED_CHILD
 from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
 from fedgpu.flower.settings import toml_value, zygote_warm_ups
 from fedgpu.isolation import Isolator
 from fedgpu.monitor.events import emit
-from fedgpu.nvml.placement import GpuPlacer
+from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -75,6 +80,102 @@ def supernode_argv(settings: NodeSettings, runtime_port: int) -> list[str]:
     if settings.max_wait_time is not None:
         argv += ["--max-wait-time", str(settings.max_wait_time)]
     return argv
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """A checked ``fedgpu client``."""
+
+    settings: NodeSettings
+    placement: PlacementSettings | None  # None: no children to place (the baseline)
+
+
+def plan_node(options: dict[str, Any]) -> NodePlan:
+    """Check every option of ``fedgpu client`` before anything starts; BadInput names the first problem."""
+    from fedgpu.flower.settings import parse_config_pairs
+    from fedgpu.isolation.procs import watch_parent
+    from fedgpu.nvml.placement import check_placement
+
+    watch_parent(options["parent_pid"])
+    if options["auth_private_key"] and not options["root_certificates"]:
+        raise BadInput("--auth-private-key needs TLS (--root-certificates)")
+    placement = check_placement(options, children=bool(options["mp"]))
+    if int(options["partition_id"]) >= int(options["num_partitions"]):
+        raise BadInput(f"--partition-id {options['partition_id']} must be below --num-partitions {options['num_partitions']}")
+    superlink = str(options["superlink"])
+    host, _, port = superlink.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--superlink {superlink!r} is not HOST:PORT")
+    node_config: dict[str, object] = {"partition-id": options["partition_id"], "num-partitions": options["num_partitions"]}
+    if options["task"]:
+        from fedgpu.tasks import UnknownTaskError, resolve_task
+
+        try:
+            resolve_task(str(options["task"]))
+        except UnknownTaskError as err:
+            raise BadInput(str(err)) from None
+        node_config["task"] = options["task"]
+    try:
+        extra = parse_config_pairs(str(options["node_config"]))
+    except ValueError as err:
+        raise BadInput(f"--node-config: {err}") from None
+    taken = sorted(set(extra) & {"partition-id", "num-partitions", "task"})
+    if taken:
+        raise BadInput(f"--node-config: {', '.join(taken)} come from their own options")
+    node_config.update(extra)
+    zygote_dir = options["zygote_dir"]
+    isolation = str(options["isolation"]) if options["mp"] else "none"
+    if zygote_dir and isolation == "zygote" and not options["check"]:
+        check_shared_zygote(str(zygote_dir))
+    settings = NodeSettings(
+        superlink=superlink,
+        node_config=node_config,
+        isolation=isolation,
+        zygote=zygote_dir,
+        timeout=options["timeout"],
+        runtime_port=options["runtime_port"],
+        max_wait_time=float(options["max_wait_time"]),
+        root_certificates=_absolute(options["root_certificates"]),
+        auth_private_key=_absolute(options["auth_private_key"]),
+    )
+    return NodePlan(settings, placement if options["mp"] else None)
+
+
+def check_shared_zygote(directory: str, ready_timeout: float = 300.0) -> None:
+    """The shared zygote exists, is ours and proves it (waiting for it to be ready); else BadInput."""
+    from fedgpu.isolation.zygote import ZygoteError, ZygoteLauncher
+
+    if not os.path.lexists(directory):
+        raise BadInput(f"--zygote {directory}: no such directory (start `fedgpu zygote --dir {directory}` first)")
+    try:
+        ZygoteLauncher(directory).check(ready_timeout)
+    except ZygoteError as err:
+        raise BadInput(f"--zygote {directory}: {err}") from None
+
+
+def _absolute(path: object) -> str | None:
+    return str(Path(str(path)).absolute()) if path else None
+
+
+def run_planned_node(plan: NodePlan) -> None:
+    """Wait (bounded) for the SuperLink, then serve until the SuperNode exits."""
+    settings = plan.settings
+    patience = settings.max_wait_time or DEFAULT_PATIENCE_SECONDS
+    deadline = time.monotonic() + patience
+    while why := superlink_reachable(settings.superlink):
+        if time.monotonic() >= deadline:
+            raise BadInput(f"cannot reach the SuperLink at {settings.superlink} within {patience:g} s: {why}")
+        time.sleep(0.5)
+    # A private Flower home: nodes on one host must not install FABs into the same directory at once.
+    flwr_home = tempfile.mkdtemp(prefix="fedgpu-node-")
+    os.environ["FLWR_HOME"] = flwr_home
+    placer = None
+    if plan.placement is not None:  # only children are placed: without --mp the node itself would hold the GPU
+        placer = GpuPlacer.from_settings(plan.placement, log=lambda line: print(f"[fedgpu] {line}", file=sys.stderr, flush=True))
+    try:
+        run_client_node(settings, placer)
+    finally:
+        shutil.rmtree(flwr_home, ignore_errors=True)
 
 
 def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> None:

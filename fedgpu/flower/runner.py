@@ -14,7 +14,8 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ConfigRecord, Context, Message
@@ -34,6 +35,7 @@ from fedgpu.flower.children import placer_for, run_child
 from fedgpu.flower.failures import Failure
 from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
 from fedgpu.isolation import IsolationError, Isolator, Outcome
+from fedgpu.monitor.events import emit
 from fedgpu.nvml.devices import MIB
 from fedgpu.nvml.placement import GpuPlacer, Placement
 
@@ -153,6 +155,8 @@ class TaskRunner:
         reply: Message | None = None
         base = Failure("ClientApp task failed")
         failure: Failure | None = base
+        stamp: dict[str, Any] = {}
+        who: dict[str, Any] = {}
         try:
             message, context, run, fab = pull_task_input(client)
             who = _who(message, context)
@@ -182,7 +186,7 @@ class TaskRunner:
             )
             call_seconds = time.perf_counter() - started  # child asked for -> reply back -> child reaped
             reply, context = outcome.value
-            _stamp(reply, outcome, call_seconds, placement, who["client"])
+            stamp = _stamp(reply, outcome, call_seconds, placement, who["client"])
             failure = None
             log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid, outcome.seconds)
         except IsolationError as err:
@@ -203,6 +207,9 @@ class TaskRunner:
                 push_task_output(client, context, sub_status, details)
             except Exception as err:  # noqa: BLE001
                 log(ERROR, "[fedgpu] could not push the reply: %s", err)
+            # What this message cost and how it ended, for runs whose ServerApp is not ours.
+            emit("message-end", pid=os.getpid(), node_id=context.node_id if context is not None else None, **who,
+                 stamp=stamp, failure=None if failure is None else asdict(failure))
             heartbeat.stop()
             client.close()
 
@@ -218,10 +225,10 @@ def _who(message: Message, context: Context) -> dict:
     }
 
 
-def _stamp(reply: Message, outcome: Outcome, call_seconds: float, placement: Placement | None, client: object) -> None:
-    """Record where and how the reply was computed, for the server's report."""
+def _stamp(reply: Message, outcome: Outcome, call_seconds: float, placement: Placement | None, client: object) -> dict[str, Any]:
+    """Record where and how the reply was computed, for the server's report; the same as a dict."""
     if reply.has_error():
-        return
+        return {}
     gpu = {}
     if placement is not None:
         gpu = {
@@ -230,18 +237,18 @@ def _stamp(reply: Message, outcome: Outcome, call_seconds: float, placement: Pla
             "child-gpu-peak-mib": outcome.gpu_peak_bytes / MIB,
             "admission-wait-seconds": placement.waited_seconds,
         }
-    reply.content[FEDGPU_RECORD] = ConfigRecord(
-        {
-            **gpu,
-            "client": str(client),
-            "isolation": outcome.mode,
-            "child-pid": outcome.pid,
-            "child-seconds": outcome.seconds,
-            "call-seconds": call_seconds,
-            "work-seconds": outcome.work_seconds,
-            "child-max-rss-mib": outcome.max_rss_kib / 1024,
-            "node-pid": os.getpid(),
-            "node-torch-loaded": "torch" in sys.modules,
-            "finished-at": time.time(),
-        }
-    )
+    stamp = {
+        **gpu,
+        "client": str(client),
+        "isolation": outcome.mode,
+        "child-pid": outcome.pid,
+        "child-seconds": outcome.seconds,
+        "call-seconds": call_seconds,
+        "work-seconds": outcome.work_seconds,
+        "child-max-rss-mib": outcome.max_rss_kib / 1024,
+        "node-pid": os.getpid(),
+        "node-torch-loaded": "torch" in sys.modules,
+        "finished-at": time.time(),
+    }
+    reply.content[FEDGPU_RECORD] = ConfigRecord(stamp)
+    return stamp

@@ -1,9 +1,11 @@
-"""``fedgpu server``: a SuperLink, and the fedgpu ServerApp submitted to it.
+"""``fedgpu server``: a SuperLink, and a run submitted to it, watched to its end.
 
-The SuperLink runs as our child in our process group; the run is submitted
-with ``flwr run`` from an app directory generated in the run directory, and its
-final status is read back with ``flwr ls`` (``flwr run`` exits 0 even when the
-run failed).
+The SuperLink runs as our child; the run is submitted with ``flwr run``: an
+app directory generated in the run directory for fedgpu's own tasks (its
+ServerApp records every reply), or the user's own app directory. Its final
+status is read back with ``flwr ls`` (``flwr run`` exits 0 even when the run
+failed). The memory monitor samples throughout; the reports and the failure
+summary are written at the end, whatever ended the run.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from fedgpu.errors import FedgpuError
+from fedgpu.errors import BadInput, FedgpuError
 from fedgpu.flower.probe import wait_for_health
-from fedgpu.output import OutputError
-from fedgpu.flower.settings import RunSettings, toml_value
+from fedgpu.flower.settings import RunSettings, parse_task_options, toml_value
 from fedgpu.isolation.procs import set_parent_death_signal, stop_tree
+from fedgpu.output import OutputError
 
 CONNECTION = "fedgpu"
 ROUND_LINE_MARK = "[fedgpu] "
@@ -83,6 +87,18 @@ class ServerSettings:
         return "https" if self.tls else "http"
 
 
+@dataclass(frozen=True)
+class ServerPlan:
+    """A checked ``fedgpu server``: what to submit, where, how."""
+
+    run_dir: Path
+    server: ServerSettings
+    run: RunSettings | None = None  # one of fedgpu's tasks, with our ServerApp
+    app_dir: Path | None = None  # else the user's Flower app
+    app: dict[str, Any] = field(default_factory=dict)  # its name, version, components
+    run_config: tuple[str, ...] = ()  # --run-config overrides for the user's app
+
+
 def write_app(app_dir: Path, run: RunSettings) -> None:
     from fedgpu import __version__
 
@@ -115,11 +131,11 @@ def _die_with_us() -> None:
 class Federation:
     """Owns the SuperLink process; ``close`` stops it and everything under it."""
 
-    def __init__(self, run: RunSettings, server: ServerSettings, env: dict[str, str]) -> None:
-        self.run = run
-        self.server = server
+    def __init__(self, plan: ServerPlan, env: dict[str, str]) -> None:
+        self.plan = plan
+        self.server = plan.server
         self.env = env
-        self.run_dir = Path(run.run_dir)
+        self.run_dir = plan.run_dir
         self.superlink: subprocess.Popen | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)  # the app's last output lines
 
@@ -158,10 +174,17 @@ class Federation:
         run`'s connection deadline; a submission that never started a run is
         retried (with back-off), one that did is never submitted twice.
         """
-        app_dir = self.run_dir / "app"
-        write_app(app_dir, self.run)
+        if self.plan.run is not None:
+            app_dir = self.run_dir / "app"
+            write_app(app_dir, self.plan.run)
+        else:
+            assert self.plan.app_dir is not None
+            app_dir = self.plan.app_dir
+        command = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
+        for overrides in self.plan.run_config:
+            command += ["--run-config", overrides]
         for attempt in range(1, attempts + 1):
-            started_run, code = self._run_and_stream(app_dir, console)
+            started_run, code = self._run_and_stream(command, console)
             if started_run or code == 0:
                 return self.final_status()
             if attempt < attempts:
@@ -169,10 +192,10 @@ class Federation:
                 time.sleep(min(30.0, 2.0 * 2 ** (attempt - 1)))
         raise ServerError(f"`flwr run` could not submit the run after {attempts} attempts; see {self.run_dir / 'serverapp.log'}")
 
-    def _run_and_stream(self, app_dir: Path, console: IO[str]) -> tuple[bool, int]:
+    def _run_and_stream(self, command: list[str], console: IO[str]) -> tuple[bool, int]:
         """(whether a run was started, exit code of `flwr run`)."""
-        command = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
         started_run = False
+        echo_all = self.plan.run is None  # a user's app: its own output is what they read
         log_path = self.run_dir / "serverapp.log"
         try:
             log_file = open(log_path, "a")  # noqa: SIM115 - closed below
@@ -197,7 +220,10 @@ class Federation:
                     except OSError as err:
                         raise OutputError(log_path, err) from None
                     started_run = started_run or RUN_STARTED_MARK in line
-                    if ROUND_LINE_MARK in line:
+                    if echo_all:
+                        console.write(line)
+                        console.flush()
+                    elif ROUND_LINE_MARK in line:
                         console.write(line[line.index(ROUND_LINE_MARK) :])
                         console.flush()
                 return started_run, stream.wait()
@@ -217,7 +243,7 @@ class Federation:
         try:
             runs = json.loads(listing.stdout).get("runs", [])
         except json.JSONDecodeError:
-            raise ServerError(f"cannot read the run status from `flwr ls`: {listing.stdout or listing.stderr}")
+            raise ServerError(f"cannot read the run status from `flwr ls`: {listing.stdout or listing.stderr}") from None
         if not runs:
             raise ServerError("the SuperLink knows of no run")
         return str(runs[-1].get("status", "unknown"))
@@ -249,6 +275,100 @@ def last_error_lines(lines: Any, most: int = 3) -> list[str]:
     return text[-most:]
 
 
+# -- checking the options --------------------------------------------------------
+
+
+def plan_server(options: dict[str, Any]) -> ServerPlan:
+    """Check every option of ``fedgpu server`` before anything starts; BadInput names the first problem.
+
+    Side effects only where the server needs them: the parent-death watch, and
+    the placement settings exported for the ServerApp's evaluation children.
+    """
+    from fedgpu.flower.node import port_free
+    from fedgpu.isolation.procs import watch_parent
+    from fedgpu.nvml.placement import check_placement
+
+    watch_parent(options["parent_pid"])
+    tls, auth_keys = _server_security(options)
+    placement = check_placement(options, children=True)
+    os.environ.update(placement.to_env())  # for the ServerApp's evaluation children
+    host, port = str(options["host"]), int(options["port"])
+    if not port_free(port, host):
+        raise BadInput(f"port {port} on {host} is in use")
+    run_dir = Path(options["run_dir"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()
+    server = ServerSettings(host=host, port=port, tls=tls, auth_public_keys=auth_keys)
+    if options.get("app_dir"):
+        from fedgpu.flower.app import APP_CHECKED_ENV, check_app, describe
+
+        # The launcher checked the app already (it imports torch in a child: seconds saved).
+        checked = os.environ.get(APP_CHECKED_ENV) == str(Path(str(options["app_dir"])).resolve())
+        app, overrides = check_app(str(options["app_dir"]), tuple(options["run_config"]), import_check=not checked)
+        plan = ServerPlan(run_dir, server, app_dir=app.directory, run_config=overrides, app=describe(app))
+    else:
+        if options.get("run_config"):
+            raise BadInput("--run-config is for a Flower app (--app DIR); fedgpu's tasks take their own options")
+        plan = ServerPlan(run_dir, server, run=check_task_run(options, min_clients=2, sampled=2, run_dir=run_dir))
+    if not options["check"]:
+        make_writable_dir(run_dir)
+    return plan
+
+
+def check_task_run(options: dict[str, Any], *, min_clients: int, sampled: int, run_dir: Path | None = None) -> RunSettings:
+    """The run settings of one of fedgpu's tasks from the shared options; BadInput if they cannot work."""
+    from fedgpu.tasks import UnknownTaskError, data_problem, resolve_task
+
+    task = str(options["task"])
+    try:
+        resolve_task(task)
+        task_options = json.dumps(parse_task_options(options["task_options"]))
+    except (UnknownTaskError, ValueError) as err:
+        raise BadInput(str(err)) from None
+    run = RunSettings(
+        task=task, num_rounds=int(options["rounds"]), min_clients=int(options["min_clients"] or min_clients),
+        sampled=int(options["sampled"] or sampled), eval_sampled=int(options["eval_sampled"]), lr=float(options["lr"]),
+        lr_decay=float(options["lr_decay"]), local_epochs=int(options["local_epochs"]), batch_size=int(options["batch_size"]),
+        partitioner=str(options["partitioner"]), alpha=float(options["alpha"]), seed=int(options["seed"]),
+        data_files=str(options["data_files"]), task_options_json=task_options,
+        isolation=str(options.get("isolation") or "zygote"), device=str(options["device"]), threads=int(options["threads"]),
+        message_timeout=float(options["message_timeout"]), start_timeout=float(options["start_timeout"]),
+        run_dir=str(run_dir or ""),
+    )
+    problem = data_problem(task, run.task_options())
+    if problem:
+        raise BadInput(problem)
+    return run
+
+
+def make_writable_dir(path: Path) -> None:
+    """Create ``path`` and prove a file can be written there; BadInput if not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise BadInput(f"run directory {path} is not writable: {err.strerror or err}") from None
+
+
+def _server_security(options: dict[str, Any]) -> tuple[TlsFiles | None, tuple[str, ...]]:
+    files = [options[name] for name in ("ssl_ca_certfile", "ssl_certfile", "ssl_keyfile")]
+    keys_path = options["auth_public_keys"]
+    if any(files) and not all(files):
+        raise BadInput("TLS needs all three of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")
+    tls = TlsFiles(*(str(Path(f).absolute()) for f in files)) if all(files) else None
+    keys: tuple[str, ...] = ()
+    if keys_path:
+        if tls is None:
+            raise BadInput("--auth-public-keys needs TLS (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile)")
+        path = Path(str(keys_path)).absolute()
+        keys = tuple(str(key) for key in sorted(path.glob("*.pub"))) if path.is_dir() else (str(path),)
+        if not keys:
+            raise BadInput(f"--auth-public-keys {keys_path}: no *.pub file there")
+    return tls, keys
+
+
+# -- running ---------------------------------------------------------------------
+
+
 class RunStopped(Exception):
     """Raised in the main thread to end a run early: the signal's exit code, or an output that failed."""
 
@@ -257,7 +377,7 @@ class RunStopped(Exception):
         self.code, self.line = code, line
 
 
-def run_federation(run: RunSettings, server: ServerSettings, say: Callable[..., None]) -> int:
+def run_federation(plan: ServerPlan, say: Callable[..., None]) -> int:
     """Start the SuperLink, submit the run, monitor memory, write the reports; the exit code.
 
     ``say(line, err=False)`` prints. 0 only when Flower says the run completed;
@@ -268,15 +388,15 @@ def run_federation(run: RunSettings, server: ServerSettings, say: Callable[..., 
     from fedgpu.monitor.memory import MemoryMonitor
     from fedgpu.nvml.devices import open_nvml
 
-    run_dir = Path(run.run_dir)
+    run_dir = plan.run_dir
     flwr_home = run_dir / "flwr-home"
     # Every process of the run carries this marker (the launcher sets it for
     # the client nodes too): the host-memory sampler finds them by it.
     os.environ.setdefault(RUN_DIR_ENV, str(run_dir))
     env = {**os.environ, "FLWR_HOME": str(flwr_home)}
-    federation = Federation(run, server, env)
+    federation = Federation(plan, env)
     try:
-        write_connection(flwr_home, server)
+        write_connection(flwr_home, plan.server)
     except OSError as err:
         say(f"[fedgpu] error: {OutputError(flwr_home / 'config.toml', err)}", err=True)
         return 1
@@ -304,7 +424,7 @@ def run_federation(run: RunSettings, server: ServerSettings, say: Callable[..., 
     try:
         federation.start_superlink()
         federation.register_nodes()
-        say(f"[fedgpu] SuperLink ready on {server.host}:{server.port}", err=True)
+        say(f"[fedgpu] SuperLink ready on {plan.server.host}:{plan.server.port}", err=True)
         status = federation.submit_and_wait(sys.stdout)
         code = 0 if status == COMPLETED else 1
     except RunStopped as stopped:
@@ -318,8 +438,10 @@ def run_federation(run: RunSettings, server: ServerSettings, say: Callable[..., 
         monitor.stop()
     if code != 0 and failed_line:
         say(f"[fedgpu] error: {failed_line}", err=True)
+    if plan.run is None:
+        _write_app_report(plan, status, say)
     report = _read_report(run_dir)
-    failure = report.get("failure") if isinstance(report, dict) else None
+    failure = report.get("failure")
     if code == 1 and isinstance(failure, dict):
         code = int(failure.get("exit_code", 1))
     elif code == 1 and not failed_line and status != COMPLETED:
@@ -340,6 +462,22 @@ def run_federation(run: RunSettings, server: ServerSettings, say: Callable[..., 
         say("\n".join(failure_summary(report, run_dir)))
     say(f"[fedgpu] run {status}; outputs in {run_dir}")
     return code
+
+
+def _write_app_report(plan: ServerPlan, status: str, say: Callable[..., None]) -> None:
+    """report.json of a user's app: Flower's status and what the nodes said of every message."""
+    from fedgpu.flower.app_report import app_report
+    from fedgpu.output import write_json
+
+    overrides: dict[str, Any] = {}
+    for text in plan.run_config:
+        for pair in shlex.split(text):
+            key, _, value = pair.partition("=")
+            overrides[key] = value
+    try:
+        write_json(plan.run_dir / "report.json", app_report(str(plan.run_dir), status, plan.app, overrides), default=str)
+    except OutputError as err:
+        say(f"[fedgpu] error: {err}", err=True)
 
 
 def _read_report(run_dir: Path) -> dict[str, Any]:

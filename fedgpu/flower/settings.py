@@ -22,6 +22,57 @@ def zygote_warm_ups(*tasks: str) -> list[str]:
     return warm_ups + [f"fedgpu.tasks.work:warm_up={task}" for task in tasks]
 
 
+def app_warm_ups(client_module: str) -> list[str]:
+    """What a zygote serving a user's Flower app imports: our runner and the app's ClientApp
+    module, with what it imports (torch, if it uses it); nothing is exercised, CUDA least of all."""
+    return ["fedgpu.flower.runner", client_module]
+
+
+def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, parent_pid: int | None) -> None:
+    """``fedgpu zygote``: check, then become the zygote process (same pid, a fresh interpreter)."""
+    import os
+    import sys
+
+    from fedgpu.errors import BadInput
+    from fedgpu.isolation.procs import pythonpath_with_package, watch_parent
+    from fedgpu.isolation.zygote import ZygoteError
+    from fedgpu.isolation.zygote.server import SINGLE_THREADED_ENV, prepare_directory
+
+    watch_parent(parent_pid)
+    path = pythonpath_with_package()
+    if app_dir:
+        from fedgpu.flower.app import AppError, FlowerApp
+
+        if tasks:
+            raise BadInput("--app and --task: a zygote warms up for one or the other")
+        try:
+            app = FlowerApp.read(app_dir)
+        except AppError as err:
+            raise BadInput(str(err)) from None
+        warm_ups = app_warm_ups(app.client_module)
+        path = os.pathsep.join([str(app.directory), path])
+    else:
+        from fedgpu.tasks import UnknownTaskError, resolve_task
+
+        for task in tasks or ("digits",):
+            try:
+                resolve_task(task)
+            except UnknownTaskError as err:
+                raise BadInput(str(err)) from None
+        warm_ups = zygote_warm_ups(*(tasks or ("digits",)))
+    try:  # the zygote checks again; here a bad path is one line before anything is imported
+        prepare_directory(directory)
+    except ZygoteError as err:
+        raise BadInput(f"--dir {directory}: {err}") from None
+    # This process has loaded flwr and numpy (and their thread pools) already:
+    # become a fresh interpreter, same pid, with single-threaded libraries.
+    parent = ["--parent-pid", str(parent_pid)] if parent_pid else []
+    argv = [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", directory, *parent, *warm_ups]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, {**SINGLE_THREADED_ENV, **os.environ, "PYTHONPATH": path})
+
+
 def toml_value(value: object) -> str:
     """A value as TOML, as Flower reads run and node config."""
     if isinstance(value, bool):
@@ -82,6 +133,36 @@ class RunSettings:
         if self.task_options_json:
             options.update(json.loads(self.task_options_json))
         return options
+
+
+def parse_config_pairs(text: str) -> dict[str, object]:
+    """Flower's config syntax (``--node-config``, ``--run-config``), strictly: space-separated
+    key=value, values TOML (bool, int, float, "string"). Flower's own parser drops what it cannot read."""
+    import re
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    pair = re.compile(r"""\s*([A-Za-z_][A-Za-z0-9_.-]*)=("(?:[^"\\]|\\.)*"|'[^']*'|[^\s"']+)(?=\s|$)""")
+    config: dict[str, object] = {}
+    position, text = 0, text.strip()
+    while position < len(text):
+        match = pair.match(text, position)
+        if match is None:
+            rest = text[position:].split()[0]
+            raise ValueError(f"{rest!r} is not key=value (values: true, 3, 0.5 or \"text\")")
+        key, value = match.groups()
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = None
+        if not isinstance(parsed, (bool, int, float, str)):
+            raise ValueError(f"{key}={value}: the value must be a bool, a number or a \"quoted string\"")
+        config[key] = parsed
+        position = match.end()
+    return config
 
 
 def parse_task_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:

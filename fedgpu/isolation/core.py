@@ -205,7 +205,7 @@ class Isolator:
 
     def __init__(
         self,
-        mode: str = "spawn",
+        mode: str = "zygote",
         *,
         env: Mapping[str, str] | None = None,
         grace: float = DEFAULT_GRACE_SECONDS,

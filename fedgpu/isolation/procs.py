@@ -136,6 +136,12 @@ def die_with_parent(expected_parent: int | None = None, signum: int = signal.SIG
         os._exit(128 + signum)
 
 
+def watch_parent(parent_pid: int | None) -> None:
+    """``--parent-pid``: exit (SIGTERM) when that process, our parent, dies."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid, signal.SIGTERM)
+
+
 def open_sentinel(pid: int) -> int | None:
     """A file descriptor that becomes readable when ``pid`` exits (Linux pidfd).
 

@@ -88,3 +88,28 @@ def two_runs(name_a: str, a: dict[str, Any], name_b: str, b: dict[str, Any]) -> 
             rows.append([entry["round"], header, va, vb, diff])
     lines.append(table(headers, rows) if rows else "no round in common")
     return "\n".join(lines)
+
+
+def report_runs(run_dirs: tuple[str, ...], warn: Any) -> str:
+    """``fedgpu report``: the table for one run or two; BadInput where nothing can be reported."""
+    import os
+
+    from fedgpu.errors import BadInput
+    from fedgpu.monitor.memory import TIMELINE_FILE
+    from fedgpu.monitor.summary import SUMMARY_FILE, load_summary_checked
+
+    if len(run_dirs) > 2:
+        raise BadInput(f"report takes one or two run directories, got {len(run_dirs)}")
+    summaries = []
+    for run_dir in run_dirs:
+        if not any(os.path.isfile(os.path.join(run_dir, name)) for name in (SUMMARY_FILE, TIMELINE_FILE)):
+            raise BadInput(f"{run_dir}: not a run directory (no {SUMMARY_FILE} or {TIMELINE_FILE})")
+        summary, problems = load_summary_checked(run_dir)
+        if summary is None:
+            raise BadInput(f"{run_dir}: nothing to report: {'; '.join(problems)}")
+        for problem in problems:
+            warn(f"{run_dir}: {problem}")
+        summaries.append(summary)
+    if len(run_dirs) == 1:
+        return one_run(run_dirs[0], summaries[0])
+    return two_runs(run_dirs[0], summaries[0], run_dirs[1], summaries[1])

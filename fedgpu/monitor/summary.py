@@ -110,9 +110,22 @@ class Timeline:
         return cls(gpu, host, read_events(run_dir))
 
     def rounds(self) -> dict[int, tuple[float, float]]:
-        """round -> (its round-start, its round-end or +inf if it never ended)."""
+        """round -> (its round-start, its round-end or +inf if it never ended).
+
+        A run whose ServerApp is not ours marks no rounds: there a round spans
+        its client children, from the first one's start to the last one's end.
+        """
         ends = {e["round"]: e["t"] for e in self.events if e.get("event") == "round-end"}
-        return {e["round"]: (e["t"], ends.get(e["round"], math.inf)) for e in self.events if e.get("event") == "round-start"}
+        spans = {e["round"]: (e["t"], ends.get(e["round"], math.inf)) for e in self.events if e.get("event") == "round-start"}
+        if spans:
+            return spans
+        for event in self.events:
+            number, kind = event.get("round"), event.get("event")
+            if not isinstance(number, int) or event.get("role") != "client-child" or kind not in ("child-start", "child-end"):
+                continue
+            start, end = spans.get(number, (math.inf, -math.inf))
+            spans[number] = (min(start, event["t"]), end) if kind == "child-start" else (start, max(end, event["t"]))
+        return {number: (start, end if end >= start else math.inf) for number, (start, end) in spans.items() if start != math.inf}
 
 
 def _window(moments: list[Moment], start: float, end: float) -> list[Moment]:

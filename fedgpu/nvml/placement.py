@@ -54,6 +54,34 @@ class AdmissionTimedOut(FedgpuError):
     """No GPU had room for the request within the admission timeout."""
 
 
+def check_placement(options: dict[str, Any], *, children: bool) -> PlacementSettings:
+    """Placement settings from the CLI's options, checked against this host's GPUs; BadInput if they cannot work.
+
+    ``children``: whether there are children to place (without isolation the node itself holds the GPU).
+    """
+    from fedgpu.errors import BadInput
+
+    gpus = options["gpus"]
+    if gpus is not None and not children:
+        raise BadInput("--gpus needs --mp: without it the node itself holds the GPU it first used")
+    try:
+        parsed = parse_gpus(str(gpus)) if gpus is not None else None
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    settings = PlacementSettings(
+        gpus=parsed, policy=str(options["placement"]), estimate_mib=options["gpu_mem"],
+        admission_timeout=float(options["admission_timeout"]),
+    )
+    if children:
+        try:
+            placer = GpuPlacer.from_settings(settings)  # only to check: the processes that place open their own
+        except PlacementError as err:
+            raise BadInput(str(err)) from None
+        if placer is not None:
+            placer.close()
+    return settings
+
+
 def parse_gpus(text: str) -> tuple[int, ...]:
     """``"0,2"`` -> (0, 2); raises ValueError naming what is wrong."""
     items = [item.strip() for item in text.split(",")]

@@ -159,9 +159,11 @@ class ZygoteLauncher:
         directory = directory or os.environ.get(ENV_VAR) or None
         if directory is None:
             directory = tempfile.mkdtemp(prefix="fedgpu-zygote-")  # 0700
+            # Our own import path too: warm-ups may name modules found only there (an app's, say).
+            path = os.pathsep.join([pythonpath_with_package(), *(entry for entry in sys.path if entry)])
             self._private = subprocess.Popen(
                 [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", directory, "--parent-pid", str(os.getpid()), *warm_ups],
-                env={**os.environ, "PYTHONPATH": pythonpath_with_package()},
+                env={**os.environ, "PYTHONPATH": path},
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
             )

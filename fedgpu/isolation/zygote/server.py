@@ -77,7 +77,17 @@ SINGLE_THREADED_ENV = {
 
 
 def call_warm_up(spec: str) -> None:
-    """Import ``module`` or call ``module:function`` / ``module:function=ARG``."""
+    """Import ``module`` or call ``module:function`` / ``module:function=ARG``.
+
+    ``?spec``: the same, but a failure is only reported: a warm-up that would be
+    nice to have must not cost the zygote (its children import it themselves).
+    """
+    if spec.startswith("?"):
+        try:
+            call_warm_up(spec[1:])
+        except Exception as err:  # noqa: BLE001 - optional by request
+            print(f"[fedgpu] zygote: optional warm-up {spec[1:]} failed, skipped: {err!r}", file=sys.stderr, flush=True)
+        return
     ref, _, arg = spec.partition("=")
     module_name, _, function_name = ref.partition(":")
     module = importlib.import_module(module_name)
@@ -636,7 +646,7 @@ def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> No
     _raise_descriptor_limit()
     key = os.urandom(32)
     _write_private(os.path.join(directory, KEY_NAME), key)
-    primers = [spec for spec in warm_ups if ":" in spec.partition("=")[0]]
+    primers = [spec for spec in warm_ups if ":" in spec.lstrip("?").partition("=")[0]]
     server = ZygoteServer(directory, key, primers=primers)
     try:
         ready = os.path.join(directory, READY_NAME)
