@@ -6,7 +6,8 @@ The same app directory (examples/quickstart-pytorch), the same nodes and rounds,
   (c) ``fedgpu run APP``: fedgpu client nodes, each message in a child forked by the zygote;
   (d) the Simulation Engine with ``@isolate()`` (zygote mode) on the ClientApp's train and evaluate
       (the one change: the decorator lines; torch stays imported at the module's top, as the app has it,
-      so the actors hold it too; the actor's zygote is warmed with the ClientApp's module).
+      so the actors hold it too; the actor's zygote is warmed with the ClientApp's module);
+  (e) the same with ``@isolate(mode="spawn")``: a fresh interpreter per call, for the choice of default.
 Per setup: seconds per round (median of rounds 2 and later, from the time each ``[ROUND k/R]`` line of
 the app's log reached us), wall time, and the peak host memory of every process it started (summed
 PSS, and the client side alone: all but the SuperLink, the ServerApp and the launchers). GPU memory at
@@ -193,15 +194,15 @@ def run_fedgpu(work: Path, nodes: int, rounds: int, marker: str) -> dict:
             "peak_pss_mib": sampler.peak_all / 2**20, "client_pss_mib": sampler.peak_clients / 2**20}
 
 
-def isolated_copy(work: Path) -> Path:
-    """The app with @isolate() under @app.train() and @app.evaluate(): nothing else changed."""
-    app = work / "isolated-app"
+def isolated_copy(work: Path, decorator_line: str = "@isolate()") -> Path:
+    """The app with ``decorator_line`` under @app.train() and @app.evaluate(): nothing else changed."""
+    app = work / f"isolated-app-{abs(hash(decorator_line))}"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
     client = app / "pytorchexample" / "client_app.py"
     source = client.read_text()
     source = source.replace("from flwr.clientapp import ClientApp\n", "from flwr.clientapp import ClientApp\n\nfrom fedgpu.flower import isolate\n")
     for decorator in ("@app.train()", "@app.evaluate()"):
-        source = source.replace(f"{decorator}\n", f"{decorator}\n@isolate()\n")
+        source = source.replace(f"{decorator}\n", f"{decorator}\n{decorator_line}\n")
     client.write_text(source)
     return app
 
@@ -223,6 +224,8 @@ def main() -> None:
         "(c) fedgpu run": lambda m: run_fedgpu(work / "fedgpu" / "run", args.nodes, args.rounds, m),
         "(d) Simulation Engine + @isolate() (zygote)": lambda m: run_simulation(
             work / "simulation-isolate", isolated_copy(work), args.nodes, args.rounds, m),
+        "(e) Simulation Engine + @isolate(mode=\"spawn\")": lambda m: run_simulation(
+            work / "simulation-spawn", isolated_copy(work, '@isolate(mode="spawn")'), args.nodes, args.rounds, m),
     }
     raw, rows = {}, []
     for name, run in setups.items():

@@ -103,9 +103,10 @@ def cli() -> None:
 
 
 @cli.command(context_settings={"show_default": True})
-@click.argument("app_dir", required=False)
+@click.argument("positional", nargs=-1, metavar="[APP_DIR | CLIENTS [MIN [SAMPLED [ROUNDS]]]]")
+@click.option("--app", "app_dir", type=click.Path(), default=None, help="A Flower app directory (the same as APP_DIR).")
 @click.option("--nodes", type=click.IntRange(1, 999_999), default=None,
-              help="Client nodes to start [default: the app's options.num-supernodes, else 10].")
+              help="Client nodes to start (CLIENTS) [default: the app's options.num-supernodes, else 10].")
 @run_config_option
 @task_run_options
 @node_options
@@ -124,6 +125,9 @@ def run(**options: Any) -> None:
     A SuperLink, the host's zygote, N client nodes whose messages each run in a
     short-lived child, the memory monitor and the reports; everything is stopped
     at the end, on Ctrl-C or TERM. Exit 0 only when Flower says the run completed.
+
+    For fedgpu's tasks the numbers are CLIENTS (--nodes), MIN (--min-clients),
+    SAMPLED (--sampled) and ROUNDS (--rounds), as ./run.sh takes them.
     """
     from fedgpu.launch import Launcher, plan_run
 
@@ -136,7 +140,7 @@ def run(**options: Any) -> None:
     if options["check"]:
         click.echo(f"{_prog()}: ok: {plan.describe()}")
         return
-    sys.exit(Launcher(plan, click.echo).run())
+    sys.exit(Launcher(plan, click.echo, lambda line: click.echo(line, err=True)).run())
 
 
 @cli.command()
@@ -265,7 +269,8 @@ def _prog() -> str:
 def _usage_line(err: click.ClickException) -> str:
     """One line for a usage error, in the words of the launcher that was called."""
     if isinstance(err, click.NoSuchOption):
-        return f"unknown option {err.option_name} (see {_prog()} --help)"
+        helper = "./run.sh --help" if _prog() == "run.sh" else f"{_prog()} {err.ctx.info_name if err.ctx else ''} --help"
+        return f"unknown option {err.option_name} (see {' '.join(helper.split())})"
     if isinstance(err, click.BadOptionUsage) and "requires an argument" in err.format_message():
         return f"option {err.option_name} needs a value"
     return err.format_message().replace("\n", " ")

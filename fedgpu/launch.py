@@ -82,9 +82,10 @@ def certs_script() -> Path:
 
 
 class Launcher:
-    def __init__(self, plan: LaunchPlan, say: Callable[[str], None]) -> None:
+    def __init__(self, plan: LaunchPlan, say: Callable[[str], None], warn: Callable[[str], None]) -> None:
         self.plan = plan
-        self.say = say
+        self.say = say  # progress, on stdout with the rounds
+        self.warn = warn  # why the run stopped, on stderr
         self.groups: list[subprocess.Popen] = []  # leaders of the groups we started, in order
         self.nodes: list[subprocess.Popen] = []
         self.zygote: subprocess.Popen | None = None
@@ -101,10 +102,10 @@ class Launcher:
         try:
             return self._run()
         except Stopping as stopped:
-            self.say(f"{self.plan.prog}: {stopped} received, stopping the federation")
+            self.warn(f"{self.plan.prog}: {stopped} received, stopping the federation")
             return 128 + stopped.signum
         except RunEnded as ended:
-            self.say(f"{self.plan.prog}: {ended.line}")
+            self.warn(f"{self.plan.prog}: {ended.line}")
             return ended.code
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -231,7 +232,7 @@ class Launcher:
             time.sleep(WATCH_SECONDS)
         code = self.server.wait()
         if code != 0:
-            self.say(f"{plan.prog}: run failed (exit {code}); logs in {plan.run_dir}: serverapp.log (the ServerApp), server.log")
+            self.warn(f"{plan.prog}: run failed (exit {code}); logs in {plan.run_dir}: serverapp.log (the ServerApp), server.log")
         return code
 
     # -- stopping -----------------------------------------------------------------
@@ -271,6 +272,40 @@ def _last_line(path: Path) -> str:
 # -- checking `fedgpu run` ----------------------------------------------------------
 
 DEFAULT_NODES = 10
+MAX_COUNT = 999_999
+SHAPE = (("clients", "nodes"), ("min", "min_clients"), ("sampled", "sampled"), ("rounds", "rounds"))
+
+
+def _read_positional(values: dict[str, Any], given: set[str], *, numbers_only: bool) -> None:
+    """``[APP_DIR | CLIENTS [MIN [SAMPLED [ROUNDS]]]]`` into the options they stand for.
+
+    Numbers are read as text (no wrap-around, no silent default). Under run.sh
+    (``numbers_only``) every positional is a number: an app comes with --app.
+    """
+    from fedgpu.errors import BadInput
+
+    positional = list(values.pop("positional", ()))
+    if positional and not numbers_only and not values.get("app_dir") and not positional[0].isdigit():
+        values["app_dir"] = positional.pop(0)
+        given.add("app_dir")
+    if len(positional) > len(SHAPE):
+        raise BadInput(f"too many arguments: expected at most <clients> <min> <sampled> <rounds>, got {' '.join(positional)}")
+    if values.get("app_dir") and len(positional) > 1:
+        raise BadInput("with an app give only <clients>: the app's own config decides sampling and rounds (change it with --run-config)")
+    for text, (name, option) in zip(positional, SHAPE):
+        if option in given:
+            raise BadInput(f"{name} given twice: as a number and as --{option.replace('_', '-')}")
+        if not text.isdigit() or int(text) < 1:
+            raise BadInput(f"{name} must be a whole number >= 1, got {text!r}")
+        if len(text.lstrip("0")) > len(str(MAX_COUNT)) or int(text) > MAX_COUNT:
+            raise BadInput(f"{name} must be at most {MAX_COUNT}, got {text!r}")
+        values[option] = int(text)
+        given.add(option)
+    if not values.get("app_dir"):  # run.sh's defaults: 10 10 5 3, and min and sampled within clients
+        nodes = values["nodes"] or DEFAULT_NODES
+        for name, option in SHAPE[1:3]:
+            if values[option] is not None and values[option] > nodes:
+                raise BadInput(f"{name} ({values[option]}) must not exceed clients ({nodes})")
 
 
 def plan_run(
@@ -296,6 +331,7 @@ def plan_run(
     from fedgpu.nvml.placement import check_placement
 
     values = dict(options)
+    _read_positional(values, given, numbers_only=prog != "fedgpu")
     mp, app_dir = bool(values["mp"]), values.get("app_dir")
     task_only = {"rounds", "min_clients", "sampled", "eval_sampled", "task", "lr", "lr_decay", "local_epochs", "batch_size",
                  "partitioner", "alpha", "seed", "data_files", "task_options", "device", "threads", "message_timeout"}
@@ -317,9 +353,6 @@ def plan_run(
         nodes = int(values["nodes"] or DEFAULT_NODES)
         values["min_clients"] = values["min_clients"] or nodes
         values["sampled"] = values["sampled"] or min(5, nodes)
-        for name in ("min_clients", "sampled"):
-            if values[name] > nodes:
-                raise BadInput(f"--{name.replace('_', '-')} ({values[name]}) must not exceed --nodes ({nodes})")
         if values["data_files"]:  # the server and the nodes run elsewhere (in the run directory)
             values["data_files"] = str(Path(values["data_files"]).absolute())
         check_task_run(values, min_clients=nodes, sampled=values["sampled"])

@@ -59,8 +59,10 @@ def test_flowers_quickstart_runs_unchanged_every_message_isolated(tmp_path: Path
     # The app's own output is on the console; its file lands in the run directory.
     assert "Saving final model to disk" in output, output
     assert (run_dir / "final_model.pt").is_file()
-    # The long-lived processes (launcher, server, SuperLink, nodes) never mapped torch; the children did.
-    assert sampler.long_lived(torch=True) == [], sampler.long_lived(torch=True)
+    # fedgpu's long-lived processes (launcher, server, SuperLink, nodes) never mapped torch; the children did.
+    # (The app's own ServerApp does: it evaluates the global model with torch, as the app has it.)
+    ours = [cmd for cmd in sampler.long_lived(torch=True) if "flwr-serverapp" not in cmd]
+    assert ours == [], ours
     assert sampler.long_lived(torch=False), "the sampler saw the long-lived processes"
     summary = json.loads((run_dir / "memory.json").read_text())
     assert [entry["round"] for entry in summary["rounds"]] == [1, 2]  # rounds found from the children alone

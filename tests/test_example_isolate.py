@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import kill_processes_with_env, processes_with_env, wait_for
+from helpers import kill_processes_with_env, parent_pid, processes_with_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "isolate-clientapp"
@@ -36,6 +36,14 @@ pytestmark = [
 def _marked(marker: str, *also: str) -> dict[int, str]:
     """Processes started by the example run with this marker (pid -> command line)."""
     return processes_with_env("EXAMPLE_MARKER", marker, *also)
+
+
+def _isolated_children(marker: str) -> list[int]:
+    """Children running a call: forked by a zygote (their parent is one), or spawned with the call's variable."""
+    marked = _marked(marker)
+    zygotes = {pid for pid, command in marked.items() if "fedgpu.isolation.zygote" in command}
+    spawned = _marked(marker, "FEDGPU_ISOLATED_CALL=1")
+    return [pid for pid in marked if parent_pid(pid) in zygotes or pid in spawned]
 
 
 def _leftovers(marker: str, settle: float = 3.0) -> list[str]:
@@ -154,7 +162,7 @@ def test_example_stops_everything_on_sigterm(tmp_path: Path) -> None:
     proc, log, _ = _start(tmp_path, marker)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
-        while not _marked(marker, "FEDGPU_ISOLATED_CALL=1"):
+        while not _isolated_children(marker):
             if proc.poll() is not None or time.monotonic() > deadline:
                 _stop(proc)
                 pytest.fail(f"no isolated child appeared:\n{log.read_text(errors='replace')[-4000:]}")

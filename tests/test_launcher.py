@@ -40,7 +40,7 @@ RUN_SH_BAD_INPUT = [
     (["2", "2", "1", "1", "--gpus", "0,,1"], "--gpus must be GPU indices"),
     (["2", "2", "1", "1", "--placement", "packed"], "Invalid value for '--placement': 'packed' is not one of 'free', 'round-robin'."),
     (["2", "2", "1", "1", "--gpu-mem", "0"], "Invalid value for '--gpu-mem': 0.0 is not in the range x>0."),
-    (["2", "2", "1", "1", "--admission-timeout", "soon"], "Invalid value for '--admission-timeout': 'soon' is not a valid float."),
+    (["2", "2", "1", "1", "--admission-timeout", "soon"], "Invalid value for '--admission-timeout': 'soon' is not a valid float range."),
     # The server's own checks, run by run.sh before anything starts:
     (["2", "2", "1", "1", "--task", "cifar10", "--data-files", "/nonexistent/cifar"], "--data-files /nonexistent/cifar: not found"),
     (["2", "2", "1", "1", "--task", "cifar10"], "downloads uoft-cs/cifar10 from the Hugging Face Hub, which is unreachable"),
@@ -51,7 +51,7 @@ RUN_SH_BAD_INPUT = [
     (["2", "2", "1", "1", "--task-option", "colour=red"], "task 'digits' got unknown option(s): colour"),
     # Numbers are read as text: no wrap-around, no silent default.
     (["18446744073709551617", "2", "1", "1"], "clients must be at most 999999, got '18446744073709551617'"),
-    (["2", "2", "1", "1", "--port", ""], "Invalid value for '--port': '' is not a valid integer."),
+    (["2", "2", "1", "1", "--port", ""], "Invalid value for '--port': '' is not a valid integer range."),
     # A host that cannot hold the clients is refused with the estimate (--force overrides).
     (["100000", "1", "1", "1"], "100000 client nodes need about"),
     # The client nodes' own options, checked before anything starts:
@@ -178,7 +178,7 @@ def test_run_sh_port_in_use_and_unwritable_run_dir(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     done = subprocess.run([str(RUN_SH), "2", "2", "1", "1", "--run-dir", str(blocker / "run")], capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stderr.strip()) == (2, f"run.sh: run directory {blocker / 'run'} is not writable")
+    assert (done.returncode, done.stderr.strip()) == (2, f"run.sh: run directory {blocker / 'run'} is not writable: Not a directory")
 
 
 def test_fedgpu_server_unwritable_run_dir(tmp_path: Path) -> None:

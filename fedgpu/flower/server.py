@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -264,14 +263,14 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 
 def last_error_lines(lines: Any, most: int = 3) -> list[str]:
-    """The end of the last Python traceback in ``lines`` (a ServerApp's output), or its last lines."""
+    """Why a ServerApp failed, from its output: the exception of its last traceback, else its last lines."""
     text = [line.rstrip() for line in lines if line.strip()]
     starts = [i for i, line in enumerate(text) if "Traceback (most recent call last)" in line]
     if starts:
-        block = text[starts[-1] :]
-        # The exception line: the last line of the block that is not indented source or a frame.
-        errors = [line for line in block[1:] if not line.lstrip().startswith(("File ", "^", "~")) and not line.startswith((" ", "\t"))]
-        return errors[-most:] if errors else block[-most:]
+        # Frames are indented; the exception is the first line after them that is not.
+        for line in text[starts[-1] + 1 :]:
+            if not line.startswith((" ", "\t")):
+                return [line]
     return text[-most:]
 
 
@@ -469,11 +468,11 @@ def _write_app_report(plan: ServerPlan, status: str, say: Callable[..., None]) -
     from fedgpu.flower.app_report import app_report
     from fedgpu.output import write_json
 
+    from fedgpu.flower.settings import parse_config_pairs
+
     overrides: dict[str, Any] = {}
     for text in plan.run_config:
-        for pair in shlex.split(text):
-            key, _, value = pair.partition("=")
-            overrides[key] = value
+        overrides.update(parse_config_pairs(text))  # checked by plan_server already
     try:
         write_json(plan.run_dir / "report.json", app_report(str(plan.run_dir), status, plan.app, overrides), default=str)
     except OutputError as err:
