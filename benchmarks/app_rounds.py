@@ -44,7 +44,7 @@ BIN = Path(sys.executable).parent
 MARKER = "FEDGPU_BENCH_MARKER"
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
          "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-SERVER_SIDE = ("flower-superlink", "flwr-serverapp", "bin/flwr ", "fedgpu run", "fedgpu server")
+SERVER_SIDE = ("flower-superlink", "fedgpu.flower.internals", "flwr-serverapp", "bin/flwr ", "fedgpu run", "fedgpu server")
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 
 

@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import child_pids, median, report, table  # noqa: E402
 
+from fedgpu.flower.internals import DOORBELLS_ENV, PACE_ENV  # noqa: E402
 from fedgpu.flower.node import free_port  # noqa: E402
 from fedgpu.flower.probe import wait_for_health  # noqa: E402
 from fedgpu.flower.server import ServerSettings, superlink_command, write_connection  # noqa: E402
@@ -147,23 +148,32 @@ class LifetimeWatcher(threading.Thread):
         return None
 
 
+FLOWER_PACE = " (Flower's pace)"  # the same node and SuperLink with FEDGPU_NODE_PACE=flower: the "before"
+
+
 def flower_run(mode: str, messages: int, weights: Path, work_dir: Path) -> list[dict]:
     """One SuperLink, one node of ``mode``, ``messages`` train messages; per-message facts."""
     env = {**os.environ, **QUIET, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    doorbells = tempfile.mkdtemp(prefix="fedgpu-bench-bells-")
+    env[DOORBELLS_ENV] = doorbells  # as `fedgpu run` does: the SuperLink rings the node
+    if mode.endswith(FLOWER_PACE):
+        mode, env[PACE_ENV] = mode[: -len(FLOWER_PACE)], "flower"
+    label = mode + (FLOWER_PACE if env.get(PACE_ENV) == "flower" else "")
+    slug = mode + ("-flower-pace" if env.get(PACE_ENV) == "flower" else "")
     port, node_port = free_port(), free_port()
     server = ServerSettings(port=port)
-    home = work_dir / f"{mode}-home"
+    home = work_dir / f"{slug}-home"
     write_connection(home, server)
     env_server = {**env, "FLWR_HOME": str(home)}
     processes: list[subprocess.Popen] = []
-    log = open(work_dir / f"{mode}.log", "w")  # noqa: SIM115
+    log = open(work_dir / f"{slug}.log", "w")  # noqa: SIM115
     zygote_dir = None
     try:
         processes.append(subprocess.Popen(superlink_command(server), env=env_server, stdout=log, stderr=subprocess.STDOUT))
         if not wait_for_health(f"http://127.0.0.1:{port}/health", 60, alive=lambda: processes[0].poll() is None):
             raise RuntimeError(f"SuperLink did not start; see {log.name}")
         superlink = f"127.0.0.1:{port}"
-        node_env = {**env, "FLWR_HOME": str(work_dir / f"{mode}-node-home")}
+        node_env = {**env, "FLWR_HOME": str(work_dir / f"{slug}-node-home")}
         roots, match = [], ""
         if mode == "flower-subprocess":
             command = [str(BIN / "flower-supernode"), "--insecure", "--superlink", superlink, "--port", str(node_port),
@@ -192,7 +202,7 @@ def flower_run(mode: str, messages: int, weights: Path, work_dir: Path) -> list[
         watcher = LifetimeWatcher(roots or [node.pid], match) if match else None
         if watcher:
             watcher.start()
-        out = work_dir / f"{mode}.json"
+        out = work_dir / f"{slug}.json"
         config = f'messages={messages} weights="{weights}" out="{out}"'
         subprocess.run([str(BIN / "flwr"), "run", str(HERE / "flower_app"), "fedgpu", "--run-config", config, "--stream"],
                        env=env_server, stdout=log, stderr=subprocess.STDOUT, timeout=3600, check=False)
@@ -205,7 +215,7 @@ def flower_run(mode: str, messages: int, weights: Path, work_dir: Path) -> list[
                 raise RuntimeError(f"{mode}: message {entry['index']} failed: {entry['error']}")
             pid = int(entry["pid"])
             entry["lifetime"] = watcher.lifetime(pid) if watcher else None
-        print(f"flower {mode}: {median(e['round-trip'] for e in results):.2f} s round trip", file=sys.stderr, flush=True)
+        print(f"flower {label}: {median(e['round-trip'] for e in results):.2f} s round trip", file=sys.stderr, flush=True)
         return results
     finally:
         for proc in reversed(processes):
@@ -214,6 +224,11 @@ def flower_run(mode: str, messages: int, weights: Path, work_dir: Path) -> list[
         log.close()
         if zygote_dir:
             shutil.rmtree(zygote_dir, ignore_errors=True)
+        shutil.rmtree(doorbells, ignore_errors=True)
+
+
+def _beyond_work(results: list[dict]) -> float:
+    return median(e["round-trip"] - e["work-seconds"] for e in results)
 
 
 def main() -> None:
@@ -237,7 +252,7 @@ def main() -> None:
     weights = work_dir / "weights.npz"
     np.savez(weights, *arrays)
     flower: dict[str, list[dict]] = {}
-    for mode in ("fedgpu-none", "fedgpu-zygote", "fedgpu-spawn", "flower-subprocess"):
+    for mode in ("fedgpu-none", "fedgpu-zygote", "fedgpu-spawn", "flower-subprocess", "fedgpu-zygote" + FLOWER_PACE):
         flower[mode] = flower_run(mode, args.messages, weights, work_dir)
     node_warm = median(e["work-seconds"] for e in flower["fedgpu-none"][1:])
     rows2, overheads = [], {}
@@ -254,11 +269,12 @@ def main() -> None:
             f"{overhead:.3f}" if cost is not None else "0 (in the node)",
             median(e["work-seconds"] for e in results),
             median(e["round-trip"] for e in results),
+            median(e["round-trip"] - e["work-seconds"] for e in results),
         ])
     ratio = overheads["flower-subprocess"] / overheads["fedgpu-zygote"] if overheads["fedgpu-zygote"] > 0 else float("inf")
     part2 = table(
         ["node", "message process lifetime s", "node's call s (start -> reply -> reaped)", "overhead s (cost - warm work)",
-         "work inside s", "server round trip s"],
+         "work inside s", "server round trip s", "round trip - work inside s"],
         rows2,
     )
     body = (
@@ -268,8 +284,11 @@ def main() -> None:
         "## 2. Inside Flower (one node, sequential train messages)\n\n" + part2 +
         f"\n\nWarm work in the node (fedgpu-none after its first message): {node_warm:.3f} s. Medians of {args.messages} messages. "
         f"**Flower's default subprocess isolation costs {overheads['flower-subprocess']:.2f} s per message, "
-        f"{ratio:.0f}x the zygote's {overheads['fedgpu-zygote']:.3f} s.** The round trip adds the runtime's "
-        "polling (SuperNode, SuperExec and ServerApp poll every 1-3 s) for every mode alike."
+        f"{ratio:.0f}x the zygote's {overheads['fedgpu-zygote']:.3f} s.** "
+        f"**Round trip minus the work inside, fedgpu-zygote: {_beyond_work(flower['fedgpu-zygote']):.2f} s per message; "
+        f"at Flower's pace (FEDGPU_NODE_PACE=flower: 3 s idle pulls, 0.5 s reply turns, 3 s ServerApp pulls): "
+        f"{_beyond_work(flower['fedgpu-zygote' + FLOWER_PACE]):.2f} s.** flower-subprocess is Flower's own "
+        "SuperNode (its own pace) under the same SuperLink, whose ServerApp pulls are paced."
     )
     report("overhead", "Per-message overhead of isolation", body, {"core": core, "flower": flower})
     shutil.rmtree(work_dir, ignore_errors=True)

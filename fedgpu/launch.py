@@ -91,6 +91,7 @@ class Launcher:
         self.zygote: subprocess.Popen | None = None
         self.server: subprocess.Popen | None = None
         self.zygote_dir: str | None = None
+        self.doorbells: str | None = None
         self.certs: Path | None = None
 
     # -- the whole run -----------------------------------------------------------
@@ -121,6 +122,11 @@ class Launcher:
         if plan.tls:
             self._make_certs()
         self.say(f"{plan.prog}: {plan.describe()}")
+        from fedgpu.flower.internals import DOORBELLS_ENV
+
+        # The SuperLink rings a node here when it stores a message for it (no 3 s polling floor).
+        self.doorbells = tempfile.mkdtemp(prefix="fedgpu-bells.")
+        os.environ[DOORBELLS_ENV] = self.doorbells
         if plan.zygote_args:
             self._start_zygote()
         self._start_server()
@@ -253,8 +259,9 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 pass
         self.groups = []
-        if self.zygote_dir:
-            shutil.rmtree(self.zygote_dir, ignore_errors=True)
+        for directory in (self.zygote_dir, self.doorbells):
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def _read(path: Path) -> str:

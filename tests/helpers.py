@@ -137,7 +137,7 @@ def kill_leftovers(run_dir: Path) -> list[str]:
 
 # --- driving whole federations -----------------------------------------------
 
-LONG_LIVED = ("fedgpu run", "fedgpu client", "fedgpu server", "flower-superlink", "flower-superexec", "flwr-serverapp")
+LONG_LIVED = ("fedgpu run", "fedgpu client", "fedgpu server", "flower-superlink", "fedgpu.flower.internals", "flower-superexec", "flwr-serverapp")
 
 
 class ProcessSampler(threading.Thread):

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from flwr.supercore import log
 from flwr.supercore.exit import add_exit_handler
 
 from fedgpu.errors import BadInput
+from fedgpu.flower.internals import DOORBELLS_ENV, NodePace, pace_supernode
 from fedgpu.flower.isolate import IN_ISOLATED_CHILD
 from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
@@ -191,7 +192,10 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
     child_env = {IN_ISOLATED_CHILD: "1"} if settings.isolation != "none" else {}
     task = settings.node_config.get("task")
     isolator = Isolator(settings.isolation, env=child_env, zygote=settings.zygote, warm_ups=zygote_warm_ups(*([str(task)] if task else [])))
-    runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout, placer=placer)
+    pace = NodePace(os.environ.get(DOORBELLS_ENV))
+    paced = pace_supernode(pace, log=lambda line: log(WARNING, "[fedgpu] %s", line))
+    runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout, placer=placer,
+                        task_stored=pace.task_stored if paced else None, reply_stored=pace.reply_pushed if paced else None)
     emit("node-start", pid=os.getpid(), client=settings.node_config.get("partition-id", ""), isolation=settings.isolation)
     add_exit_handler(runner.stop)  # Flower's SIGTERM/SIGINT path stops our children too
 
@@ -214,6 +218,9 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
         flower_supernode()
     finally:
         runner.stop()
+        if paced:
+            log(INFO, "[fedgpu] %s", pace.summary())
+        pace.close()
         if watch.lost.is_set():
             raise SystemExit(EXIT_SUPERLINK_LOST)  # not Flower's graceful 0: this node did not finish its work
 

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any
 from logging import ERROR, INFO, WARNING
 
@@ -96,6 +97,8 @@ class TaskRunner:
         timeout: float | None = None,
         poll_interval: tuple[float, float] = (0.1, 1.0),
         placer: GpuPlacer | None = None,
+        task_stored: threading.Event | None = None,
+        reply_stored: Callable[[], None] | None = None,
     ) -> None:
         self.runtime_address = runtime_address
         self.isolator = isolator
@@ -105,11 +108,17 @@ class TaskRunner:
         # backing off to Flower's own SuperExec interval when idle: a hundred
         # idle nodes polling five times a second would saturate a small host.
         self.poll_interval = poll_interval
+        # With a paced SuperNode (fedgpu.flower.internals): it says when a task is there,
+        # and is told when the reply is stored, instead of either side polling.
+        self.task_stored = task_stored
+        self.reply_stored = reply_stored
         self._stopping = threading.Event()
 
     def stop(self) -> None:
         """Stop polling and stop any child in flight (TERM, grace, KILL)."""
         self._stopping.set()
+        if self.task_stored is not None:
+            self.task_stored.set()
         self.isolator.shutdown()
 
     def serve_forever(self) -> None:
@@ -119,6 +128,12 @@ class TaskRunner:
         interval = slowest
         try:
             while not self._stopping.is_set():
+                if self.task_stored is not None:
+                    # Paced: the SuperNode's loop says when a message and all its content are
+                    # stored (acquired earlier, the task's input would be pulled half there).
+                    if not self.task_stored.wait(slowest):
+                        continue
+                    self.task_stored.clear()
                 try:
                     response = client.AcquireTask(request)
                 except Exception as err:  # noqa: BLE001 - the SuperNode may be starting or stopping
@@ -128,7 +143,7 @@ class TaskRunner:
                 if response.HasField("task") and response.token:
                     self._run_task(response.token)
                     interval = fastest
-                else:
+                elif self.task_stored is None:
                     self._stopping.wait(interval)
                     interval = min(slowest, interval * 2)
         finally:
@@ -207,6 +222,8 @@ class TaskRunner:
                 push_task_output(client, context, sub_status, details)
             except Exception as err:  # noqa: BLE001
                 log(ERROR, "[fedgpu] could not push the reply: %s", err)
+            if self.reply_stored is not None:
+                self.reply_stored()
             # What this message cost and how it ended, for runs whose ServerApp is not ours.
             emit("message-end", pid=os.getpid(), node_id=context.node_id if context is not None else None, **who,
                  stamp=stamp, failure=None if failure is None else asdict(failure))

@@ -114,7 +114,8 @@ def write_connection(flwr_home: Path, server: ServerSettings) -> None:
 
 
 def superlink_command(server: ServerSettings) -> list[str]:
-    command = ["flower-superlink", "--host", server.host, "--port", str(server.port), "--disable-runtime-dependency-installation"]
+    # Flower's SuperLink, started through fedgpu.flower.internals: it rings the doorbells of this host's nodes.
+    command = [sys.executable, "-m", "fedgpu.flower.internals", "superlink", "--host", server.host, "--port", str(server.port), "--disable-runtime-dependency-installation"]
     if server.tls is None:
         return command + ["--insecure"]
     command += ["--ssl-ca-certfile", server.tls.ca_cert, "--ssl-certfile", server.tls.cert, "--ssl-keyfile", server.tls.key]

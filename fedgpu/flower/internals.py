@@ -1,0 +1,347 @@
+"""Where fedgpu changes the pace of Flower's own loops (flwr 1.42).
+
+Flower's SuperNode (``flwr.supernode.start_client_internal``) paces itself
+with fixed sleeps: 3 s after a pull that found no message, 0.5 s turns while
+it waits for the ClientApp's reply and for the reply's content. A message
+therefore waits up to 3 s to be picked up and up to 0.5 s to leave, however
+short its work. This module swaps that module's ``time`` for a clock whose
+``sleep`` waits on events instead:
+
+* a pull that found nothing waits for a doorbell (a datagram the SuperLink
+  sends when it stores a message for this node) or, with no doorbell, an
+  interval that starts at ``FAST_PULL_SECONDS`` after activity and doubles
+  back to Flower's 3 s when the node stays idle;
+* the wait for a reply tells the task runner a task is there, then waits
+  for the runner to say the reply is stored.
+
+Flower's loop keeps every decision (what to pull, when to push); only its
+waits change. :func:`loop_contract` reads Flower's source and names any change
+of shape, so that another Flower version fails the contract test and runs at
+Flower's own pace (with a warning) instead of being patched blindly.
+
+The SuperLink side, :func:`ring_doorbells_on_store`, wraps the link state's
+``store_message_ins``: each stored message rings its destination node.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import select
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+# Where the doorbells of one host's nodes live (a private directory the launcher makes).
+DOORBELLS_ENV = "FEDGPU_DOORBELLS"
+# Set to "flower" to keep Flower's own pace (the benchmarks' "before").
+PACE_ENV = "FEDGPU_NODE_PACE"
+
+FAST_PULL_SECONDS = 0.1  # the first idle pull after a message; doubles up to Flower's own interval
+CONTENT_POLL_SECONDS = 0.02  # a reply's content not yet in the object store (rare)
+
+# The shape of Flower's SuperNode loop this module relies on: (function, seconds)
+# of every time.sleep call in the module, and nothing else of ``time`` used.
+EXPECTED_SLEEPS = (("start_client_internal", 3), ("_push_messages", 0.5), ("yield_object_contents", 0.5))
+# The same for the ServerApp's grid (flwr.superlink.grid.http_grid): 3 s between pulls for replies.
+GRID_EXPECTED_SLEEPS = (("send_and_receive", 3),)
+REPLY_PULL_SECONDS = (0.05, 0.2)  # the ServerApp's pulls for replies: fast at first, then every 0.2 s
+# Flower retries an object not yet there (a message pulled while its arrays are still being
+# pushed) after 1 s, doubling; fedgpu's processes start that backoff at 50 ms.
+OBJECT_PULL_BACKOFF = (1, 0.05)  # (Flower's initial_backoff, ours)
+
+
+def sleep_contract(module: ModuleType, expected: tuple[tuple[str, float], ...], time_uses: set[str] | None = None) -> list[str]:
+    """How ``module``'s use of ``time`` differs from ``expected``; [] when it is the one paced here.
+
+    ``expected``: (enclosing function, seconds) of every ``time.sleep`` call, in
+    source order; ``time_uses``: the other ``time.X`` it may use.
+    """
+    tree = ast.parse(inspect.getsource(module))
+    sleeps: list[tuple[str, object]] = []
+    other_uses: set[str] = set()
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and child.value.id == "time":
+                if child.attr == "sleep" and isinstance(node, ast.Call) and node.func is child:
+                    arg = node.args[0] if node.args else None
+                    sleeps.append((function, arg.value if isinstance(arg, ast.Constant) else ast.unparse(arg) if arg else None))
+                elif child.attr not in (time_uses or set()):
+                    other_uses.add(f"time.{child.attr}")
+            visit(child, inner)
+
+    visit(tree, "<module>")
+    problems = []
+    if tuple(sleeps) != expected:
+        problems.append(f"its time.sleep calls are {sleeps}, expected {list(expected)}")
+    if other_uses:
+        problems.append(f"it uses {sorted(other_uses)} besides those")
+    return problems
+
+
+def loop_contract(module: ModuleType) -> list[str]:
+    """What differs in Flower's SuperNode loop from the one :class:`NodePace` paces."""
+    problems = sleep_contract(module, EXPECTED_SLEEPS)
+    body = inspect.getsource(module.start_client_internal)
+    if "while True" not in body or "_push_messages(" not in body or "_pull_and_store_message(" not in body:
+        problems.append("start_client_internal no longer loops pull -> _push_messages")
+    return problems
+
+
+def grid_contract(module: ModuleType) -> list[str]:
+    """What differs in Flower's ServerApp grid from the one :func:`pace_grid` paces."""
+    return sleep_contract(module, GRID_EXPECTED_SLEEPS, {"time"})
+
+
+def _object_pullers() -> list[Callable]:
+    from flwr.supercore.inflatable import inflatable_utils
+
+    return [inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree]
+
+
+def object_pull_contract() -> list[str]:
+    """What differs in Flower's object pulls from those :func:`_quicken_object_pulls` changes."""
+    flowers, _ = OBJECT_PULL_BACKOFF
+    return [f"{fn.__name__} has initial_backoff {(fn.__kwdefaults__ or {}).get('initial_backoff')!r}, expected {flowers}"
+            for fn in _object_pullers() if (fn.__kwdefaults__ or {}).get("initial_backoff") != flowers]
+
+
+def _quicken_object_pulls() -> None:
+    _, ours = OBJECT_PULL_BACKOFF
+    for fn in _object_pullers():
+        fn.__kwdefaults__["initial_backoff"] = ours
+
+
+class NodePace:
+    """The events between Flower's SuperNode loop and the task runner of one node."""
+
+    def __init__(self, doorbells: str | None = None) -> None:
+        self.task_stored = threading.Event()  # the loop pulled a message: the runner may acquire its task
+        self.reply_stored = threading.Event()  # the runner stored the reply: the loop may push it
+        self.doorbells = doorbells
+        self._bell: socket.socket | None = None
+        self._bell_path: Path | None = None
+        self._idle_wait = FAST_PULL_SECONDS
+        self.idle_waits = 0  # pulls that found nothing
+        self.rings = 0  # of which the doorbell ended the wait
+
+    # -- the SuperNode loop's waits -----------------------------------------------
+
+    def idle(self, flower_seconds: float, node_id: int | None) -> bool:
+        """After a pull that found no message: until the doorbell rings (True), or the (growing) interval."""
+        self.idle_waits += 1
+        bell = self._doorbell(node_id)
+        wait = min(self._idle_wait, flower_seconds)
+        self._idle_wait = min(flower_seconds, self._idle_wait * 2)
+        if bell is None:
+            time.sleep(wait)
+            return False
+        if not select.select([bell], [], [], wait)[0]:
+            return False
+        self._drain(bell)
+        self._idle_wait = FAST_PULL_SECONDS
+        self.rings += 1
+        return True
+
+    def awaiting_reply(self, flower_seconds: float) -> None:
+        """The loop pulled a message and waits for its reply: wake the runner, wait for the reply."""
+        self._idle_wait = FAST_PULL_SECONDS
+        self.task_stored.set()
+        if self.reply_stored.wait(flower_seconds):
+            self.reply_stored.clear()
+
+    def reply_pushed(self) -> None:
+        self.reply_stored.set()
+
+    # -- the doorbell -----------------------------------------------------------------
+
+    def _doorbell(self, node_id: int | None) -> socket.socket | None:
+        if self._bell is not None or not self.doorbells or node_id is None:
+            return self._bell
+        path = Path(self.doorbells) / str(node_id)
+        bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            path.unlink(missing_ok=True)
+            bell.bind(str(path))
+        except OSError:  # no doorbell: this node polls at the growing interval
+            bell.close()
+            self.doorbells = None
+            return None
+        bell.setblocking(False)
+        self._bell, self._bell_path = bell, path
+        return bell
+
+    @staticmethod
+    def _drain(bell: socket.socket) -> None:
+        try:
+            while bell.recv(64):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def summary(self) -> str:
+        bell = f"doorbell {self._bell_path}" if self._bell_path else "no doorbell"
+        return f"SuperNode loop: {self.idle_waits} idle waits, {self.rings} ended by the doorbell ({bell})"
+
+    def close(self) -> None:
+        if self._bell is not None:
+            self._bell.close()
+            if self._bell_path is not None:
+                self._bell_path.unlink(missing_ok=True)
+            self._bell = None
+
+
+class _LoopClock:
+    """Stands in for ``time`` inside Flower's SuperNode loop module: only ``sleep`` differs."""
+
+    def __init__(self, pace: NodePace) -> None:
+        self._pace = pace
+
+    def sleep(self, seconds: float) -> None:
+        caller = sys._getframe(1)  # noqa: SLF001 - which of the loop's three waits this is
+        where = caller.f_code.co_name
+        if where == "start_client_internal":
+            node_id = caller.f_locals.get("node_id")
+            self._pace.idle(seconds, node_id if isinstance(node_id, int) else None)
+        elif where == "_push_messages":
+            self._pace.awaiting_reply(seconds)
+        elif where == "yield_object_contents":
+            time.sleep(min(seconds, CONTENT_POLL_SECONDS))
+        else:
+            time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+def pace_supernode(pace: NodePace, log: Callable[[str], None]) -> bool:
+    """Make Flower's SuperNode loop in this process wait on ``pace``; False (and why, logged) if it keeps its own."""
+    if os.environ.get(PACE_ENV) == "flower":
+        log(f"{PACE_ENV}=flower: the SuperNode keeps Flower's own pace (3 s idle pulls)")
+        return False
+    import flwr
+    from flwr.supernode import start_client_internal as loop
+
+    problems = loop_contract(loop) + object_pull_contract()
+    if problems:
+        log(f"flwr {flwr.__version__}: the SuperNode loop is not the one fedgpu paces ({'; '.join(problems)}); "
+            "it keeps Flower's own pace, up to 3 s per message each way")
+        return False
+    loop.time = _LoopClock(pace)  # type: ignore[attr-defined]
+    _quicken_object_pulls()
+    return True
+
+
+# -- the ServerApp's side -----------------------------------------------------------------
+
+
+class _GridClock:
+    """Stands in for ``time`` in Flower's HTTP grid: pulls for replies start fast and slow down to 0.5 s."""
+
+    def __init__(self) -> None:
+        self._call: int | None = None
+        self._wait = REPLY_PULL_SECONDS[0]
+
+    def sleep(self, seconds: float) -> None:
+        caller = sys._getframe(1)  # noqa: SLF001
+        if caller.f_code.co_name != "send_and_receive":
+            time.sleep(seconds)
+            return
+        fastest, slowest = REPLY_PULL_SECONDS
+        if id(caller) != self._call:  # a new send_and_receive: its replies may come at once
+            self._call, self._wait = id(caller), fastest
+        time.sleep(min(seconds, self._wait))
+        self._wait = min(slowest, self._wait * 2)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+def pace_grid(log: Callable[[str], None]) -> bool:
+    """Make Flower's HTTP grid in this (ServerApp) process pull replies quickly; False if it keeps its pace."""
+    import flwr
+    from flwr.superlink.grid import http_grid
+
+    problems = grid_contract(http_grid) + object_pull_contract()
+    if problems:
+        log(f"flwr {flwr.__version__}: the ServerApp grid is not the one fedgpu paces ({'; '.join(problems)}); "
+            "it keeps Flower's own pace, up to 3 s per round")
+        return False
+    http_grid.time = _GridClock()  # type: ignore[attr-defined]
+    _quicken_object_pulls()
+    return True
+
+
+def serverapp_main(argv: list[str]) -> None:
+    """``flwr-serverapp`` with a paced grid: what the SuperExec of our SuperLink starts for every run."""
+    from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
+
+    pace_grid(log=lambda line: print(f"[fedgpu] {line}", file=sys.stderr, flush=True))
+    sys.argv = ["flwr-serverapp", *argv]  # Flower's exit handling knows the process by this name
+    flwr_serverapp()
+
+
+# -- the SuperLink's side ----------------------------------------------------------------
+
+
+def ring_doorbells_on_store(doorbells: str) -> None:
+    """In the SuperLink's process: each message stored for a node rings that node's doorbell."""
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setblocking(False)
+
+    def ring(node_id: int) -> None:
+        try:
+            sender.sendto(b"!", os.path.join(doorbells, str(node_id)))
+        except OSError:  # no such node here (another host), or its bell is full: it polls
+            pass
+
+    for state in (InMemoryLinkState, SqlLinkState):
+        original = state.store_message_ins
+
+        def store_message_ins(self, message, _original=original):  # noqa: ANN001, ANN202 - Flower's signature
+            stored = _original(self, message)
+            if stored is not None:
+                ring(message.metadata.dst_node_id)
+            return stored
+
+        state.store_message_ins = store_message_ins  # type: ignore[method-assign]
+
+
+def superlink_main(argv: list[str]) -> None:
+    """Flower's SuperLink, ringing the doorbells in $FEDGPU_DOORBELLS; its ServerApps pull replies quickly.
+
+    The SuperExec it starts finds ``flwr-serverapp`` on PATH: a private directory
+    first on PATH makes that :func:`serverapp_main`, for any app.
+    """
+    from flwr.superlink.cli import flower_superlink
+
+    bin_dir = tempfile.mkdtemp(prefix="fedgpu-serverapp.")
+    try:
+        if os.environ.get(PACE_ENV) != "flower":
+            if os.environ.get(DOORBELLS_ENV):
+                ring_doorbells_on_store(os.environ[DOORBELLS_ENV])
+            wrapper = Path(bin_dir, "flwr-serverapp")
+            wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fedgpu.flower.internals serverapp "$@"\n')
+            wrapper.chmod(0o700)
+            os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+        sys.argv = ["flower-superlink", *argv]
+        flower_superlink()
+    finally:
+        shutil.rmtree(bin_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    # python -m fedgpu.flower.internals {superlink|serverapp} ARGS
+    {"superlink": superlink_main, "serverapp": serverapp_main}[sys.argv[1]](sys.argv[2:])
