@@ -222,3 +222,36 @@ def test_bench_models_reports_a_model_that_fails_and_goes_on(tmp_path: Path) -> 
     assert rows["inception_v3"]["params"] == ""
     assert rows["mobilenet_v3_small"]["error"] == "" and float(rows["mobilenet_v3_small"]["train_s"]) > 0
     assert re.search(r"^inception_v3 +failed: ", done.stdout, re.M), done.stdout
+
+
+# --- each task's own learning rate and epochs ---------------------------------------
+
+TASK_OPTIONS = {
+    "digits": lambda d: {},
+    "cifar10": lambda d: {"data_files": str(d["cifar10"])},
+    "vit-flowers": lambda d: {"data_files": str(d["flowers"]), "weights": "none", "batch_size": "2"},
+    "text-imdb": lambda d: {"data_files": str(d["imdb"]), "model": str(d["bert"]), "max_length": "32", "batch_size": "8"},
+}
+
+
+@pytest.mark.parametrize("task", list(TASK_OPTIONS))
+def test_a_task_trains_with_its_own_lr_and_epochs_unless_the_run_says(task: str, data: dict[str, Path]) -> None:
+    from fedgpu.tasks.work import WorkSettings, initial_arrays, train_partition
+
+    settings = WorkSettings(task, TASK_OPTIONS[task](data), device="cpu")
+    declared = load_task(task, TASK_OPTIONS[task](data))
+    arrays = list(initial_arrays(settings).values())
+    # lr and epochs 0: what a run that does not set them sends (RunSettings' defaults).
+    _, metrics, _ = train_partition(settings, arrays, 0, 2, epochs=0, lr=0.0, lr_scale=0.5)
+    assert (metrics["lr"], metrics["local-epochs"]) == (declared.default_lr * 0.5, declared.default_local_epochs)
+    _, metrics, _ = train_partition(settings, arrays, 0, 2, epochs=2, lr=0.2)
+    assert (metrics["lr"], metrics["local-epochs"]) == (0.2, 2)
+
+
+def test_a_run_that_sets_no_lr_leaves_it_to_the_task() -> None:
+    from fedgpu.flower.settings import RunSettings
+
+    run = RunSettings.from_run_config(RunSettings(task="cifar10").to_run_config())
+    assert (run.lr, run.local_epochs) == (0.0, 0)
+    assert [run.round_lr_scale(r) for r in (1, 2)] == [1.0, 1.0]
+    assert RunSettings(lr_decay=0.5).round_lr_scale(3) == 0.25

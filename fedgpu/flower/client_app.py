@@ -40,6 +40,7 @@ def train(msg: Message, context: Context) -> Message:
         *_partition(context),
         epochs=int(config["local-epochs"]),
         lr=float(config["lr"]),
+        lr_scale=float(config.get("lr-scale", 1.0)),
     )
     # The reply names its arrays as the server did: the server checks them by name.
     content = RecordDict({"arrays": named_record(arrays, list(msg.content["arrays"].keys())), "metrics": MetricRecord(metrics)})

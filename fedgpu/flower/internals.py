@@ -333,7 +333,9 @@ def superlink_main(argv: list[str]) -> None:
             if os.environ.get(DOORBELLS_ENV):
                 ring_doorbells_on_store(os.environ[DOORBELLS_ENV])
             wrapper = Path(bin_dir, "flwr-serverapp")
-            wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fedgpu.flower.internals serverapp "$@"\n')
+            # A Python script, so that the process reads "flwr-serverapp" as Flower's own does.
+            wrapper.write_text(f"#!{sys.executable}\nimport sys\nfrom fedgpu.flower.internals import serverapp_main\n"
+                               "serverapp_main(sys.argv[1:])\n")
             wrapper.chmod(0o700)
             os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
         sys.argv = ["flower-superlink", *argv]

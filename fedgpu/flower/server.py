@@ -325,8 +325,8 @@ def check_task_run(options: dict[str, Any], *, min_clients: int, sampled: int, r
         raise BadInput(str(err)) from None
     run = RunSettings(
         task=task, num_rounds=int(options["rounds"]), min_clients=int(options["min_clients"] or min_clients),
-        sampled=int(options["sampled"] or sampled), eval_sampled=int(options["eval_sampled"]), lr=float(options["lr"]),
-        lr_decay=float(options["lr_decay"]), local_epochs=int(options["local_epochs"]), batch_size=int(options["batch_size"]),
+        sampled=int(options["sampled"] or sampled), eval_sampled=int(options["eval_sampled"]), lr=float(options["lr"] or 0.0),
+        lr_decay=float(options["lr_decay"]), local_epochs=int(options["local_epochs"] or 0), batch_size=int(options["batch_size"]),
         partitioner=str(options["partitioner"]), alpha=float(options["alpha"]), seed=int(options["seed"]),
         data_files=str(options["data_files"]), task_options_json=task_options,
         isolation=str(options.get("isolation") or "zygote"), device=str(options["device"]), threads=int(options["threads"]),

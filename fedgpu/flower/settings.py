@@ -89,9 +89,9 @@ class RunSettings:
     min_clients: int = 2
     sampled: int = 2  # exactly this many clients train each round
     eval_sampled: int = 0  # clients that evaluate the global model on their data
-    lr: float = 0.05
+    lr: float = 0.0  # 0: the task's own default_lr
     lr_decay: float = 1.0  # lr of round r = lr * lr_decay ** (r - 1)
-    local_epochs: int = 3
+    local_epochs: int = 0  # 0: the task's own default_local_epochs
     batch_size: int = 0  # 0: the task's own default
     partitioner: str = "iid"
     alpha: float = 0.5  # Dirichlet concentration
@@ -118,8 +118,9 @@ class RunSettings:
                 values[name] = kinds[name](value)
         return cls(**values)
 
-    def round_lr(self, server_round: int) -> float:
-        return self.lr * self.lr_decay ** (server_round - 1)
+    def round_lr_scale(self, server_round: int) -> float:
+        """What round ``server_round`` multiplies the learning rate by."""
+        return self.lr_decay ** (server_round - 1)
 
     def work(self) -> WorkSettings:
         return WorkSettings(self.task, self.task_options(), self.device, self.threads)

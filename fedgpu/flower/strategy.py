@@ -82,7 +82,9 @@ class ExactFedAvg(FedAvg):
             {
                 **config,
                 "server-round": server_round,
-                "lr": self.settings.round_lr(server_round),
+                # 0: the task's own default, which only the child (which imports the task) knows.
+                "lr": self.settings.lr,
+                "lr-scale": self.settings.round_lr_scale(server_round),
                 "local-epochs": self.settings.local_epochs,
             }
         )

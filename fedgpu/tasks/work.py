@@ -59,13 +59,21 @@ def evaluate_global(settings: WorkSettings, arrays: list) -> dict:
 
 
 def train_partition(
-    settings: WorkSettings, arrays: list, partition_id: int, num_partitions: int, *, epochs: int, lr: float
+    settings: WorkSettings, arrays: list, partition_id: int, num_partitions: int, *, epochs: int, lr: float,
+    lr_scale: float = 1.0,
 ) -> tuple[list, dict, list[str]]:
-    """Client side: local training on one partition; returns new arrays, metrics and warnings."""
+    """Client side: local training on one partition; returns new arrays, metrics and warnings.
+
+    ``epochs`` or ``lr`` 0: the task's own ``default_local_epochs`` / ``default_lr``; the
+    learning rate used is ``lr * lr_scale``. Both are reported in the metrics.
+    """
     task, device = _setup(settings)
+    epochs = epochs or task.default_local_epochs
+    lr = (lr or task.default_lr) * lr_scale
     model = _model_with(task, arrays, device)
     data = task.load_train_partition(*task.partition_of(partition_id, num_partitions))
     metrics = task.train(model, data, epochs=epochs, lr=lr, device=device)
+    metrics = {**metrics, "lr": lr, "local-epochs": epochs}
     return task.get_arrays(model), metrics, partition_warnings(data, partition_id, num_partitions)
 
 
