@@ -1,9 +1,10 @@
 """CPU of a SuperLink and its idle client nodes: fedgpu's paced nodes against Flower's own pace.
 
-N ``fedgpu client --mp`` nodes register with one SuperLink (started as fedgpu
-starts it, with doorbells) and no run is submitted: every node only polls.
-After they all registered and settled, the CPU seconds (user + system, from
-/proc) of the SuperLink and of all nodes are read over a window. The same
+N ``fedgpu client --mp`` nodes sharing one zygote register with one SuperLink
+(started as fedgpu starts it, with doorbells) and no run is submitted: every
+node only polls. After they all registered and settled, the CPU seconds (user +
+system, from /proc) of the SuperLink (and what it started) and of the node
+processes themselves (not the shared zygote) are read over a window. The same
 again with ``FEDGPU_NODE_PACE=flower``: Flower's SuperNode pace (3 s idle
 pulls), the "before". Both sides in one run, for each N.
 
@@ -36,8 +37,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
-def cpu_seconds(root: int) -> float:
-    """User + system CPU of ``root`` and its live descendants (reaped ones count in their parent's cutime)."""
+def cpu_seconds(root: int, tree: bool = True) -> float:
+    """User + system CPU of ``root`` (all its threads) and, with ``tree``, its live descendants."""
     total, stack = 0.0, [root]
     while stack:
         pid = stack.pop()
@@ -45,8 +46,9 @@ def cpu_seconds(root: int) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += sum(int(v) for v in fields[11:15]) / TICK  # utime stime cutime cstime
-        stack += child_pids(pid)
+        total += sum(int(v) for v in fields[11:13]) / TICK  # utime stime
+        if tree:
+            stack += child_pids(pid)
     return total
 
 
@@ -58,7 +60,14 @@ def measure(nodes: int, window: float, pace: str, work: Path) -> dict[str, float
     port = free_port()
     log = open(work / f"{pace or 'paced'}-{nodes}.log", "w")  # noqa: SIM115
     procs: list[subprocess.Popen] = []
+    zygote_dir = tempfile.mkdtemp(prefix="fedgpu-bench-zygote-")
+    zygote = subprocess.Popen([str(BIN / "fedgpu"), "zygote", "--dir", zygote_dir], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        while not Path(zygote_dir, "ready").exists():  # one zygote for all nodes, as the launcher does
+            if zygote.poll() is not None:
+                raise RuntimeError(f"zygote exited; see {log.name}")
+            time.sleep(0.2)
         link = subprocess.Popen(superlink_command(ServerSettings(port=port)), env={**env, "FLWR_HOME": str(work / "link")},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(link)
@@ -69,7 +78,7 @@ def measure(nodes: int, window: float, pace: str, work: Path) -> dict[str, float
             logs.append(work / f"{pace or 'paced'}-{nodes}-node-{i}.log")
             procs.append(subprocess.Popen(
                 [str(BIN / "fedgpu"), "client", "--mp", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(i),
-                 "--num-partitions", str(nodes)],
+                 "--num-partitions", str(nodes), "--zygote", zygote_dir],
                 env=env, stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
             ))
             if i % 8 == 7:  # in waves, as the launcher starts them
@@ -80,16 +89,20 @@ def measure(nodes: int, window: float, pace: str, work: Path) -> dict[str, float
                 raise RuntimeError("nodes did not register in 600 s")
             time.sleep(1.0)
         time.sleep(10.0)  # settled: every node at its idle interval
-        before = {"superlink": cpu_seconds(link.pid), "nodes": sum(cpu_seconds(p.pid) for p in procs[1:])}
+        def sample() -> dict[str, float]:
+            return {"superlink": cpu_seconds(link.pid), "nodes": sum(cpu_seconds(p.pid, tree=False) for p in procs[1:])}
+
+        before = sample()
         time.sleep(window)
-        after = {"superlink": cpu_seconds(link.pid), "nodes": sum(cpu_seconds(p.pid) for p in procs[1:])}
+        after = sample()
         return {k: (after[k] - before[k]) / window * 100 for k in before}  # percent of one core
     finally:
-        for proc in procs:
+        for proc in [*procs, zygote]:
             stop_tree(proc.pid, 5.0)
-        for proc in procs:
+        for proc in [*procs, zygote]:
             proc.wait()
         log.close()
+        shutil.rmtree(zygote_dir, ignore_errors=True)
         shutil.rmtree(doorbells, ignore_errors=True)
 
 

@@ -23,8 +23,9 @@ fedgpu_ensure_env() {
     if [[ ! -x $venv/bin/python ]]; then
         python3 -m venv "$venv" || return 1
     fi
-    if ! "$venv/bin/python" -m pip install --disable-pip-version-check -e "$root[$extras]" >"$venv/install.log" 2>&1; then
-        tail -n 20 "$venv/install.log" >&2
+    # pip's own lines on stderr as they come (the first install takes minutes), and in install.log.
+    if ! "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off -e "$root[$extras]" \
+            > >(tee "$venv/install.log" >&2) 2>&1; then
         echo "fedgpu: installation failed; full log in $venv/install.log" >&2
         return 1
     fi

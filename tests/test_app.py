@@ -188,7 +188,7 @@ def test_a_server_app_that_fails_at_once_shows_its_last_lines(tmp_path: Path) ->
 
 
 def _recipe() -> str:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "flower-apps.md").read_text()
     after = readme.split("<!-- the manual recipe: tests/test_app.py runs this block as it is -->", 1)[1]
     return after.split("```bash\n", 1)[1].split("```", 1)[0]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import socket
 import os
 import subprocess
 import threading
@@ -13,6 +12,7 @@ from pathlib import Path
 from helpers import FEDGPU, kill_leftovers, read_or_empty
 
 from fedgpu.flower.internals import (
+    Doorbells,
     NodePace,
     grid_contract,
     loop_contract,
@@ -58,24 +58,29 @@ def test_a_loop_of_another_shape_is_named(tmp_path: Path) -> None:
     assert sleep_contract(changed, (("start_client_internal", 1), ("_push_messages", 0.5)), {"monotonic"}) == []
 
 
-def test_the_doorbell_ends_an_idle_wait_and_the_interval_backs_off(tmp_path: Path) -> None:
+def test_without_a_doorbell_the_idle_interval_starts_fast_and_backs_off() -> None:
+    pace = NodePace(None)  # a node on another host than its ServerApp: nobody rings
+    after = []
+    for _ in range(3):
+        assert pace.idle(0.4, node_id=42) is False
+        after.append(pace._idle_wait)  # noqa: SLF001
+    assert after == [0.2, 0.4, 0.4], after  # 0.1 s, then twice the last, up to Flower's interval
+    pace.awaiting_reply(0.01)  # a message: the next idle pull is fast again
+    assert pace._idle_wait == 0.1  # noqa: SLF001
+
+
+def test_a_ring_ends_an_idle_wait_and_the_bell_goes_with_the_node(tmp_path: Path) -> None:
     pace = NodePace(str(tmp_path))
     try:
-        # No ring: each idle wait is twice the last, up to Flower's interval.
-        after = []
-        for _ in range(3):
-            assert pace.idle(0.4, node_id=42) is False
-            after.append(pace._idle_wait)  # noqa: SLF001
-        assert after == [0.2, 0.4, 0.4], after
+        assert pace.idle(0.05, node_id=42) is False  # nobody rang: Flower's interval (here 0.05 s) passes
         assert (tmp_path / "42").exists()
-        # A ring (as the SuperLink sends one) ends the next wait, however long, and resets the interval.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as bell:
-            bell.sendto(b"!", str(tmp_path / "42"))
-            bell.sendto(b"!", str(tmp_path / "42"))
+        # Rings (as the ServerApp sends them) end the next wait, however long; one wake for both.
+        bells = Doorbells(str(tmp_path))
+        assert bells.ring(42) and bells.ring(42)
+        assert not bells.ring(7)  # no node 7 here: nothing happens
         assert pace.idle(3600, node_id=42) is True
-        assert pace._idle_wait == 0.1  # noqa: SLF001
-        assert pace.idle(0.05, node_id=42) is False  # both rings drained by the first
-        assert (pace.idle_waits, pace.rings) == (5, 1)
+        assert pace.idle(0.05, node_id=42) is False
+        assert (pace.idle_waits, pace.rings) == (3, 1)
     finally:
         pace.close()
     assert not (tmp_path / "42").exists()

@@ -7,10 +7,10 @@ therefore waits up to 3 s to be picked up and up to 0.5 s to leave, however
 short its work. This module swaps that module's ``time`` for a clock whose
 ``sleep`` waits on events instead:
 
-* a pull that found nothing waits for a doorbell (a datagram the SuperLink
-  sends when it stores a message for this node) or, with no doorbell, an
-  interval that starts at ``FAST_PULL_SECONDS`` after activity and doubles
-  back to Flower's 3 s when the node stays idle;
+* a pull that found nothing waits for a doorbell (a datagram the ServerApp
+  sends a node once its message, with all its arrays, is on the SuperLink), at
+  most Flower's 3 s; with no doorbell, an interval that starts at
+  ``FAST_PULL_SECONDS`` after activity and doubles back to Flower's 3 s;
 * the wait for a reply tells the task runner a task is there, then waits
   for the runner to say the reply is stored.
 
@@ -19,8 +19,12 @@ waits change. :func:`loop_contract` reads Flower's source and names any change
 of shape, so that another Flower version fails the contract test and runs at
 Flower's own pace (with a warning) instead of being patched blindly.
 
-The SuperLink side, :func:`ring_doorbells_on_store`, wraps the link state's
-``store_message_ins``: each stored message rings its destination node.
+The ServerApp side, :func:`pace_grid`: Flower's HTTP grid pulls replies
+within 0.05-0.2 s instead of 3 s, and rings the destination nodes' doorbells
+once ``push_messages`` has stored a message and all its objects (ringing
+earlier, the nodes would pull objects still in flight, and their retries would
+slow the push itself). :func:`superlink_main` starts Flower's SuperLink so that
+its SuperExec starts every ServerApp this way, ours or a user's.
 """
 
 from __future__ import annotations
@@ -99,7 +103,11 @@ def loop_contract(module: ModuleType) -> list[str]:
 
 def grid_contract(module: ModuleType) -> list[str]:
     """What differs in Flower's ServerApp grid from the one :func:`pace_grid` paces."""
-    return sleep_contract(module, GRID_EXPECTED_SLEEPS, {"time"})
+    problems = sleep_contract(module, GRID_EXPECTED_SLEEPS, {"time"})
+    push = getattr(getattr(module, "HttpGrid", None), "push_messages", None)
+    if push is None or list(inspect.signature(push).parameters) != ["self", "messages"]:
+        problems.append("HttpGrid.push_messages(self, messages) is gone or takes other arguments")
+    return problems
 
 
 def _object_pullers() -> list[Callable]:
@@ -140,15 +148,15 @@ class NodePace:
         """After a pull that found no message: until the doorbell rings (True), or the (growing) interval."""
         self.idle_waits += 1
         bell = self._doorbell(node_id)
-        wait = min(self._idle_wait, flower_seconds)
-        self._idle_wait = min(flower_seconds, self._idle_wait * 2)
         if bell is None:
+            wait = min(self._idle_wait, flower_seconds)
+            self._idle_wait = min(flower_seconds, self._idle_wait * 2)
             time.sleep(wait)
             return False
-        if not select.select([bell], [], [], wait)[0]:
+        # With a doorbell, Flower's own interval: every request costs the SuperLink, and the bell says when.
+        if not select.select([bell], [], [], flower_seconds)[0]:
             return False
         self._drain(bell)
-        self._idle_wait = FAST_PULL_SECONDS
         self.rings += 1
         return True
 
@@ -266,8 +274,11 @@ class _GridClock:
         return getattr(time, name)
 
 
-def pace_grid(log: Callable[[str], None]) -> bool:
-    """Make Flower's HTTP grid in this (ServerApp) process pull replies quickly; False if it keeps its pace."""
+def pace_grid(log: Callable[[str], None], doorbells: str | None = None) -> bool:
+    """Make Flower's HTTP grid in this (ServerApp) process pull replies quickly and ring the nodes it sends to.
+
+    False (and why, logged) if the grid is not the one this module knows: it keeps Flower's pace.
+    """
     import flwr
     from flwr.superlink.grid import http_grid
 
@@ -278,60 +289,66 @@ def pace_grid(log: Callable[[str], None]) -> bool:
         return False
     http_grid.time = _GridClock()  # type: ignore[attr-defined]
     _quicken_object_pulls()
+    if doorbells:
+        _ring_after_push(http_grid.HttpGrid, doorbells)
     return True
+
+
+def _ring_after_push(grid_class: type, doorbells: str) -> None:
+    """After ``push_messages`` returns (messages and objects stored), ring each destination node."""
+    bells = Doorbells(doorbells)
+    push_messages = grid_class.push_messages
+
+    def push_and_ring(self, messages):  # noqa: ANN001, ANN202 - Flower's signature
+        messages = list(messages)
+        ids = push_messages(self, messages)
+        for node_id in {message.metadata.dst_node_id for message in messages}:
+            bells.ring(node_id)
+        return ids
+
+    grid_class.push_messages = push_and_ring
+
+
+class Doorbells:
+    """Rings the doorbells in one directory: a datagram to the node's socket; nobody there, no matter."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sender.setblocking(False)
+
+    def ring(self, node_id: int) -> bool:
+        try:
+            self._sender.sendto(b"!", os.path.join(self.directory, str(node_id)))
+            return True
+        except OSError:  # a node of another host, gone, or its bell already full: it polls
+            return False
 
 
 def serverapp_main(argv: list[str]) -> None:
     """``flwr-serverapp`` with a paced grid: what the SuperExec of our SuperLink starts for every run."""
     from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
 
-    pace_grid(log=lambda line: print(f"[fedgpu] {line}", file=sys.stderr, flush=True))
+    pace_grid(log=lambda line: print(f"[fedgpu] {line}", file=sys.stderr, flush=True),
+              doorbells=os.environ.get(DOORBELLS_ENV))
     sys.argv = ["flwr-serverapp", *argv]  # Flower's exit handling knows the process by this name
     flwr_serverapp()
 
 
-# -- the SuperLink's side ----------------------------------------------------------------
-
-
-def ring_doorbells_on_store(doorbells: str) -> None:
-    """In the SuperLink's process: each message stored for a node rings that node's doorbell."""
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
-
-    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sender.setblocking(False)
-
-    def ring(node_id: int) -> None:
-        try:
-            sender.sendto(b"!", os.path.join(doorbells, str(node_id)))
-        except OSError:  # no such node here (another host), or its bell is full: it polls
-            pass
-
-    for state in (InMemoryLinkState, SqlLinkState):
-        original = state.store_message_ins
-
-        def store_message_ins(self, message, _original=original):  # noqa: ANN001, ANN202 - Flower's signature
-            stored = _original(self, message)
-            if stored is not None:
-                ring(message.metadata.dst_node_id)
-            return stored
-
-        state.store_message_ins = store_message_ins  # type: ignore[method-assign]
+# -- the SuperLink: how the ServerApps are started ------------------------------------------
 
 
 def superlink_main(argv: list[str]) -> None:
-    """Flower's SuperLink, ringing the doorbells in $FEDGPU_DOORBELLS; its ServerApps pull replies quickly.
+    """Flower's SuperLink, whose ServerApps (any app's) are paced and ring the doorbells in $FEDGPU_DOORBELLS.
 
     The SuperExec it starts finds ``flwr-serverapp`` on PATH: a private directory
-    first on PATH makes that :func:`serverapp_main`, for any app.
+    first on PATH makes that :func:`serverapp_main`.
     """
     from flwr.superlink.cli import flower_superlink
 
     bin_dir = tempfile.mkdtemp(prefix="fedgpu-serverapp.")
     try:
         if os.environ.get(PACE_ENV) != "flower":
-            if os.environ.get(DOORBELLS_ENV):
-                ring_doorbells_on_store(os.environ[DOORBELLS_ENV])
             wrapper = Path(bin_dir, "flwr-serverapp")
             # A Python script, so that the process reads "flwr-serverapp" as Flower's own does.
             wrapper.write_text(f"#!{sys.executable}\nimport sys\nfrom fedgpu.flower.internals import serverapp_main\n"
