@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 from common import median, report, table  # noqa: E402
 
 from fedgpu.flower.node import free_port  # noqa: E402
+from fedgpu.flower.probe import wait_for_health  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402
 from fedgpu.monitor.host import pss_bytes  # noqa: E402
 
@@ -45,6 +46,8 @@ MARKER = "FEDGPU_BENCH_MARKER"
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
          "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 SERVER_SIDE = ("flower-superlink", "fedgpu.flower.internals", "flwr-serverapp", "bin/flwr ", "fedgpu run", "fedgpu server")
+# What runs under these is server side too (SuperExec, ServerApp); under the launchers, the client nodes are not.
+SERVER_ROOTS = ("flower-superlink", "fedgpu.flower.internals", "flwr-serverapp")
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 
 
@@ -80,14 +83,15 @@ class MemorySampler(threading.Thread):
         while not self._halt.wait(0.5):
             processes = marked(self.marker)
             server = {pid for pid, cmd in processes.items() if any(name in cmd for name in SERVER_SIDE)}
+            roots = {pid for pid, cmd in processes.items() if any(name in cmd for name in SERVER_ROOTS)}
             total = clients = 0
             for pid, cmd in processes.items():
                 size = pss_bytes(pid) or 0
                 total += size
                 ancestor, hops = pid, 0
-                while ancestor and ancestor not in server and hops < 20:  # under the SuperLink: its SuperExec, the ServerApp
+                while ancestor and ancestor not in roots and hops < 20:  # under the SuperLink: its SuperExec, the ServerApp
                     ancestor, hops = _parent(ancestor), hops + 1
-                if ancestor not in server:
+                if pid not in server and ancestor not in roots:
                     clients += size
             self.peak_all, self.peak_clients = max(self.peak_all, total), max(self.peak_clients, clients)
 
@@ -137,6 +141,8 @@ def run_deployment(work: Path, nodes: int, rounds: int, marker: str) -> dict:
     started = time.monotonic()
     procs = [subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--port", str(port), "--disable-runtime-dependency-installation"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=work)]
+    if not wait_for_health(f"http://127.0.0.1:{port}/health", 60, alive=lambda: procs[0].poll() is None):
+        raise RuntimeError("(a): the SuperLink did not start")
     for i in range(nodes):
         procs.append(subprocess.Popen(
             [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
