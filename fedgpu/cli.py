@@ -91,6 +91,21 @@ node_options = _options(
 )
 
 
+def _read_umask(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    from fedgpu.run_dir import parse_umask
+
+    try:
+        return parse_umask(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an octal umask such as 077 or 027") from None
+
+
+umask_option = click.option(
+    "--umask", default="077", show_default=True, callback=_read_umask, metavar="OCTAL",
+    help="Mode mask for the run's files: 077 keeps them yours alone; 027 shares them read-only with your group.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Flower federations whose clients hold GPU memory only while they train."""
@@ -116,7 +131,9 @@ def cli() -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="SuperLink port [default: a free one].")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Output directory [default: runs/<timestamp>].")
 @click.option("--tls", is_flag=True, help="TLS and SuperNode authentication on 127.0.0.1 (certificates in RUN_DIR/certs).")
-@click.option("--force", is_flag=True, help="Start even when this host seems too small for the client nodes.")
+@click.option("--force", is_flag=True,
+              help="Start even when this host seems too small for the client nodes, or --run-dir holds a run (its outputs are replaced).")
+@umask_option
 @click.option("--check", is_flag=True, help="Only check the options and exit 0; start nothing.")
 @placement_options
 def run(**options: Any) -> None:
@@ -131,6 +148,7 @@ def run(**options: Any) -> None:
     """
     from fedgpu.launch import Launcher, plan_run
 
+    os.umask(options["umask"])  # every file and directory of the run, Flower's too
     context = click.get_current_context()
     given = {name for name in options if context.get_parameter_source(name) in _GIVEN}
     plan = plan_run(
@@ -152,6 +170,8 @@ def run(**options: Any) -> None:
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Output directory [default: runs/<timestamp>].")
 @click.option("--isolation", type=click.Choice(ISOLATION_MODES), default="zygote", show_default=True, help="How the server's own torch work runs.")
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
+@click.option("--force", is_flag=True, help="Replace the outputs of a run already in --run-dir.")
+@umask_option
 @click.option("--check", is_flag=True, help="Only check the options (task, data, GPUs, port) and exit 0; start nothing.")
 @click.option("--ssl-ca-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS: the CA certificate (with --ssl-certfile and --ssl-keyfile; see launchers/make-certs.sh).")
@@ -164,6 +184,7 @@ def server(**options: Any) -> None:
     """Run a SuperLink and a run on it (fedgpu's ServerApp, or --app's) until the run ends."""
     from fedgpu.flower.server import plan_server, run_federation
 
+    os.umask(options["umask"])
     plan = plan_server(options)
     if options["check"]:
         return

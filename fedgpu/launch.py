@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +90,7 @@ class Launcher:
         self.nodes: list[subprocess.Popen] = []
         self.zygote: subprocess.Popen | None = None
         self.server: subprocess.Popen | None = None
+        self.private_dir: str | None = None
         self.zygote_dir: str | None = None
         self.doorbells: str | None = None
         self.certs: Path | None = None
@@ -117,15 +118,23 @@ class Launcher:
         raise Stopping(signum)
 
     def _run(self) -> int:
+        from fedgpu.flower.internals import DOORBELLS_ENV
+        from fedgpu.owner_only import RUN_TOKEN_ENV
+        from fedgpu.private_dirs import PRIVATE_DIR_ENV, make_private_dir, subdir, sweep_dead
+
         plan = self.plan
         os.environ.update(FEDGPU_RUN_DIR=str(plan.run_dir), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+        # Every answer of our SuperLink carries this token: a probe answered by another run's is not ours.
+        os.environ[RUN_TOKEN_ENV] = secrets.token_hex(16)
+        sweep_dead()  # what runs killed with SIGKILL left in the temporary folder
+        # Sockets and helper scripts of the run, in one 0700 directory removed at the end.
+        self.private_dir = make_private_dir("run")
+        os.environ[PRIVATE_DIR_ENV] = self.private_dir
         if plan.tls:
             self._make_certs()
         self.say(f"{plan.prog}: {plan.describe()}")
-        from fedgpu.flower.internals import DOORBELLS_ENV
-
         # The SuperLink rings a node here when it stores a message for it (no 3 s polling floor).
-        self.doorbells = tempfile.mkdtemp(prefix="fedgpu-bells.")
+        self.doorbells = subdir(self.private_dir, "bells")
         os.environ[DOORBELLS_ENV] = self.doorbells
         if plan.zygote_args:
             self._start_zygote()
@@ -145,7 +154,12 @@ class Launcher:
         return proc
 
     def _log(self, name: str):  # noqa: ANN202 - an open file, closed once the child has it
-        return open(self.plan.run_dir / name, "ab")  # noqa: SIM115
+        from fedgpu.output import OutputError, open_output
+
+        try:
+            return open_output(self.plan.run_dir / name, "ab")
+        except OutputError as err:
+            raise RunEnded(1, str(err)) from None
 
     def _make_certs(self) -> None:
         self.certs = self.plan.run_dir / "certs"
@@ -157,7 +171,8 @@ class Launcher:
     def _start_zygote(self) -> None:
         # One warm zygote for the host: every client node (and the server's own
         # evaluation) forks its children from it. It warms up while the rest start.
-        self.zygote_dir = tempfile.mkdtemp(prefix="fedgpu-zygote.")
+        assert self.private_dir is not None
+        self.zygote_dir = os.path.join(self.private_dir, "zygote")  # the zygote makes it, 0700
         os.environ["FEDGPU_ZYGOTE"] = self.zygote_dir
         with self._log("zygote.log") as log:
             self.zygote = self._spawn(
@@ -176,11 +191,16 @@ class Launcher:
             self.server = self._spawn(argv, stdout=None, stderr=log)  # its rounds and summary on our console
         from fedgpu.flower.probe import wait_for_health
 
+        from fedgpu.flower.internals import EXIT_PORT_TAKEN
+        from fedgpu.owner_only import RUN_TOKEN_ENV
+
         scheme = "https" if self.certs is not None else "http"
         ca = str(self.certs / "ca.crt") if self.certs is not None else None
         if not wait_for_health(f"{scheme}://127.0.0.1:{plan.port}/health", READY_TIMEOUT_SECONDS,
-                               alive=lambda: self.server.poll() is None, ca_file=ca):
+                               alive=lambda: self.server.poll() is None, ca_file=ca, token=os.environ[RUN_TOKEN_ENV]):
             code = self.server.wait(GRACE_SECONDS) if self.server.poll() is not None else 1
+            if code == EXIT_PORT_TAKEN:  # another run (or program) bound the port first
+                raise RunEnded(code, f"port {plan.port} on 127.0.0.1 is in use")
             raise RunEnded(code or 1, f"server failed (exit {code}): {_last_line(plan.run_dir / 'server.log')}")
         # With node authentication, the server registers the nodes' keys after the SuperLink answers.
         if self.certs is not None:
@@ -259,9 +279,8 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 pass
         self.groups = []
-        for directory in (self.zygote_dir, self.doorbells):
-            if directory:
-                shutil.rmtree(directory, ignore_errors=True)
+        if self.private_dir:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
 def _read(path: Path) -> str:
@@ -333,7 +352,8 @@ def plan_run(
     from fedgpu.capacity import too_many
     from fedgpu.errors import BadInput
     from fedgpu.flower.node import free_port, port_free
-    from fedgpu.flower.server import check_task_run, make_writable_dir
+    from fedgpu.flower.server import check_task_run
+    from fedgpu.run_dir import prepare_run_dir
     from fedgpu.flower.settings import parse_config_pairs
     from fedgpu.nvml.placement import check_placement
 
@@ -387,7 +407,7 @@ def plan_run(
     if not values["run_dir"] and run_dir.exists():
         run_dir = run_dir.with_name(f"{run_dir.name}-{os.getpid()}")
     if not values["check"]:
-        make_writable_dir(run_dir)
+        prepare_run_dir(run_dir, umask=values["umask"], force=bool(values["force"]))
     placement = {name: values[name] for name in ("gpus", "placement", "gpu_mem", "admission_timeout")}
     node_values = {**placement, "mp": mp, "isolation": values["isolation"], "node_config": values["node_config"],
                    "timeout": values["timeout"], "task": None if app_dir else values["task"]}
@@ -395,7 +415,7 @@ def plan_run(
         nodes=nodes,
         run_dir=run_dir,
         port=int(port),
-        server_args=server_argv({**server_values, **placement, "isolation": values["isolation"]}),
+        server_args=server_argv({**server_values, **placement, "isolation": values["isolation"], "umask": f"{values['umask']:03o}"}),
         node_args=node_argv(node_values),
         zygote_args=zygote_args if mp and values["isolation"] == "zygote" else [],
         what=what,

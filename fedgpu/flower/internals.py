@@ -33,10 +33,8 @@ import ast
 import inspect
 import os
 import select
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -335,32 +333,135 @@ def serverapp_main(argv: list[str]) -> None:
     flwr_serverapp()
 
 
+# -- who may reach the SuperLink and the SuperNodes ------------------------------------------
+
+# What other hosts may ask of a run's SuperLink: the Fleet API (TLS and SuperNode
+# authentication protect it) and the health probe. Control and ServerAppIo answer
+# only the owner's processes on the SuperLink's own host.
+FLEET_PATHS = ("/v1/fleet/", "/health")
+EXIT_PORT_TAKEN = 2  # the SuperLink could not bind its port: another run (or program) has it
+
+
+def guard_app_factory(module: ModuleType, remote_paths: tuple[str, ...], token: str | None = None) -> None:
+    """Every app ``module.create_app`` makes (Flower's SuperLink or SuperNode) answers only the owner.
+
+    Fails closed: if Flower's factory is not what this expects, nothing is served.
+    """
+    from fedgpu.owner_only import OwnerOnly
+
+    create_app = getattr(module, "create_app", None)
+    if not callable(create_app):
+        raise RuntimeError(f"{module.__name__}.create_app is gone: fedgpu cannot guard this Flower version's API")
+
+    def guarded_create_app(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - Flower's signature
+        app = create_app(*args, **kwargs)
+        app.add_middleware(OwnerOnly, remote_paths=remote_paths, token=token)  # outermost: before Flower's own
+        return app
+
+    module.create_app = guarded_create_app
+
+
+def guard_supernode_runtime() -> None:
+    """The Runtime API of a SuperNode in this process answers only the owner's processes on this host."""
+    from flwr.supernode import main as supernode_main
+
+    guard_app_factory(supernode_main, remote_paths=())
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The SuperLink's listening socket, bound before Flower starts: a port taken is known at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT of an earlier run is no owner
+    try:
+        sock.bind((host.strip("[]"), port))
+        # Listening at once: Linux lets two SO_REUSEADDR sockets bind one port until one listens.
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _BoundUvicorn:
+    """Stands in for ``uvicorn`` in Flower's SuperLink CLI: serves on the socket bound beforehand."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def run(self, app: object, **options: object) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, **options)  # type: ignore[arg-type]
+        config.load_app()
+        uvicorn.Server(config).run(sockets=[self._sock])
+
+    def __getattr__(self, name: str) -> object:
+        import uvicorn
+
+        return getattr(uvicorn, name)
+
+
+def private_bin_dir() -> str:
+    """Where the ServerApp wrapper goes: the run's private directory (made here when run alone)."""
+    from fedgpu.private_dirs import PRIVATE_DIR_ENV, make_private_dir, subdir
+
+    if not os.environ.get(PRIVATE_DIR_ENV):
+        os.environ[PRIVATE_DIR_ENV] = make_private_dir("superlink")  # swept by the next run once we are gone
+    return subdir(os.environ[PRIVATE_DIR_ENV], "bin")
+
+
+def _option(argv: list[str], name: str, default: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
 # -- the SuperLink: how the ServerApps are started ------------------------------------------
 
 
 def superlink_main(argv: list[str]) -> None:
-    """Flower's SuperLink, whose ServerApps (any app's) are paced and ring the doorbells in $FEDGPU_DOORBELLS.
+    """Flower's SuperLink, guarded and paced.
 
-    The SuperExec it starts finds ``flwr-serverapp`` on PATH: a private directory
-    first on PATH makes that :func:`serverapp_main`.
+    Its port is bound first (taken: one line, exit 2); every request from
+    another uid on this host, and every request but the Fleet API's from other
+    hosts, is refused; every answer carries this run's token ($FEDGPU_RUN_TOKEN)
+    so that a probe knows it reached this SuperLink. Its ServerApps (any app's)
+    are paced and ring the doorbells in $FEDGPU_DOORBELLS: the SuperExec finds
+    ``flwr-serverapp`` on PATH, and a private directory first on PATH makes
+    that :func:`serverapp_main`.
     """
-    from flwr.superlink.cli import flower_superlink
+    import importlib
 
-    bin_dir = tempfile.mkdtemp(prefix="fedgpu-serverapp.")
+    from flwr.superlink import main as superlink_app
+
+    from fedgpu.owner_only import RUN_TOKEN_ENV
+
+    host, port = _option(argv, "--host", "0.0.0.0"), int(_option(argv, "--port", "8000"))
     try:
-        if os.environ.get(PACE_ENV) != "flower":
-            wrapper = Path(bin_dir, "flwr-serverapp")
-            # A Python script, so that the process reads "flwr-serverapp" as Flower's own does.
-            wrapper.write_text(f"#!{sys.executable}\nimport sys\nfrom fedgpu.flower.internals import serverapp_main\n"
-                               "serverapp_main(sys.argv[1:])\n")
-            wrapper.chmod(0o700)
-            os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-        sys.argv = ["flower-superlink", *argv]
-        flower_superlink()
-    finally:
-        shutil.rmtree(bin_dir, ignore_errors=True)
+        sock = bind_listener(host, port)
+    except OSError as err:
+        print(f"[fedgpu] error: port {port} on {host} is in use ({err.strerror or err})", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_PORT_TAKEN) from None
+    guard_app_factory(superlink_app, remote_paths=FLEET_PATHS, token=os.environ.get(RUN_TOKEN_ENV))
+    # The module, not the function of the same name that flwr.superlink.cli exports.
+    superlink_cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    superlink_cli.uvicorn = _BoundUvicorn(sock)  # type: ignore[attr-defined]
+    if os.environ.get(PACE_ENV) != "flower":
+        bin_dir = private_bin_dir()
+        wrapper = Path(bin_dir, "flwr-serverapp")
+        # A Python script, so that the process reads "flwr-serverapp" as Flower's own does.
+        wrapper.write_text(f"#!{sys.executable}\nimport sys\nfrom fedgpu.flower.internals import serverapp_main\n"
+                           "serverapp_main(sys.argv[1:])\n")
+        wrapper.chmod(0o700)
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    sys.argv = ["flower-superlink", *argv]
+    superlink_cli.flower_superlink()
 
 
 if __name__ == "__main__":
-    # python -m fedgpu.flower.internals {superlink|serverapp} ARGS
-    {"superlink": superlink_main, "serverapp": serverapp_main}[sys.argv[1]](sys.argv[2:])
+    # python -m fedgpu.flower.internals superlink ARGS
+    superlink_main(sys.argv[2:])

@@ -25,7 +25,7 @@ from flwr.supercore import log
 from flwr.supercore.exit import add_exit_handler
 
 from fedgpu.errors import BadInput
-from fedgpu.flower.internals import DOORBELLS_ENV, NodePace, pace_supernode
+from fedgpu.flower.internals import DOORBELLS_ENV, NodePace, guard_supernode_runtime, pace_supernode
 from fedgpu.flower.isolate import IN_ISOLATED_CHILD
 from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
@@ -168,7 +168,14 @@ def run_planned_node(plan: NodePlan) -> None:
             raise BadInput(f"cannot reach the SuperLink at {settings.superlink} within {patience:g} s: {why}")
         time.sleep(0.5)
     # A private Flower home: nodes on one host must not install FABs into the same directory at once.
-    flwr_home = tempfile.mkdtemp(prefix="fedgpu-node-")
+    # In the run's private directory under `fedgpu run`; alone, in one of its own.
+    from fedgpu.private_dirs import PRIVATE_DIR_ENV, make_private_dir, sweep_dead
+
+    if os.environ.get(PRIVATE_DIR_ENV):
+        flwr_home = tempfile.mkdtemp(prefix="node-", dir=os.environ[PRIVATE_DIR_ENV])
+    else:
+        sweep_dead()
+        flwr_home = make_private_dir("node")
     os.environ["FLWR_HOME"] = flwr_home
     placer = None
     if plan.placement is not None:  # only children are placed: without --mp the node itself would hold the GPU
@@ -192,6 +199,7 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
     child_env = {IN_ISOLATED_CHILD: "1"} if settings.isolation != "none" else {}
     task = settings.node_config.get("task")
     isolator = Isolator(settings.isolation, env=child_env, zygote=settings.zygote, warm_ups=zygote_warm_ups(*([str(task)] if task else [])))
+    guard_supernode_runtime()  # only this uid's processes may acquire its tasks
     pace = NodePace(os.environ.get(DOORBELLS_ENV))
     paced = pace_supernode(pace, log=lambda line: log(WARNING, "[fedgpu] %s", line))
     runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout, placer=placer,

@@ -13,10 +13,10 @@ from __future__ import annotations
 import collections
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,8 @@ from fedgpu.errors import BadInput, FedgpuError
 from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.settings import RunSettings, parse_task_options, toml_value
 from fedgpu.isolation.procs import set_parent_death_signal, stop_tree
-from fedgpu.output import OutputError
+from fedgpu.output import OutputError, open_output
+from fedgpu.owner_only import RUN_TOKEN_ENV
 
 CONNECTION = "fedgpu"
 ROUND_LINE_MARK = "[fedgpu] "
@@ -62,6 +63,14 @@ clientapp = "fedgpu.flower.client_app:app"
 
 class ServerError(FedgpuError):
     """The federation could not be started or did not complete."""
+
+    exit_code = 1
+
+
+class PortTaken(ServerError):
+    """The SuperLink could not bind its port: another run, or another program, has it."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -100,17 +109,22 @@ class ServerPlan:
 
 def write_app(app_dir: Path, run: RunSettings) -> None:
     from fedgpu import __version__
+    from fedgpu.output import write_atomic
+    from fedgpu.private_dirs import subdir
 
-    app_dir.mkdir(parents=True, exist_ok=True)
+    subdir(str(app_dir.parent), app_dir.name)
     config = "\n".join(f"{key} = {toml_value(value)}" for key, value in run.to_run_config().items())
-    (app_dir / "pyproject.toml").write_text(_APP_PYPROJECT.format(version=__version__, config=config))
+    write_atomic(app_dir / "pyproject.toml", _APP_PYPROJECT.format(version=__version__, config=config))
 
 
 def write_connection(flwr_home: Path, server: ServerSettings) -> None:
-    flwr_home.mkdir(parents=True, exist_ok=True)
+    from fedgpu.output import write_atomic
+    from fedgpu.private_dirs import subdir
+
+    subdir(str(flwr_home.parent), flwr_home.name)
     address = f"{server.host}:{server.port}"
     security = f"root-certificates = {toml_value(server.tls.ca_cert)}" if server.tls else "insecure = true"
-    (flwr_home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n')
+    write_atomic(flwr_home / "config.toml", f'[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n')
 
 
 def superlink_command(server: ServerSettings) -> list[str]:
@@ -140,7 +154,7 @@ class Federation:
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)  # the app's last output lines
 
     def start_superlink(self) -> None:
-        log_file = open(self.run_dir / "superlink.log", "ab")  # noqa: SIM115 - lives as long as the process
+        log_file = open_output(self.run_dir / "superlink.log", "ab")
         self.superlink = subprocess.Popen(
             superlink_command(self.server), env=self.env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_us
         )
@@ -158,10 +172,15 @@ class Federation:
 
     def _wait_ready(self) -> None:
         assert self.superlink is not None
-        url = f"{self.server.scheme}://{self.server.host}:{self.server.port}/health"
+        from fedgpu.flower.internals import EXIT_PORT_TAKEN
+
+        url = f"{self.server.scheme}://{_probe_host(self.server.host)}:{self.server.port}/health"
         ca_file = self.server.tls.ca_cert if self.server.tls else None
-        if wait_for_health(url, self.server.ready_timeout, alive=lambda: self.superlink.poll() is None, ca_file=ca_file):
+        if wait_for_health(url, self.server.ready_timeout, alive=lambda: self.superlink.poll() is None, ca_file=ca_file,
+                           token=self.env[RUN_TOKEN_ENV]):
             return
+        if self.superlink.poll() == EXIT_PORT_TAKEN:
+            raise PortTaken(f"port {self.server.port} on {self.server.host} is in use")
         if self.superlink.poll() is not None:
             tail = _tail(self.run_dir / "superlink.log")
             raise ServerError(f"SuperLink exited with code {self.superlink.returncode} while starting: {tail}")
@@ -197,11 +216,7 @@ class Federation:
         started_run = False
         echo_all = self.plan.run is None  # a user's app: its own output is what they read
         log_path = self.run_dir / "serverapp.log"
-        try:
-            log_file = open(log_path, "a")  # noqa: SIM115 - closed below
-        except OSError as err:
-            raise OutputError(log_path, err) from None
-        with log_file:
+        with open_output(log_path, "a") as log_file:
             stream = subprocess.Popen(
                 command,
                 env=self.env,
@@ -254,6 +269,15 @@ class Federation:
             return
         stop_tree(self.superlink.pid, grace)
         self.superlink.wait()
+
+
+def _probe_host(host: str) -> str:
+    """Where to reach a SuperLink that listens on ``host`` from this host."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -309,7 +333,12 @@ def plan_server(options: dict[str, Any]) -> ServerPlan:
             raise BadInput("--run-config is for a Flower app (--app DIR); fedgpu's tasks take their own options")
         plan = ServerPlan(run_dir, server, run=check_task_run(options, min_clients=2, sampled=2, run_dir=run_dir))
     if not options["check"]:
-        make_writable_dir(run_dir)
+        from fedgpu.monitor.events import RUN_DIR_ENV
+        from fedgpu.run_dir import prepare_run_dir
+
+        # Under `fedgpu run` the launcher prepared the directory and its logs are there already.
+        prepare_run_dir(run_dir, umask=options["umask"], force=bool(options.get("force")),
+                        ours=os.environ.get(RUN_DIR_ENV) == str(run_dir))
     return plan
 
 
@@ -337,16 +366,6 @@ def check_task_run(options: dict[str, Any], *, min_clients: int, sampled: int, r
     if problem:
         raise BadInput(problem)
     return run
-
-
-def make_writable_dir(path: Path) -> None:
-    """Create ``path`` and prove a file can be written there; BadInput if not."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise BadInput(f"run directory {path} is not writable: {err.strerror or err}") from None
 
 
 def _server_security(options: dict[str, Any]) -> tuple[TlsFiles | None, tuple[str, ...]]:
@@ -385,20 +404,39 @@ def run_federation(plan: ServerPlan, say: Callable[..., None]) -> int:
     started here is stopped before this returns, whatever ended the run.
     """
     from fedgpu.monitor.events import RUN_DIR_ENV
-    from fedgpu.monitor.memory import MemoryMonitor
-    from fedgpu.nvml.devices import open_nvml
+    from fedgpu.private_dirs import PRIVATE_DIR_ENV, make_private_dir, remove, sweep_dead
 
     run_dir = plan.run_dir
     flwr_home = run_dir / "flwr-home"
     # Every process of the run carries this marker (the launcher sets it for
     # the client nodes too): the host-memory sampler finds them by it.
     os.environ.setdefault(RUN_DIR_ENV, str(run_dir))
-    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
-    federation = Federation(plan, env)
+    # Run alone (not under `fedgpu run`): this run's token and private directory are made here.
+    os.environ.setdefault(RUN_TOKEN_ENV, secrets.token_hex(16))
+    own_private_dir = None
+    if not os.environ.get(PRIVATE_DIR_ENV):
+        sweep_dead()
+        own_private_dir = os.environ[PRIVATE_DIR_ENV] = make_private_dir("server")
+    try:
+        return _run_federation(plan, say, Federation(plan, {**os.environ, "FLWR_HOME": str(flwr_home)}))
+    finally:
+        remove(own_private_dir)
+
+
+def _run_federation(plan: ServerPlan, say: Callable[..., None], federation: Federation) -> int:
+    from fedgpu.monitor.events import RUN_DIR_ENV
+    from fedgpu.monitor.memory import MemoryMonitor
+    from fedgpu.nvml.devices import open_nvml
+
+    run_dir = plan.run_dir
+    flwr_home = run_dir / "flwr-home"
     try:
         write_connection(flwr_home, plan.server)
+    except OutputError as err:
+        say(f"[fedgpu] error: {err}", err=True)
+        return 1
     except OSError as err:
-        say(f"[fedgpu] error: {OutputError(flwr_home / 'config.toml', err)}", err=True)
+        say(f"[fedgpu] error: {OutputError(flwr_home, err)}", err=True)
         return 1
     say(f"[fedgpu] run directory {run_dir}", err=True)
 
@@ -430,7 +468,7 @@ def run_federation(plan: ServerPlan, say: Callable[..., None]) -> int:
     except RunStopped as stopped:
         code, failed_line = stopped.code, stopped.line
     except (ServerError, OutputError) as err:
-        failed_line = str(err)
+        code, failed_line = getattr(err, "exit_code", 1), str(err)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_IGN)  # the clean-up itself is not interrupted

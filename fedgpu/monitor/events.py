@@ -26,7 +26,7 @@ def emit(event: str, run_dir: str | None = None, **fields: Any) -> None:
         return
     line = json.dumps({"t": time.time(), "event": event, **fields}, default=str) + "\n"
     try:
-        fd = os.open(os.path.join(run_dir, EVENTS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(run_dir, EVENTS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try:
             os.write(fd, line.encode())
         finally:

@@ -23,7 +23,7 @@ import psutil
 from fedgpu.monitor.events import EventsTail, emit
 from fedgpu.monitor.host import HostMemorySampler
 from fedgpu.nvml.devices import MIB, Nvml
-from fedgpu.output import OutputError
+from fedgpu.output import OutputError, open_output
 
 TIMELINE_FILE = "memory.csv"
 COLUMNS = (
@@ -109,8 +109,8 @@ class MemoryMonitor:
         self.error: OutputError | None = None  # why the timeline stopped, if it could not be written
         self.on_error = on_error
         self._last_at = 0.0
+        self._file = open_output(self.path, "w")
         try:
-            self._file = open(self.path, "w", newline="")  # noqa: SIM115 - open for the run
             self._csv = csv.writer(self._file)
             self._csv.writerow(COLUMNS)
         except OSError as err:

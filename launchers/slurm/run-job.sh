@@ -80,6 +80,8 @@ trap 'stop_steps; exit 130' INT
 trap 'stop_steps' EXIT
 
 echo "run-job.sh: job $SLURM_JOB_ID: ${positional[*]} (clients min sampled rounds); run directory $run_dir"
+# The server's step finds its log here already: the directory is this job's, not an earlier run's.
+export FEDGPU_RUN_DIR=$run_dir
 first=1
 while IFS= read -r line; do
     eval "step=($line)"

@@ -13,11 +13,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Mapping, Sequence
 
+from fedgpu.private_dirs import make_private_dir
 from fedgpu.isolation.procs import open_sentinel, pythonpath_with_package, signal_group, stop_group, wait_readable
 from fedgpu.isolation.zygote.protocol import (
     ACCEPTED,
@@ -158,7 +158,7 @@ class ZygoteLauncher:
         self._lock = threading.Lock()
         directory = directory or os.environ.get(ENV_VAR) or None
         if directory is None:
-            directory = tempfile.mkdtemp(prefix="fedgpu-zygote-")  # 0700
+            directory = make_private_dir("zygote")  # 0700, swept by a later run if we are killed
             # Our own import path too: warm-ups may name modules found only there (an app's, say).
             path = os.pathsep.join([pythonpath_with_package(), *(entry for entry in sys.path if entry)])
             self._private = subprocess.Popen(

@@ -1,0 +1,127 @@
+"""Another local user, for the tests of who can reach a run: ``nobody``, with a Python of its own.
+
+The other uid must not borrow our interpreter (a venv's may sit in a home it
+cannot read): it runs the system's ``python3`` with a copy of Flower and what
+Flower needs, in a folder every user can read, unless it can read our
+site-packages already. Tests that need it run as root (as CI does) and are
+skipped, with the reason, elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import pytest
+
+OTHER_USER = "nobody"
+SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+HOSTILE_APP = Path(__file__).resolve().parent / "hostile"
+
+
+def _as_other(uid: int, gid: int) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+
+
+def _same_minor(python: str) -> bool:
+    done = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+    return done.returncode == 0 and done.stdout.strip() == str(tuple(sys.version_info[:2]))
+
+
+def _closure(name: str) -> set[str]:
+    """The distributions ``name`` needs, itself included (extras left out)."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        key = current.lower().replace("_", "-")
+        if key in seen:
+            continue
+        try:
+            dist = importlib.metadata.distribution(current)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        seen.add(key)
+        for requirement in dist.requires or []:
+            if "extra ==" in requirement:
+                continue
+            todo.append(re.split(r"[ ;<>=!~\[(]", requirement, maxsplit=1)[0])
+    return seen
+
+
+def _copy_flower(target: Path) -> None:
+    for name in _closure("flwr"):
+        dist = importlib.metadata.distribution(name)
+        for file in dist.files or []:
+            source = Path(str(file.locate()))
+            if not source.is_file():
+                continue
+            destination = target / file
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, destination)
+            except OSError:
+                shutil.copy2(source, destination)
+
+
+class OtherUser:
+    """Runs commands as ``nobody`` with the system's Python and Flower importable."""
+
+    def __init__(self, home: Path) -> None:
+        entry = pwd.getpwnam(OTHER_USER)
+        self.uid, self.gid = entry.pw_uid, entry.pw_gid
+        self.home = home
+        self.python = next((p for p in SYSTEM_PYTHONS if os.path.exists(p) and _same_minor(p)), None)
+        if self.python is None:
+            pytest.skip(f"no system python3 of version {sys.version_info[0]}.{sys.version_info[1]} for another uid to use")
+        self.site = sysconfig.get_paths()["purelib"]
+        if not self._can_import(self.site):
+            copy = Path(tempfile.mkdtemp(prefix="other-uid-site-", dir=home))
+            _copy_flower(copy)
+            self.site = str(copy)
+            if not self._can_import(self.site):
+                pytest.skip(f"{OTHER_USER} cannot import Flower even from a copy in {copy}")
+
+    def _can_import(self, site: str) -> bool:
+        done = self.run(["-c", "import flwr.cli.app"], site=site, timeout=120)
+        return done.returncode == 0
+
+    def env(self, site: str | None = None, **extra: str) -> dict[str, str]:
+        return {"PATH": "/usr/bin:/bin", "HOME": str(self.home), "PYTHONPATH": site or self.site,
+                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **extra}
+
+    def run(self, args: list[str], *, site: str | None = None, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+        """``python3 ARGS`` as the other user, in its home."""
+        return subprocess.run([*_as_other(self.uid, self.gid), self.python, *args], env=self.env(site, **env),
+                              cwd=self.home, capture_output=True, text=True, timeout=timeout)
+
+
+def other_user(tmp_path_factory: pytest.TempPathFactory) -> OtherUser:
+    """A fresh home for ``nobody`` (0755 path to it) and its Python; skips where that cannot be."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another uid (CI runs as root)")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    try:
+        pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        pytest.skip(f"no user {OTHER_USER!r} on this host")
+    base = Path(tempfile.mkdtemp(prefix="other-uid-"))
+    base.chmod(0o755)
+    home = base / "home"
+    home.mkdir()
+    entry = pwd.getpwnam(OTHER_USER)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    user = OtherUser(home)
+    shutil.copytree(HOSTILE_APP, home / "app")
+    for path in [home / "app", *(home / "app").rglob("*")]:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    return user
