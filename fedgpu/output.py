@@ -11,6 +11,7 @@ unless asked to share): 0600 files in a 0700 run directory.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -47,7 +48,8 @@ def open_output(path: str | os.PathLike, mode: str = "a") -> IO[Any]:
     The file is created with the umask's mode, or must already be a regular
     file of ours; OutputError otherwise.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
+    # O_NONBLOCK: a FIFO planted under an output's name fails at once instead of blocking us.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as err:
@@ -56,6 +58,12 @@ def open_output(path: str | os.PathLike, mode: str = "a") -> IO[Any]:
     if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
         os.close(fd)
         raise OutputError(path, OSError(0, "not a regular file of ours"))
+    # Only now, on our own file: truncating first would empty whatever a name pointed at.
+    os.set_blocking(fd, True)
+    if mode.startswith("a"):
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+    else:
+        os.ftruncate(fd, 0)
     return os.fdopen(fd, mode, newline="") if "b" not in mode else os.fdopen(fd, mode)
 
 

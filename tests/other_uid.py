@@ -9,6 +9,7 @@ skipped, with the reason, elsewhere.
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import os
 import pwd
@@ -104,6 +105,41 @@ class OtherUser:
                               cwd=self.home, capture_output=True, text=True, timeout=timeout)
 
 
+    def submit(self, port: int, marker: Path, ca_file: Path | None = None, attempts: int = 3) -> subprocess.CompletedProcess:
+        """`flwr run` of this user's own app (tests/hostile) against the SuperLink on 127.0.0.1:port.
+
+        A connection that failed (a loaded host) is tried again, up to ``attempts``
+        times; the last answer is returned."""
+        for _ in range(attempts):
+            done = self._submit(port, marker, ca_file)
+            if "unavailable" not in done.stdout + done.stderr:
+                break
+        return done
+
+    def _submit(self, port: int, marker: Path, ca_file: Path | None) -> subprocess.CompletedProcess:
+        home = self.home / f"flwr-{port}"
+        home.mkdir(exist_ok=True)
+        security = f'root-certificates = "{ca_file}"' if ca_file else "insecure = true"
+        (home / "config.toml").write_text(f'[superlink.victim]\naddress = "127.0.0.1:{port}"\n{security}\n')
+        for path in (home, home / "config.toml"):
+            os.chown(path, self.uid, self.gid)
+        return self.run(["-c", "from flwr.cli.app import app; app()", "run", str(self.home / "app"), "victim",
+                         "--run-config", f'marker="{marker}"'], FLWR_HOME=str(home))
+
+    def post(self, url: str) -> str:
+        """A raw POST, certificates unchecked: the status it got ("200", "403"), or why it got none."""
+        script = ("import ssl, sys, urllib.request, urllib.error\n"
+                  "try:\n"
+                  "    urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=b'', method='POST'), timeout=10,"
+                  " context=ssl._create_unverified_context())\n"
+                  "    print('200')\n"
+                  "except urllib.error.HTTPError as err:\n"
+                  "    print(err.code)\n"
+                  "except OSError as err:\n"
+                  "    print('no answer', err)\n")
+        return self.run(["-c", script, url]).stdout.strip()
+
+
 def other_user(tmp_path_factory: pytest.TempPathFactory) -> OtherUser:
     """A fresh home for ``nobody`` (0755 path to it) and its Python; skips where that cannot be."""
     if os.geteuid() != 0:
@@ -114,7 +150,9 @@ def other_user(tmp_path_factory: pytest.TempPathFactory) -> OtherUser:
         pwd.getpwnam(OTHER_USER)
     except KeyError:
         pytest.skip(f"no user {OTHER_USER!r} on this host")
+    # Not under pytest's own temporary folder: that one is 0700, closed to the other uid.
     base = Path(tempfile.mkdtemp(prefix="other-uid-"))
+    atexit.register(shutil.rmtree, base, True)
     base.chmod(0o755)
     home = base / "home"
     home.mkdir()

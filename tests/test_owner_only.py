@@ -29,32 +29,6 @@ def intruder(tmp_path_factory: pytest.TempPathFactory) -> OtherUser:
     return other_user(tmp_path_factory)
 
 
-def submit_as(intruder: OtherUser, port: int, marker: Path, ca_file: Path | None = None) -> subprocess.CompletedProcess:
-    """`flwr run` of the intruder's own app against the owner's SuperLink."""
-    home = intruder.home / f"flwr-{port}"
-    home.mkdir(exist_ok=True)
-    security = f'root-certificates = "{ca_file}"' if ca_file else "insecure = true"
-    (home / "config.toml").write_text(f'[superlink.victim]\naddress = "127.0.0.1:{port}"\n{security}\n')
-    for path in (home, home / "config.toml"):
-        os.chown(path, intruder.uid, intruder.gid)
-    return intruder.run(["-c", "from flwr.cli.app import app; app()", "run", str(intruder.home / "app"), "victim",
-                         "--run-config", f'marker="{marker}"'], FLWR_HOME=str(home))
-
-
-def post_as(intruder: OtherUser, url: str) -> str:
-    """A raw POST from the intruder, certificates unchecked: the status it got, or why it got none."""
-    script = ("import ssl, sys, urllib.request, urllib.error\n"
-              "try:\n"
-              "    urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=b'', method='POST'), timeout=10,"
-              " context=ssl._create_unverified_context())\n"
-              "    print('200')\n"
-              "except urllib.error.HTTPError as err:\n"
-              "    print(err.code)\n"
-              "except OSError as err:\n"
-              "    print('no answer', err)\n")
-    return intruder.run(["-c", script, url]).stdout.strip()
-
-
 def listening_ports(pids: list[int]) -> list[int]:
     ports = []
     for pid in pids:
@@ -111,10 +85,10 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
         assert len(ports) == 2, ports
 
         marker = intruder.home / "marker"
-        submitted = submit_as(intruder, port, marker)
+        submitted = intruder.submit(port, marker)
         stolen = intruder.run([str(intruder.home / "app" / "steal_tasks.py"), *map(str, ports)])
-        fleet = post_as(intruder, f"http://127.0.0.1:{port}/v1/fleet/pull-messages")
-        control = post_as(intruder, f"http://127.0.0.1:{port}/v1/control/list-runs")
+        fleet = intruder.post(f"http://127.0.0.1:{port}/v1/fleet/pull-messages")
+        control = intruder.post(f"http://127.0.0.1:{port}/v1/control/list-runs")
         alive_after_intruder = winner.poll() is None
         out, err = winner.communicate(timeout=420)
     finally:
@@ -145,7 +119,7 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
 
 def test_other_hosts_reach_the_fleet_api_only() -> None:
     """A peer with no socket on this host is another host: Fleet and health only; a local peer by its uid."""
-    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()):
         accepted, peer = server.accept()
         with accepted:
             local = accepted.getsockname()

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from other_uid import other_user
 from helpers import FEDGPU, ROOT, cleaned_up, free_port, processes_with_env, read_metrics, read_or_empty, start_run_sh, wait_for
 
 MAKE_CERTS = ROOT / "launchers" / "make-certs.sh"
 
 
-def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path) -> None:
+def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Nodes without a registered key or without TLS are refused; as root, so is another uid's `flwr run`
+    even with the CA in hand, and its raw requests with certificates unchecked."""
+    try:
+        intruder = other_user(tmp_path_factory)
+    except pytest.skip.Exception:
+        intruder = None  # not root: the other-uid part is covered where the suite runs as root
     run_dir, port = tmp_path / "run", free_port()
     proc = start_run_sh(["2", "2", "2", "2", "--tls", "--port", str(port), "--run-dir", str(run_dir)])
     certs = run_dir / "certs"
@@ -20,7 +30,7 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path) -> N
         assert wait_for(lambda: "SuperLink ready" in read_or_empty(run_dir / "server.log"), timeout=180), read_or_empty(run_dir / "server.log")
         # A node with a key the server never registered is refused, with TLS and the right CA.
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "intruder")], check=True)
-        intruder = subprocess.run(
+        unregistered = subprocess.run(
             [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}", "--partition-id", "0",
              "--num-partitions", "2", "--root-certificates", str(certs / "ca.crt"), "--auth-private-key", str(tmp_path / "intruder"),
              "--max-wait-time", "5"],
@@ -32,15 +42,27 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path) -> N
              "--num-partitions", "2", "--max-wait-time", "5"],
             capture_output=True, text=True, timeout=120, env={**os.environ, "FEDGPU_RUN_DIR": str(run_dir)},
         )
+        if intruder is not None:
+            ca_copy = intruder.home / "ca.crt"  # a CA certificate is no secret: say the intruder has it
+            shutil.copy(certs / "ca.crt", ca_copy)
+            os.chown(ca_copy, intruder.uid, intruder.gid)
+            marker = intruder.home / "marker"
+            submitted = intruder.submit(port, marker, ca_file=ca_copy)
+            unchecked = intruder.post(f"https://127.0.0.1:{port}/v1/control/start-run")
+            still_running = proc.poll() is None
         out, err = proc.communicate(timeout=300)
         nothing_left = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), 5)
     assert proc.returncode == 0, out + err
     assert nothing_left, "processes of the run outlived run.sh"
     assert [int(r["results"]) for r in read_metrics(run_dir)] == [2, 2]
-    assert "Uvicorn running on https://" in read_or_empty(run_dir / "superlink.log")
+    assert f"SuperLink listening on https://127.0.0.1:{port}" in read_or_empty(run_dir / "superlink.log")
     for i in range(2):
         assert "SuperNode ID" in read_or_empty(run_dir / f"client-{i}.log")
-    assert intruder.returncode != 0 and "Failed to activate SuperNode" in intruder.stdout + intruder.stderr
+    if intruder is not None:
+        assert still_running, "the run ended before the other uid's attempts: they proved nothing"
+        assert submitted.returncode != 0 and "answers only its owner's processes" in submitted.stderr, submitted.stderr
+        assert not marker.exists() and unchecked == "403", unchecked
+    assert unregistered.returncode != 0 and "Failed to activate SuperNode" in unregistered.stdout + unregistered.stderr
     assert plaintext.returncode != 0 and "SuperNode ID" not in plaintext.stdout + plaintext.stderr
     # Private keys stay private.
     assert stat.S_IMODE(certs.stat().st_mode) == 0o700

@@ -394,6 +394,10 @@ class _BoundUvicorn:
 
         config = uvicorn.Config(app, **options)  # type: ignore[arg-type]
         config.load_app()
+        host, port = self._sock.getsockname()[:2]
+        scheme = "https" if options.get("ssl_certfile") else "http"
+        # uvicorn says where it runs only for sockets it bound itself.
+        print(f"[fedgpu] SuperLink listening on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
         uvicorn.Server(config).run(sockets=[self._sock])
 
     def __getattr__(self, name: str) -> object:
