@@ -56,15 +56,18 @@ def prepare_run_dir(path: Path, *, umask: int = DEFAULT_UMASK, force: bool = Fal
     mode = 0o777 & ~umask
     where = f"run directory {path}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            os.mkdir(path, mode)
+            created = True
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(path, mode)
             created = True
         except FileExistsError:
             created = False
         info = os.lstat(path)
     except OSError as err:
-        raise BadInput(f"{where} cannot be created: {err.strerror or err}") from None
+        raise BadInput(f"{where} is not writable: {err.strerror or err}") from None
     if stat.S_ISLNK(info.st_mode):
         raise BadInput(f"{where} is a symbolic link; give the directory itself")
     if not stat.S_ISDIR(info.st_mode):

@@ -204,8 +204,15 @@ def events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.endswith("}")]
 
 
-def stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: int, to_group: bool) -> None:
-    """Signal run.sh; everything it started must be gone within 10 s, port freed."""
+def private_temp(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A temporary folder of the test's own for a run (TMPDIR), and the environment that gives it."""
+    temp = tmp_path / "tmp"
+    temp.mkdir(exist_ok=True)
+    return temp, {**os.environ, "TMPDIR": str(temp)}
+
+
+def stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: int, to_group: bool, temp: Path | None = None) -> None:
+    """Signal run.sh; everything it started must be gone within 10 s, port freed (and ``temp``, its TMPDIR, empty)."""
     if to_group:  # what a terminal's Ctrl-C does: the whole foreground group
         os.killpg(proc.pid, signum)
     else:
@@ -223,3 +230,5 @@ def stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: int
     assert time.monotonic() - started < 10
     assert proc.returncode == 128 + signum, proc.stderr.read() if proc.stderr else ""
     assert port_free(port), f"port {port} still bound"
+    if temp is not None:  # torch's own per-user cache (torchinductor_<user>) is torch's, shared by every run
+        assert not list(temp.glob("fedgpu-*")), f"left in the temporary folder: {sorted(p.name for p in temp.iterdir())}"

@@ -18,6 +18,7 @@ from helpers import (
     free_port,
     kill_leftovers,
     processes_with_env,
+    private_temp,
     start_run_sh,
     stop_and_check,
     wait_for,
@@ -193,8 +194,9 @@ def test_fedgpu_server_unwritable_run_dir(tmp_path: Path) -> None:
 
 def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
+    temp, env = private_temp(tmp_path)
     # Many local epochs: each child trains for seconds, long enough to be seen.
-    proc = start_run_sh(["3", "3", "2", "3", "--local-epochs", "40", "--port", str(port), "--run-dir", str(run_dir)])
+    proc = start_run_sh(["3", "3", "2", "3", "--local-epochs", "40", "--port", str(port), "--run-dir", str(run_dir)], env=env)
     # Mid-training: a node has handed a train message to a child that has not answered
     # (a zygote's idle spare alone does not count), and that child is alive.
     def child_is_training() -> bool:
@@ -209,13 +211,14 @@ def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
         kill_leftovers(run_dir)
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("no training child appeared")
-    stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True)
+    stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True, temp=temp)
 
 
 def test_sigterm_before_round_one_stops_everything(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
     # min 3 of 3 clients, so round 1 cannot start before all connect: stop while it waits.
-    proc = start_run_sh(["3", "3", "2", "2", "--port", str(port), "--run-dir", str(run_dir)])
+    temp, env = private_temp(tmp_path)
+    proc = start_run_sh(["3", "3", "2", "2", "--port", str(port), "--run-dir", str(run_dir)], env=env)
     # The launcher starts the client nodes only once the SuperLink answers.
     assert wait_for(lambda: (run_dir / "client-2.log").exists(), timeout=120), "client nodes never started"
-    stop_and_check(proc, run_dir, port, signal.SIGTERM, to_group=False)
+    stop_and_check(proc, run_dir, port, signal.SIGTERM, to_group=False, temp=temp)
