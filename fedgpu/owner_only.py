@@ -91,6 +91,21 @@ def tcp_peer_uid(peer: tuple[str, int], local: tuple[str, int]) -> int | None:
     return _query(family, src, int(peer[1]), dst, int(local[1]))
 
 
+def peer_lookup_problem() -> str:
+    """"" if this kernel tells who owns a local TCP socket (sock_diag); else why not.
+
+    Without it every request would be refused: a guarded server checks this first.
+    """
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()):
+            accepted, peer = server.accept()
+            with accepted:
+                uid = tcp_peer_uid(peer, accepted.getsockname())
+    except OSError as err:
+        return f"the kernel does not answer sock_diag queries ({err.strerror or err})"
+    return "" if uid == os.geteuid() else f"sock_diag placed our own socket at uid {uid}"
+
+
 def refusal(scope: Scope, remote_paths: tuple[str, ...], owner: int) -> str:
     """Why this request must be refused; "" to let it through."""
     client, server = scope.get("client"), scope.get("server")

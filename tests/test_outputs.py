@@ -17,19 +17,23 @@ def _temp_files(run_dir: Path) -> list[str]:
     return [str(path) for path in run_dir.rglob("*.tmp")]
 
 
-def test_a_metrics_file_on_a_full_disk_fails_the_run_in_one_line(tmp_path: Path) -> None:
-    """metrics.csv is appended to after each round; here each append meets a full disk (/dev/full)."""
+def test_a_metrics_file_swapped_for_a_link_fails_the_run_in_one_line(tmp_path: Path) -> None:
+    """metrics.csv is appended to after each round; here it is replaced by a link mid-run: nothing is written
+    through it, and the run fails in one line (a full disk: the tmpfs test below)."""
     run_dir = tmp_path / "run"
+    target = tmp_path / "elsewhere.csv"
+    target.write_text("not the run's\n")
     proc = start_run_sh(["2", "2", "2", "3", "--run-dir", str(run_dir)])
     with cleaned_up(proc, run_dir):
         metrics = run_dir / "metrics.csv"
         assert wait_for(metrics.exists, timeout=180, interval=0.05), "the ServerApp never started"
-        full = run_dir / "full-device"
-        full.symlink_to("/dev/full")
-        os.replace(full, metrics)  # before round 1 ends: its row cannot be written
+        link = run_dir / "link"
+        link.symlink_to(target)
+        os.replace(link, metrics)  # before round 1 ends: its row cannot be written
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 1, out + err
-        line = f"cannot write {metrics}: No space left on device"
+        assert target.read_text() == "not the run's\n"
+        line = f"cannot write {metrics}: Too many levels of symbolic links"
         assert f"[fedgpu] run failed: {line}" in out, out + err
         report = json.loads((run_dir / "report.json").read_text())
         assert report["status"] == "failed" and report["failure"] == {"kind": "output", "detail": line, "path": str(metrics)}

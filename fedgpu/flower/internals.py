@@ -347,8 +347,11 @@ def guard_app_factory(module: ModuleType, remote_paths: tuple[str, ...], token: 
 
     Fails closed: if Flower's factory is not what this expects, nothing is served.
     """
-    from fedgpu.owner_only import OwnerOnly
+    from fedgpu.owner_only import OwnerOnly, peer_lookup_problem
 
+    problem = peer_lookup_problem()
+    if problem:
+        raise RuntimeError(f"fedgpu cannot tell the owner's connections from others': {problem}; not serving")
     create_app = getattr(module, "create_app", None)
     if not callable(create_app):
         raise RuntimeError(f"{module.__name__}.create_app is gone: fedgpu cannot guard this Flower version's API")
