@@ -74,7 +74,7 @@ def test_import_tasks_does_not_import_torch() -> None:
         "import fedgpu.bench_models, fedgpu.zoo\n"
         # Every module of the parent side: client node, server, ServerApp, launchers' helpers, reports.
         "import fedgpu.cli, fedgpu.capacity, fedgpu.output, fedgpu.slurm, fedgpu.launch\n"
-        "import fedgpu.owner_only, fedgpu.private_dirs, fedgpu.run_dir, fedgpu.flower.internals\n"
+        "import fedgpu.owner_only, fedgpu.private_dirs, fedgpu.run_dir, fedgpu.flower.internals, fedgpu.monitor.run_files\n"
         "import fedgpu.flower.node, fedgpu.flower.runner, fedgpu.flower.server, fedgpu.flower.server_app\n"
         "import fedgpu.flower.client_app, fedgpu.flower.checks, fedgpu.flower.failures, fedgpu.flower.recorder\n"
         "import fedgpu.monitor.memory, fedgpu.monitor.summary, fedgpu.monitor.report, fedgpu.monitor.host\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import socket
 import stat
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import FEDGPU, parent_pid, pid_alive
+from helpers import FEDGPU, parent_pid, pid_alive, read_or_empty
 
 from fedgpu.isolation import Isolator
 from fedgpu.isolation.zygote import KEY_NAME, READY_NAME, SOCKET_NAME, ZygoteUntrusted, connect, read_key
@@ -254,6 +255,105 @@ def test_idle_slow_and_garbage_connections_do_not_stall_a_real_call(zygote):
             sock.close()
     # Generous for a loaded machine; the stalled design needed 5 s and more per call.
     assert max(durations) < 2.0, durations
+
+
+# Connects as the zygote's user and sends the magic until it holds 1000 such connections
+# (the first 100 held until the zygote's 2 s handshake deadline drops them); then, every
+# 100 ms, closes the other 900 while the zygote still waits for the rest of their hello,
+# writes a byte to stdout and opens 900 new ones at once; until killed (20 s at most).
+FLOOD = r"""
+import os, resource, socket, sys, time
+path, full, held, kept = sys.argv[1], sys.argv[2], 1000, 100
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < 2048 and (hard == resource.RLIM_INFINITY or hard > soft):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (2048 if hard == resource.RLIM_INFINITY else min(hard, 2048), hard))
+held = min(held, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64)
+conns, deadline = [], time.monotonic() + 20
+while time.monotonic() < deadline:
+    while len(conns) < held and time.monotonic() < deadline:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+            sock.send(b"FGZ1")
+        except OSError:
+            sock.close()
+            time.sleep(0.001)  # the zygote is gone or its queue is full: try again
+            continue
+        conns.append(sock)
+    open(full, "w").close()
+    time.sleep(0.1)
+    for sock in conns[kept:]:
+        sock.close()
+    del conns[kept:]
+    os.write(1, b".")  # a burst of connections starts
+"""
+
+
+def _next_burst(flood: subprocess.Popen) -> None:
+    """Wait (5 s at most) until the flood starts its next burst of connections."""
+    fd = flood.stdout.fileno()
+    os.set_blocking(fd, False)
+    try:
+        while os.read(fd, 4096):  # the bursts already started
+            pass
+    except BlockingIOError:
+        pass
+    select.select([fd], [], [], 5.0)
+
+
+def test_a_flood_of_held_connections_neither_crashes_the_zygote_nor_costs_a_real_call(tmp_path):
+    """1000 connections of our own user that send the magic and hang on, closed and reopened by
+    the hundred, beside 20 real calls, each made as the flood opens hundreds of connections at
+    once: the zygote once evicted the oldest handshake while its event was still queued (KeyError:
+    the zygote died), and evicted real callers in the middle of their handshake."""
+    directory = tmp_path / "z"
+    log = tmp_path / "zygote.log"
+    zygote_proc = start_zygote(directory, "fedgpu.isolation.serve", log=log)
+    flood = None
+    try:
+        wait_ready(directory, zygote_proc)
+        # A first call before the flood: the caller has the key, so a zygote that dies later
+        # fails the calls at once (without it, a caller waits minutes for the zygote to be ready).
+        iso = Isolator("zygote", zygote=str(directory))
+        assert iso.run(sum, ([1, 1],), timeout=30).value == 2
+        full = tmp_path / "flood-full"
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(directory / SOCKET_NAME), str(full)],
+                                 stdout=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not full.exists() and zygote_proc.poll() is None:
+            assert flood.poll() is None and time.monotonic() < deadline, "the flood never held its connections"
+            time.sleep(0.05)
+        assert zygote_proc.poll() is None, f"the zygote died under the flood: {read_or_empty(log)[-2000:]}"
+        failures = []
+        with iso:
+            for i in range(20):
+                _next_burst(flood)
+                if zygote_proc.poll() is not None:
+                    failures.append(f"call {i}: the zygote died (exit code {zygote_proc.returncode})")
+                    break
+                try:
+                    assert iso.run(sum, ([i, 1],), timeout=30).value == i + 1
+                except Exception as err:  # noqa: BLE001 - count them all, then report
+                    failures.append(f"call {i}: {type(err).__name__}: {err}")
+            flooding = flood.poll() is None  # the calls ran while the flood went on
+            flood.kill()
+            flood.wait(10)
+            alive = zygote_proc.poll() is None
+            after = iso.run(sum, ([2, 2],), timeout=30).value if alive else None
+        text = read_or_empty(log)
+        assert not failures and alive, f"{len(failures)} of 20 calls failed: {failures[:3]}; zygote log: {text[-2000:]}"
+        assert flooding, "the flood ended before the calls did"
+        assert after == 4
+        assert "Traceback" not in text, text
+    finally:
+        if flood is not None:
+            if flood.poll() is None:
+                flood.kill()
+                flood.wait(10)
+            flood.stdout.close()
+        zygote_proc.terminate()
+        zygote_proc.wait(10)
 
 
 def test_a_new_zygote_replaces_a_dead_ones_socket_and_refuses_beside_a_live_one(tmp_path):

@@ -71,5 +71,31 @@ def _well_formed(event: Any) -> bool:
     return event["event"] not in ("round-start", "round-end") or isinstance(event.get("round"), int)
 
 
-def read_events(run_dir: str) -> list[dict[str, Any]]:
-    return EventsTail(run_dir).read_new()
+def read_events(run_dir: str, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """The run's events, read without trusting the file (``run_files``).
+
+    Lines that are not events (cut short, not JSON, nested too deeply) are skipped;
+    a file that is not read (a link, a FIFO, too large) is said in ``problems``.
+    """
+    from fedgpu.monitor.run_files import MAX_LINES_BYTES, NotRead, lines, open_run_file
+
+    try:
+        handle = open_run_file(os.path.join(run_dir, EVENTS_FILE), MAX_LINES_BYTES)
+    except FileNotFoundError:
+        return []
+    except (NotRead, OSError) as err:
+        if problems is not None:
+            problems.append(f"{EVENTS_FILE}: not read: {err}")
+        return []
+    events = []
+    with handle:
+        for line in lines(handle, [0]):
+            if not line.endswith(b"\n"):
+                continue  # a partial last line: still being written
+            try:
+                event = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if _well_formed(event):
+                events.append(event)
+    return events

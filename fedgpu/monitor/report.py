@@ -90,8 +90,33 @@ def two_runs(name_a: str, a: dict[str, Any], name_b: str, b: dict[str, Any]) -> 
     return "\n".join(lines)
 
 
+# What a summary whose figures are not what ``summarise`` writes raises in the tables.
+DAMAGED = (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def why_not_reportable(summary: dict[str, Any]) -> str | None:
+    """Why this summary cannot be shown, in one line (values of the wrong type, nested too deeply), or None."""
+    try:
+        one_run("", summary)
+        two_runs("", summary, "", summary)
+    except DAMAGED as err:
+        return _one_line(err)
+    return None
+
+
 def report_runs(run_dirs: tuple[str, ...], warn: Any) -> str:
-    """``fedgpu report``: the table for one run or two; BadInput where nothing can be reported."""
+    """``fedgpu report``: the table for one run or two; BadInput where nothing can be reported.
+
+    Damaged files are a warning (the table is made from what is left) or a
+    refusal, in one line each: files that are not regular files (a symbolic
+    link, a FIFO, a device) are not read, JSON nested too deeply or too large
+    is not parsed.
+    """
     import os
 
     from fedgpu.errors import BadInput
@@ -102,9 +127,16 @@ def report_runs(run_dirs: tuple[str, ...], warn: Any) -> str:
         raise BadInput(f"report takes one or two run directories, got {len(run_dirs)}")
     summaries = []
     for run_dir in run_dirs:
-        if not any(os.path.isfile(os.path.join(run_dir, name)) for name in (SUMMARY_FILE, TIMELINE_FILE)):
+        # lexists: a symbolic link or a FIFO in their place is said by name below, not taken for "no file".
+        if not any(os.path.lexists(os.path.join(run_dir, name)) for name in (SUMMARY_FILE, TIMELINE_FILE)):
             raise BadInput(f"{run_dir}: not a run directory (no {SUMMARY_FILE} or {TIMELINE_FILE})")
-        summary, problems = load_summary_checked(run_dir)
+        try:
+            summary, problems = load_summary_checked(run_dir, check=why_not_reportable)
+            why_not = None if summary is None else why_not_reportable(summary)
+        except DAMAGED as err:  # events or samples that summarise cannot use
+            summary, problems, why_not = None, [], _one_line(err)
+        if why_not is not None:
+            raise BadInput(f"{run_dir}: nothing to report: {TIMELINE_FILE} and events do not make a summary ({why_not})")
         if summary is None:
             raise BadInput(f"{run_dir}: nothing to report: {'; '.join(problems)}")
         for problem in problems:

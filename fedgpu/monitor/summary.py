@@ -11,21 +11,20 @@ same figures are given for host RSS only, and ``note`` says so.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from fedgpu.monitor.events import read_events
 from fedgpu.monitor.memory import TIMELINE_FILE
+from fedgpu.monitor.run_files import MAX_LINES_BYTES, NotRead, lines, open_run_file, read_json_file
 from fedgpu.output import write_json
 
 SUMMARY_FILE = "memory.json"
 NOT_OURS = "other"
-
 
 @dataclass
 class Moment:
@@ -51,18 +50,36 @@ def read_timeline(run_dir: str, problems: list[str] | None = None) -> tuple[list
     host: dict[float, Moment] = {}
     path = os.path.join(run_dir, TIMELINE_FILE)
     try:
-        handle = open(path, newline="", errors="replace")  # noqa: SIM115 - closed below
-    except OSError:
+        handle = open_run_file(path, MAX_LINES_BYTES)
+    except FileNotFoundError:
+        return [], []
+    except (NotRead, OSError) as err:
+        if problems is not None:
+            problems.append(f"{TIMELINE_FILE}: not read: {err}")
         return [], []
     skipped = rows = 0
     last_cut = False
+    overlong = [0]
     with handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "time" not in reader.fieldnames or "source" not in reader.fieldnames:
+        reader = csv.DictReader(line.decode(errors="replace") for line in lines(handle, overlong))
+        try:
+            columns = reader.fieldnames
+        except csv.Error:
+            columns = None
+        if columns is None or "time" not in columns or "source" not in columns:
             if problems is not None:
                 problems.append(f"{TIMELINE_FILE}: not a fedgpu memory timeline (no time and source columns)")
             return [], []
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:  # a field longer than csv reads
+                rows += 1
+                skipped += 1
+                last_cut = False
+                continue
             rows += 1
             try:
                 if None in row.values() or None in row:  # fewer (or more) fields than columns: cut short
@@ -90,6 +107,8 @@ def read_timeline(run_dir: str, problems: list[str] | None = None) -> tuple[list
                     moment.clients[client] += used
                     if used > 0:
                         moment.client_holders.add(client)
+    rows += overlong[0]
+    skipped += overlong[0]
     if skipped and problems is not None:
         cut = " (the last one cut short: the run was stopped mid-write)" if last_cut else ""
         problems.append(f"{TIMELINE_FILE}: {skipped} of {rows} rows unreadable and skipped{cut}")
@@ -167,6 +186,16 @@ def _rest(moment: Moment | None) -> dict[str, Any]:
     }
 
 
+def _number(value: Any) -> float:
+    """A figure of an event; 0 where the event (damaged, or not ours) has none that is a number."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _is_gpu(gpu: Any) -> bool:
+    """A GPU as the monitor-start event lists it."""
+    return isinstance(gpu, dict) and isinstance(gpu.get("total_mib"), (int, float)) and {"index", "name"} <= gpu.keys()
+
+
 def _client_order(client: str) -> tuple[int, str]:
     return (int(client), "") if client.isdigit() else (1 << 30, client)
 
@@ -187,9 +216,9 @@ def summarise(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
             client = str(event["client"])
             for source, field_name in (("gpu", "gpu_peak_mib"), ("host", "rss_peak_mib")):
                 peaks = child_peaks[source][rnd]
-                peaks[client] = max(peaks.get(client, 0.0), float(event.get(field_name) or 0.0))
+                peaks[client] = max(peaks.get(client, 0.0), _number(event.get(field_name)))
         elif kind == "admission-wait" and isinstance(rnd, int):
-            waits[rnd].append(float(event.get("seconds", 0.0)))
+            waits[rnd].append(_number(event.get("seconds")))
 
     rounds = []
     for rnd in sorted(spans):
@@ -222,7 +251,7 @@ def summarise(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
     return {
         "gpu_available": bool(gpu) and not no_gpu,
         "note": None if gpu and not no_gpu else f"no GPU ({no_gpu}): memory figures are host RSS only",
-        "gpus": monitor.get("gpus", []),
+        "gpus": [gpu for gpu in monitor.get("gpus") or [] if _is_gpu(gpu)] if isinstance(monitor.get("gpus"), list) else [],
         "client_isolation": sorted({str(e.get("isolation")) for e in events if e.get("event") == "node-start"}),
         "samples": {"gpu": len(gpu), "host": len(host), "gpu_interval_s": monitor.get("gpu_interval_s")},
         "what": {
@@ -249,26 +278,32 @@ def load_summary(run_dir: str) -> dict[str, Any]:
     return summary or summarise(run_dir)
 
 
-def load_summary_checked(run_dir: str) -> tuple[dict[str, Any] | None, list[str]]:
+def load_summary_checked(
+    run_dir: str, check: Callable[[dict[str, Any]], str | None] | None = None
+) -> tuple[dict[str, Any] | None, list[str]]:
     """(the run's memory summary or None if nothing is usable, one-line problems found on the way).
 
-    memory.json when it is one of ours; else derived from memory.csv and
-    events.jsonl, with what could not be read said and skipped.
+    memory.json when it is one of ours (and ``check`` finds nothing wrong with
+    it: it returns why not); else derived from memory.csv and events.jsonl,
+    with what could not be read said and skipped. Every file is read as
+    ``open_run_file`` reads: a symbolic link, a FIFO or a device is not read.
     """
     problems: list[str] = []
     path = os.path.join(run_dir, SUMMARY_FILE)
-    if os.path.exists(path):
+    if os.path.lexists(path):
         try:
-            with open(path, errors="replace") as handle:
-                summary = json.load(handle)
-            if is_summary(summary):
+            summary = read_json_file(path)
+            why_not = (check(summary) if check is not None else None) if is_summary(summary) else ""
+            if why_not is None:
                 return summary, problems
-            problems.append(f"{SUMMARY_FILE}: not a fedgpu memory summary (ignored)")
+            problems.append(f"{SUMMARY_FILE}: not a fedgpu memory summary{f' ({why_not})' if why_not else ''} (ignored)")
+        except NotRead as err:
+            problems.append(f"{SUMMARY_FILE}: not read: {err}; derived again from {TIMELINE_FILE}")
         except (OSError, ValueError) as err:
             problems.append(f"{SUMMARY_FILE}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); derived again from {TIMELINE_FILE}")
-    timeline = Timeline(*read_timeline(run_dir, problems), read_events(run_dir))
+    timeline = Timeline(*read_timeline(run_dir, problems), read_events(run_dir, problems))
     if not timeline.gpu and not timeline.host:
-        if os.path.exists(os.path.join(run_dir, TIMELINE_FILE)) and not any(p.startswith(TIMELINE_FILE) for p in problems):
+        if os.path.lexists(os.path.join(run_dir, TIMELINE_FILE)) and not any(p.startswith(TIMELINE_FILE) for p in problems):
             problems.append(f"{TIMELINE_FILE}: no sample in it")
         return None, problems
     return summarise(run_dir, timeline), problems

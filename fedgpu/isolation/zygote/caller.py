@@ -58,10 +58,19 @@ def connect(directory: str, key: bytes, timeout: float = 30.0) -> socket.socket:
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         control.settimeout(timeout)
-        try:
-            control.connect(path)
-        except OSError as err:
-            raise ZygoteError(f"cannot reach the zygote at {directory}: {err.strerror or err}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                control.connect(path)
+                break
+            except BlockingIOError:
+                # The zygote's accept queue is full (a flood): a Unix socket with a
+                # timeout fails at once instead of waiting, so wait here.
+                if time.monotonic() >= deadline:
+                    raise ZygoteError(f"cannot reach the zygote at {directory}: its queue stayed full for {timeout:g} s") from None
+                time.sleep(0.01)
+            except OSError as err:
+                raise ZygoteError(f"cannot reach the zygote at {directory}: {err.strerror or err}") from None
         uid = peer_uid(control)
         if uid != os.geteuid():
             raise ZygoteUntrusted(f"the process serving {path} runs as uid {uid}, not as us (uid {os.geteuid()})")
@@ -154,11 +163,15 @@ class ZygoteLauncher:
     def __init__(self, directory: str | None = None, *, warm_ups: Sequence[str] = (), ready_timeout: float = 300.0) -> None:
         self.ready_timeout = ready_timeout
         self._private: subprocess.Popen | None = None
+        self._private_parent: str | None = None
         self._key: bytes | None = None
         self._lock = threading.Lock()
         directory = directory or os.environ.get(ENV_VAR) or None
         if directory is None:
-            directory = make_private_dir("zygote")  # 0700, swept by a later run if we are killed
+            # In a 0700 directory of ours that a later fedgpu process sweeps if we are killed
+            # (the zygote removes only its own directory when it goes).
+            self._private_parent = make_private_dir("zygote")
+            directory = os.path.join(self._private_parent, "zygote")
             # Our own import path too: warm-ups may name modules found only there (an app's, say).
             path = os.pathsep.join([pythonpath_with_package(), *(entry for entry in sys.path if entry)])
             self._private = subprocess.Popen(
@@ -240,5 +253,5 @@ class ZygoteLauncher:
         private.wait()
         if sentinel is not None:
             os.close(sentinel)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(self._private_parent or self.directory, ignore_errors=True)
         self._private = None

@@ -63,7 +63,14 @@ from fedgpu.isolation.zygote.protocol import (
 )
 
 HANDSHAKE_SECONDS = 2.0  # accept -> complete request; a real caller needs milliseconds
-MAX_PENDING = 256  # connections in their handshake at once; the oldest goes first
+MAX_DESCRIPTORS = 65536  # the soft RLIMIT_NOFILE the zygote raises itself to (at most its hard limit)
+DESCRIPTOR_HEADROOM = 128  # for the listener, the selector, the spare, stdio, imported libraries
+# Connections the kernel queues for accept (capped by net.core.somaxconn): a caller that
+# finds the queue full fails at once, so it is long enough to outlast a flood's burst.
+BACKLOG = 4096
+ACCEPTS_PER_ROUND = 64  # then the connections already accepted are served before more are taken
+# Handshake states, least progress first: the first to go when room is needed.
+STATES = ("hello", "proof", "fds", "frame")
 SWEEP_SECONDS = 1.0  # how often children without a pidfd and stray orphans are looked for
 
 # Libraries whose helper threads a fork would not carry into the child are
@@ -158,12 +165,23 @@ def _ready_pid(directory: str) -> int | None:
         return None
 
 
+def max_pending(descriptors: int) -> int:
+    """Handshakes held at once with this many descriptors: half of what the headroom leaves.
+
+    The other half is for the calls: each running one holds its control
+    connection and a pidfd, and a handshake in its last state holds the
+    caller's three descriptors too.
+    """
+    return max(4 * ACCEPTS_PER_ROUND, (descriptors - DESCRIPTOR_HEADROOM) // 2)
+
+
 @dataclass
 class Pending:
     """A connection between accept and its complete request; nothing is trusted yet."""
 
     conn: socket.socket
     deadline: float
+    fd: int = -1  # the key in ZygoteServer.pending (conn.fileno() is -1 once closed)
     state: str = "hello"  # hello -> proof -> fds -> frame
     buffer: bytearray = field(default_factory=bytearray)
     caller_nonce: bytes = b""
@@ -201,11 +219,12 @@ class ZygoteServer:
             self.listener.close()
             raise ZygoteError(f"cannot serve at {directory}: {err.strerror or err}") from None
         os.chmod(os.path.join(directory, SOCKET_NAME), 0o600)
-        self.listener.listen(128)
+        self.listener.listen(BACKLOG)
         self.listener.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, ("accept", 0))
         self.pending: dict[int, Pending] = {}  # fd -> connection in its handshake (oldest first)
+        self.max_pending = max_pending(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.children: dict[int, tuple[socket.socket, int | None]] = {}  # pid -> (control, pidfd)
         self.orphans: dict[int, int | None] = {}  # pid -> pidfd: descendants of finished calls, killed, to reap
 
@@ -215,9 +234,14 @@ class ZygoteServer:
         next_sweep = time.monotonic() + SWEEP_SECONDS
         while True:
             now = time.monotonic()
-            deadlines = [p.deadline for p in self.pending.values()]
-            timeout = max(0.0, min([next_sweep, *deadlines]) - now)
+            oldest = next(iter(self.pending.values()), None)  # in accept order: the first deadline
+            timeout = max(0.0, min(next_sweep, oldest.deadline if oldest else next_sweep) - now)
             for key, _ in self.selector.select(timeout=timeout):
+                if self.selector.get_map().get(key.fd) is not key:
+                    # Stale: handling an earlier event of this batch unregistered it (a
+                    # handshake evicted or finished, a child reaped), and its descriptor
+                    # number may already belong to another registration.
+                    continue
                 kind, ref = key.data
                 if kind == "accept":
                     self._accept()
@@ -232,8 +256,11 @@ class ZygoteServer:
                 elif kind == "orphan":
                     self._reap_orphan(ref)
             now = time.monotonic()
-            for fd in [fd for fd, p in self.pending.items() if p.deadline <= now]:
-                self._drop(fd)
+            while self.pending:
+                pending = next(iter(self.pending.values()))
+                if pending.deadline > now:
+                    break
+                self._drop(pending)
             if now >= next_sweep:
                 next_sweep = now + SWEEP_SECONDS
                 for pid, (_, pidfd) in list(self.children.items()):
@@ -242,15 +269,15 @@ class ZygoteServer:
                 self._sweep_orphans()
 
     def _accept(self) -> None:
-        while True:
+        for _ in range(ACCEPTS_PER_ROUND):
             try:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # out of descriptors: make room from the oldest handshakes
+            except OSError:  # out of descriptors: make room from the handshakes
                 if not self.pending:
                     return
-                self._drop(next(iter(self.pending)))
+                self._drop(self._least_advanced())
                 continue
             try:
                 if peer_uid(conn) != os.geteuid():
@@ -259,28 +286,44 @@ class ZygoteServer:
             except OSError:
                 conn.close()
                 continue
-            if len(self.pending) >= MAX_PENDING:
-                self._drop(next(iter(self.pending)))
+            if len(self.pending) >= self.max_pending:
+                self._drop(self._least_advanced())
             conn.setblocking(False)
-            self.pending[conn.fileno()] = Pending(conn, time.monotonic() + HANDSHAKE_SECONDS)
-            self.selector.register(conn, selectors.EVENT_READ, ("pending", conn.fileno()))
+            pending = Pending(conn, time.monotonic() + HANDSHAKE_SECONDS, conn.fileno())
+            self.pending[pending.fd] = pending
+            # The event names the connection itself, not its descriptor number (see _advance).
+            self.selector.register(conn, selectors.EVENT_READ, ("pending", pending))
 
-    def _drop(self, fd: int) -> None:
-        pending = self.pending.pop(fd)
+    def _least_advanced(self) -> Pending:
+        """The handshake to evict: the oldest of those in the earliest state.
+
+        Not simply the oldest: a real caller sends its whole hello at once and
+        is past it at its first read, so connections still in "hello" (idle,
+        dripping, or a flood's) go before any that proved the key, and a flood
+        of them cannot push out a caller in the middle of its handshake.
+        """
+        oldest = next(iter(self.pending.values()))
+        if oldest.state == STATES[0]:
+            return oldest  # the common case under a flood, without a scan
+        return min(self.pending.values(), key=lambda p: STATES.index(p.state))  # the first of the least advanced
+
+    def _drop(self, pending: Pending) -> None:
+        del self.pending[pending.fd]
         self.selector.unregister(pending.conn)
         pending.close()
 
-    def _advance(self, fd: int) -> None:
+    def _advance(self, pending: Pending) -> None:
         """Read what this connection sent; move its handshake on; start the call once complete."""
-        pending = self.pending[fd]
+        if self.pending.get(pending.fd) is not pending:
+            return  # dropped by an earlier event of the same batch; its fd may be another's now
         try:
             request = self._step(pending)
         except (Drop, OSError, ValueError):
-            self._drop(fd)
+            self._drop(pending)
             return
         if request is None:
             return
-        del self.pending[fd]
+        del self.pending[pending.fd]
         self.selector.unregister(pending.conn)
         self._start_call(pending.conn, pending.fds, request)
         pending.fds = []
@@ -544,8 +587,8 @@ class ZygoteServer:
 
     def close(self) -> None:
         """TERM every child's group, wait ``grace``, KILL, reap; remove our files."""
-        for fd in list(self.pending):
-            self._drop(fd)
+        for pending in list(self.pending.values()):
+            self._drop(pending)
         if self.spare is not None:
             self._discard_spare(*self.spare)
             self.spare = None
@@ -618,11 +661,17 @@ def _write_private(path: str, data: bytes) -> None:
 
 
 def _raise_descriptor_limit() -> None:
-    # Each caller holds a connection while its child runs; do not run out at 1024.
+    """Raise the soft RLIMIT_NOFILE towards the hard one, to MAX_DESCRIPTORS at most.
+
+    Each caller holds a connection while its child runs, and handshakes wait
+    beside them (a flood of idle ones too): do not run out at 1024. Bounded,
+    as the children inherit it and some programs walk every possible descriptor.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    wanted = MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, MAX_DESCRIPTORS)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         except (ValueError, OSError):
             pass
 
