@@ -87,6 +87,7 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
         marker = intruder.home / "marker"
         submitted = intruder.submit(port, marker)
         stolen = intruder.run([str(intruder.home / "app" / "steal_tasks.py"), *map(str, ports)])
+        pulled = [intruder.post(f"http://127.0.0.1:{p}/v1/runtime/pull-task-input") for p in ports]
         fleet = intruder.post(f"http://127.0.0.1:{port}/v1/fleet/pull-messages")
         control = intruder.post(f"http://127.0.0.1:{port}/v1/control/list-runs")
         alive_after_intruder = winner.poll() is None
@@ -104,7 +105,7 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
     attempts = json.loads(stolen.stdout.strip().splitlines()[-1]) if stolen.returncode == 0 else stolen.stderr
     assert isinstance(attempts, dict) and len(attempts) == 2, attempts
     assert all(result.startswith("refused") and ("403" in result or "owner" in result) for result in attempts.values()), attempts
-    assert (fleet, control) == ("403", "403")
+    assert (fleet, control, pulled) == ("403", "403", ["403", "403"])
     # No message was lost to the intruder: every round had both replies.
     assert [(int(r["results"]), int(r["failures"])) for r in read_metrics(run_dir)] == [(2, 0)] * 8
     assert "failures: none of 16 messages in 8 rounds" in out, out

@@ -24,10 +24,19 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path, tmp_
     except pytest.skip.Exception:
         intruder = None  # not root: the other-uid part is covered where the suite runs as root
     run_dir, port = tmp_path / "run", free_port()
-    proc = start_run_sh(["2", "2", "2", "2", "--tls", "--port", str(port), "--run-dir", str(run_dir)])
+    proc = start_run_sh(["2", "2", "2", "4", "--tls", "--port", str(port), "--run-dir", str(run_dir)])
     certs = run_dir / "certs"
     with cleaned_up(proc, run_dir):
         assert wait_for(lambda: "SuperLink ready" in read_or_empty(run_dir / "server.log"), timeout=180), read_or_empty(run_dir / "server.log")
+        # First, while the run surely goes on: another uid with the CA in hand.
+        if intruder is not None:
+            ca_copy = intruder.home / "ca.crt"  # a CA certificate is no secret: say the intruder has it
+            shutil.copy(certs / "ca.crt", ca_copy)
+            os.chown(ca_copy, intruder.uid, intruder.gid)
+            marker = intruder.home / "marker"
+            submitted = intruder.submit(port, marker, ca_file=ca_copy)
+            unchecked = intruder.post(f"https://127.0.0.1:{port}/v1/control/start-run")
+            still_running = proc.poll() is None
         # A node with a key the server never registered is refused, with TLS and the right CA.
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "intruder")], check=True)
         unregistered = subprocess.run(
@@ -42,19 +51,11 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path, tmp_
              "--num-partitions", "2", "--max-wait-time", "5"],
             capture_output=True, text=True, timeout=120, env={**os.environ, "FEDGPU_RUN_DIR": str(run_dir)},
         )
-        if intruder is not None:
-            ca_copy = intruder.home / "ca.crt"  # a CA certificate is no secret: say the intruder has it
-            shutil.copy(certs / "ca.crt", ca_copy)
-            os.chown(ca_copy, intruder.uid, intruder.gid)
-            marker = intruder.home / "marker"
-            submitted = intruder.submit(port, marker, ca_file=ca_copy)
-            unchecked = intruder.post(f"https://127.0.0.1:{port}/v1/control/start-run")
-            still_running = proc.poll() is None
         out, err = proc.communicate(timeout=300)
         nothing_left = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), 5)
     assert proc.returncode == 0, out + err
     assert nothing_left, "processes of the run outlived run.sh"
-    assert [int(r["results"]) for r in read_metrics(run_dir)] == [2, 2]
+    assert [int(r["results"]) for r in read_metrics(run_dir)] == [2, 2, 2, 2]
     assert f"SuperLink listening on https://127.0.0.1:{port}" in read_or_empty(run_dir / "superlink.log")
     for i in range(2):
         assert "SuperNode ID" in read_or_empty(run_dir / f"client-{i}.log")
