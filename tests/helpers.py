@@ -157,7 +157,8 @@ class ProcessSampler(threading.Thread):
                 self.seen[pid] = cmdline
                 parent = parent_pid(pid)
                 if parent is not None:
-                    self.parent[pid] = parent
+                    # The first parent seen: an orphan is later reparented (to a subreaper, or init).
+                    self.parent.setdefault(pid, parent)
                 if maps_torch(pid):
                     self.torch_pids.add(pid)
             self._halt.wait(0.3)
