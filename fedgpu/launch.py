@@ -363,13 +363,14 @@ def plan_run(
     task_only = {"rounds", "min_clients", "sampled", "eval_sampled", "task", "lr", "lr_decay", "local_epochs", "batch_size",
                  "partitioner", "alpha", "seed", "data_files", "task_options", "device", "threads", "message_timeout"}
     if app_dir:
-        from fedgpu.flower.app import check_app, connection_num_supernodes
+        from fedgpu.flower.app import check_app
 
         mixed = sorted(task_only & given)
         if mixed:
             raise BadInput(f"--{mixed[0].replace('_', '-')} is for fedgpu's own tasks; a Flower app takes --run-config")
         app, overrides = check_app(str(app_dir), tuple(values["run_config"]), warn=warn)
-        nodes = int(values["nodes"] or app.num_supernodes or connection_num_supernodes() or DEFAULT_NODES)
+        # The app's federation: its pyproject's [tool.flwr.federations], else the default connection of $FLWR_HOME.
+        nodes = int(values["nodes"] or app.num_supernodes or DEFAULT_NODES)
         needed, sampled, what = 1, nodes, app.name
         server_values = {"app_dir": str(app.directory), "run_config": overrides}
         zygote_args = ["--app", str(app.directory)]

@@ -3,13 +3,21 @@
 What ``fedgpu run APP_DIR`` needs from the app: its components (the ClientApp
 the zygote warms up with), its run config (to check overrides against), its
 dependencies (present in this environment, or the run would fail in every
-child), and how many SuperNodes it was written for (``options.num-supernodes``
-of its federation). Every problem is one line.
+child), and its federation: how many SuperNodes it was written for and what
+each ClientApp may use (``options.num-supernodes``, ``options.backend.client-resources``).
+Every problem is one line.
+
+The app's directory is only ever read. The run submits a private copy (the
+FAB that `flwr run` would build, unpacked: no ``[tool.flwr.federations]`` for
+Flower to migrate out of the user's pyproject.toml), and every import of the
+app's modules here and in the zygote writes no bytecode.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +39,52 @@ class AppError(FedgpuError):
 
 
 @dataclass(frozen=True)
+class FederationSettings:
+    """What an app's federation asks for, as Flower's simulation options name it.
+
+    Read from ``[tool.flwr.federations]`` in the app's pyproject.toml (the form
+    before Flower 1.42), else from the default connection in
+    ``$FLWR_HOME/config.toml`` (where Flower 1.42's migration moves it:
+    ``[superlink.NAME]`` with the same ``options.*`` keys).
+    """
+
+    num_supernodes: int | None = None  # options.num-supernodes
+    num_cpus: float | None = None  # options.backend.client-resources.num-cpus: per ClientApp
+    num_gpus: float | None = None  # options.backend.client-resources.num-gpus
+    source: str = ""  # where they were read: "pyproject.toml [tool.flwr.federations.NAME]", ...
+
+    @classmethod
+    def from_options(cls, options: Any, source: str) -> "FederationSettings":
+        """From a federation's or a connection's ``options`` table; values that cannot be right are left out."""
+        if not isinstance(options, dict):
+            return cls(source=source)
+        backend = options.get("backend")
+        resources = backend.get("client-resources") if isinstance(backend, dict) else None
+        resources = resources if isinstance(resources, dict) else {}
+        count = options.get("num-supernodes")
+        return cls(
+            num_supernodes=count if _is_number(count, whole=True) and count > 0 else None,
+            num_cpus=_resource(resources.get("num-cpus")),
+            num_gpus=_resource(resources.get("num-gpus")),
+            source=source,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """As report.json names it (Flower's keys)."""
+        return {"num-supernodes": self.num_supernodes,
+                "client-resources": {"num-cpus": self.num_cpus, "num-gpus": self.num_gpus}, "from": self.source or None}
+
+
+def _is_number(value: Any, *, whole: bool = False) -> bool:
+    kinds = int if whole else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def _resource(value: Any) -> float | None:
+    return value if _is_number(value) and value >= 0 else None
+
+
+@dataclass(frozen=True)
 class FlowerApp:
     directory: Path
     name: str
@@ -39,14 +93,21 @@ class FlowerApp:
     clientapp: str
     config: dict[str, Any] = field(default_factory=dict)  # [tool.flwr.app.config]
     dependencies: tuple[str, ...] = ()
-    num_supernodes: int | None = None  # what its own federation config declares
+    federation: FederationSettings = field(default_factory=FederationSettings)
 
     @property
     def client_module(self) -> str:
         return self.clientapp.partition(":")[0]
 
+    @property
+    def num_supernodes(self) -> int | None:
+        """How many SuperNodes its federation declares."""
+        return self.federation.num_supernodes
+
     @classmethod
-    def read(cls, directory: str | os.PathLike) -> "FlowerApp":
+    def read(cls, directory: str | os.PathLike, flwr_home: str | os.PathLike | None = None) -> "FlowerApp":
+        """The app in ``directory`` (read only); its federation from there, else from ``flwr_home``'s
+        default connection (default ``$FLWR_HOME``, else ``~/.flwr``)."""
         path = Path(directory).expanduser()
         if not path.exists():
             raise AppError(f"{directory}: no such directory")
@@ -69,6 +130,7 @@ class FlowerApp:
                 raise AppError(f"{pyproject}: {role} = {ref!r} is not module:attribute")
         project = data.get("project", {})
         config = flwr.get("app", {}).get("config", {})
+        federations = flwr.get("federations")
         return cls(
             directory=path.resolve(),
             name=str(project.get("name", path.name)),
@@ -77,38 +139,72 @@ class FlowerApp:
             clientapp=components["clientapp"],
             config=dict(config) if isinstance(config, dict) else {},
             dependencies=tuple(str(dep) for dep in project.get("dependencies", []) if isinstance(dep, str)),
-            num_supernodes=_num_supernodes(flwr.get("federations", {})),
+            federation=(table_federation(federations) if isinstance(federations, dict)
+                        else connection_federation(flwr_home)),
         )
 
 
-def _num_supernodes(federations: Any) -> int | None:
-    """``options.num-supernodes`` of the app's default federation (else of its only one)."""
-    if not isinstance(federations, dict):
-        return None
+def table_federation(federations: dict[str, Any]) -> FederationSettings:
+    """``[tool.flwr.federations]``: its default federation, else its only one, else the only one with
+    ``options.num-supernodes``."""
     named = {name: value for name, value in federations.items() if isinstance(value, dict)}
     default = federations.get("default")
-    chosen = named.get(default) if isinstance(default, str) else (next(iter(named.values())) if len(named) == 1 else None)
-    if chosen is None:
-        candidates = [v for v in named.values() if isinstance(v.get("options"), dict) and "num-supernodes" in v["options"]]
-        chosen = candidates[0] if len(candidates) == 1 else None
-    count = (chosen or {}).get("options", {}).get("num-supernodes") if isinstance((chosen or {}).get("options"), dict) else None
-    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+    if isinstance(default, str):
+        name = default if default in named else None
+    elif len(named) == 1:
+        name = next(iter(named))
+    else:
+        with_count = [key for key, value in named.items()
+                      if isinstance(value.get("options"), dict) and "num-supernodes" in value["options"]]
+        name = with_count[0] if len(with_count) == 1 else None
+    if name is None:
+        return FederationSettings()
+    return FederationSettings.from_options(named[name].get("options"), f"{PYPROJECT} [tool.flwr.federations.{name}]")
 
 
-def connection_num_supernodes(flwr_home: str | os.PathLike | None = None) -> int | None:
-    """``options.num-supernodes`` of the default connection in the user's Flower config, if any."""
+def connection_federation(flwr_home: str | os.PathLike | None = None) -> FederationSettings:
+    """The ``options`` of the default connection in a Flower config (Flower 1.42's form), if any."""
     home = Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
     try:
         data = tomllib.loads((home / "config.toml").read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return None
+        return FederationSettings()
     superlink = data.get("superlink", {})
     if not isinstance(superlink, dict) or not isinstance(superlink.get("default"), str):
-        return None
-    connection = superlink.get(superlink["default"], {})
-    options = connection.get("options", {}) if isinstance(connection, dict) else {}
-    count = options.get("num-supernodes") if isinstance(options, dict) else None
-    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+        return FederationSettings()
+    name = superlink["default"]
+    connection = superlink.get(name)
+    if not isinstance(connection, dict):
+        return FederationSettings()
+    return FederationSettings.from_options(connection.get("options"), f"{home / 'config.toml'} [superlink.{name}]")
+
+
+def private_copy(directory: str | os.PathLike, parent: str | os.PathLike) -> Path:
+    """``parent/app``: the app in ``directory`` as `flwr run` packages it (its FAB), unpacked; what a run submits.
+
+    The copy's pyproject.toml has no ``[tool.flwr.federations]`` (Flower leaves
+    it out of every FAB), so `flwr run` on it migrates nothing, and whatever
+    `flwr run` writes beside it (bytecode of the package it looks into) stays in
+    the copy. ``parent`` is the run's private directory. AppError if Flower
+    cannot package the app (it changed since it was checked).
+    """
+    from fedgpu.flower.internals import build_fab
+    from fedgpu.private_dirs import subdir
+
+    try:
+        fab = build_fab(directory)
+        target = Path(subdir(str(parent), "app"))
+        with zipfile.ZipFile(io.BytesIO(fab)) as archive:
+            for member in archive.infolist():
+                if not member.filename.startswith(".info/"):  # the FAB's manifest: `flwr run` writes its own
+                    archive.extract(member, target)  # names with ".." or a leading "/" stay inside target
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise AppError(f"cannot package the app {directory} as `flwr run` would: {_one_line(err)}") from None
+    return target
+
+
+def _one_line(err: BaseException) -> str:
+    return "; ".join(line.strip("- ").strip() for line in str(err).splitlines() if line.strip())
 
 
 def check_dependencies(app: FlowerApp) -> tuple[list[str], list[str]]:
@@ -144,20 +240,48 @@ def check_dependencies(app: FlowerApp) -> tuple[list[str], list[str]]:
 def describe(app: FlowerApp) -> dict[str, Any]:
     """The app as report.json names it."""
     return {"name": app.name, "version": app.version, "directory": str(app.directory),
-            "serverapp": app.serverapp, "clientapp": app.clientapp}
+            "serverapp": app.serverapp, "clientapp": app.clientapp, "federation": app.federation.describe()}
 
 
-def _import_components(directory: str, refs: tuple[str, ...]) -> None:
-    """In a child: import each ``module:attribute`` from the app's directory."""
+@dataclass(frozen=True)
+class ImportFacts:
+    """What importing a component left behind in the child that imported it."""
+
+    threads: tuple[str, ...]  # threads besides the main one (Python's names, else the kernel's)
+    cuda_initialized: bool
+
+
+def _import_components(
+    directory: str, refs: tuple[str, ...], workdir: str, warm_ups: tuple[str, ...] = ()
+) -> ImportFacts:
+    """In a child: import each ``module:attribute`` from the app's directory, as the zygote would.
+
+    In ``workdir`` (empty, like the run directory a zygote starts in: a file
+    opened relative to it at import fails here as it would there), after
+    ``warm_ups`` (what the zygote imports first), writing no bytecode into the
+    app. Returns what a zygote would refuse to fork from.
+    """
     import importlib
     import sys
+    import threading
 
+    from fedgpu.isolation.zygote.server import call_warm_up, native_threads
+
+    sys.dont_write_bytecode = True
+    os.chdir(workdir)
+    for spec in warm_ups:
+        call_warm_up(spec)
     sys.path.insert(0, directory)
     for ref in refs:
         module_name, _, attribute = ref.partition(":")
         target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
             target = getattr(target, part)
+    others = tuple(thread.name for thread in threading.enumerate() if thread is not threading.main_thread())
+    native = native_threads()
+    torch = sys.modules.get("torch")
+    return ImportFacts(threads=others or (tuple(native[1:]) if len(native) > 1 else ()),
+                       cuda_initialized=bool(torch is not None and torch.cuda.is_initialized()))
 
 
 def check_app(
@@ -165,18 +289,26 @@ def check_app(
 ) -> tuple[FlowerApp, tuple[str, ...]]:
     """The app and its run-config overrides, checked before anything starts; BadInput names the first problem.
 
-    Checked: the directory and its pyproject; that every dependency is installed
-    (a differing version is a warning, through ``warn``); that the overrides
-    parse and name keys of the app's config; that both components import, in a
-    spawned child (the app may import torch: this process must not).
+    Checked: the directory and its pyproject; that Flower can package it (as
+    `flwr run` would); that every dependency is installed (a differing version
+    is a warning, through ``warn``); that the overrides parse, name keys of the
+    app's config and have the types of its values; that both components import,
+    each in a spawned child (the app may import torch: this process must not)
+    working in an empty directory, and that the ClientApp's module leaves that
+    child as a zygote needs it: single-threaded, CUDA untouched.
     """
     from fedgpu.errors import BadInput
+    from fedgpu.flower.internals import build_fab
     from fedgpu.flower.settings import parse_config_pairs
 
     try:
         app = FlowerApp.read(directory)
     except AppError as err:
         raise BadInput(str(err)) from None
+    try:
+        build_fab(app.directory)
+    except (ValueError, OSError) as err:
+        raise BadInput(f"{app.name}: Flower cannot package {app.directory}: {_one_line(err)}") from None
     missing, warnings = check_dependencies(app)
     if missing:
         raise BadInput(
@@ -186,32 +318,109 @@ def check_app(
     for line in warnings:
         if warn is not None:
             warn(line)
+    defaults = _flat_config(app.config)
     for text in run_config:
         try:
             overrides = parse_config_pairs(text)
         except ValueError as err:
             raise BadInput(f"--run-config: {err}") from None
-        unknown = sorted(set(overrides) - set(_flat_keys(app.config)))
+        unknown = sorted(set(overrides) - set(defaults))
         if unknown:
-            raise BadInput(f"--run-config: {', '.join(unknown)} not in {app.name}'s config (its keys: {', '.join(_flat_keys(app.config)) or 'none'})")
+            keys = ", ".join(defaults) or "none"
+            raise BadInput(f"--run-config: {', '.join(unknown)} not in {app.name}'s config (its keys: {keys})")
+        for key, value in overrides.items():
+            problem = override_problem(app.name, key, value, defaults[key])
+            if problem:
+                raise BadInput(f"--run-config: {problem}")
     if import_check:
-        from fedgpu.isolation import IsolationError, Isolator
-
-        with Isolator("spawn") as isolator:
-            for role, ref in (("clientapp", app.clientapp), ("serverapp", app.serverapp)):
-                try:
-                    isolator.run(_import_components, (str(app.directory), (ref,)), timeout=300)
-                except IsolationError as err:
-                    raise BadInput(f"{app.name}'s {role} {ref} does not import: {err.reason}") from None
+        _check_imports(app)
     return app, tuple(text for text in run_config if text.strip())
 
 
-def _flat_keys(config: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys as ``--run-config`` names them: nested tables joined with dots."""
-    keys = []
+def _check_imports(app: FlowerApp) -> None:
+    """Each component imported in a child of its own, as the run will import it; BadInput if it cannot be."""
+    from fedgpu.errors import BadInput
+    from fedgpu.flower.settings import app_warm_ups
+    from fedgpu.isolation import IsolationError, Isolator
+    from fedgpu.private_dirs import make_private_dir, remove
+
+    workdir = make_private_dir("check")
+    try:
+        with Isolator("spawn", env=_zygote_like_env()) as isolator:
+            for role, ref in (("clientapp", app.clientapp), ("serverapp", app.serverapp)):
+                # The ClientApp's module is what the zygote imports, after our runner; the ServerApp runs in
+                # Flower's own process, never forked.
+                warm_ups = tuple(app_warm_ups(app.client_module)[:-1]) if role == "clientapp" else ()
+                try:
+                    outcome = isolator.run(_import_components, (str(app.directory), (ref,), workdir, warm_ups),
+                                           timeout=300)
+                except IsolationError as err:
+                    hint = (" (fedgpu imports it in the run directory, not here: open the app's files relative to "
+                            "its module's __file__)"
+                            if getattr(err, "type_name", "") in ("FileNotFoundError", "NotADirectoryError") else "")
+                    raise BadInput(f"{app.name}'s {role} {ref} does not import: {err.reason}{hint}") from None
+                facts: ImportFacts = outcome.value
+                if role != "clientapp":
+                    continue
+                module = app.client_module
+                if facts.threads:
+                    raise BadInput(
+                        f"{app.name}'s clientapp module {module} starts threads when imported "
+                        f"({', '.join(facts.threads)}): "
+                        "fedgpu forks every message from a warm process, which must be single-threaded "
+                        "(start them inside the ClientApp's functions)"
+                    )
+                if facts.cuda_initialized:
+                    raise BadInput(
+                        f"{app.name}'s clientapp module {module} initialises CUDA when imported: fedgpu forks every "
+                        "message from a warm process, whose children could not use the GPU (touch CUDA inside the "
+                        "ClientApp's functions)"
+                    )
+    finally:
+        remove(workdir)
+
+
+def _zygote_like_env() -> dict[str, str]:
+    """The zygote's environment where it differs from ours: single-threaded libraries (unless set), no bytecode."""
+    from fedgpu.isolation.zygote.server import SINGLE_THREADED_ENV
+
+    env = {name: value for name, value in SINGLE_THREADED_ENV.items() if name not in os.environ}
+    return {**env, "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+WELL_KNOWN_COUNTS = {"num-server-rounds": "the number of rounds"}  # Flower's own templates' keys: whole numbers >= 1
+
+
+def override_problem(app_name: str, key: str, value: Any, default: Any) -> str | None:
+    """Why ``key=value`` cannot override the app's ``default`` (None if it can).
+
+    Flower passes an override on as it is: a string where the app expects a
+    number fails inside the ServerApp, after everything has started. The type
+    must be the default's (a float accepts a whole number too).
+    """
+    from fedgpu.flower.settings import toml_value
+
+    # (type, what a value of it is, what a key with a default of it takes); bool before int: True is an int too.
+    kinds = ((bool, "a boolean", "true or false"), (int, "a whole number", "a whole number"),
+             (float, "a fractional number", "a number"), (str, "a string", 'a "quoted string"'))
+    expected = next((kind for kind in kinds if isinstance(default, kind[0])), None)
+    if expected is None:
+        return None  # an array, or a type Flower's run config does not have: Flower decides
+    given = next(kind for kind in kinds if isinstance(value, kind[0]))
+    if not (given is expected or (expected[0] is float and given[0] is int)):
+        return (f"{key}={toml_value(value)} is {given[1]}; {app_name}'s {key} takes {expected[2]} "
+                f"(default {toml_value(default)})")
+    if key in WELL_KNOWN_COUNTS and expected[0] is int and value < 1:
+        return f"{key}={toml_value(value)}: {WELL_KNOWN_COUNTS[key]} must be at least 1"
+    return None
+
+
+def _flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The app's config as ``--run-config`` names its keys (nested tables joined with dots), with the defaults."""
+    flat: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            keys += _flat_keys(value, f"{prefix}{key}.")
+            flat.update(_flat_config(value, f"{prefix}{key}."))
         else:
-            keys.append(f"{prefix}{key}")
-    return keys
+            flat[f"{prefix}{key}"] = value
+    return flat

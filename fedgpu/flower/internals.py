@@ -469,6 +469,24 @@ def superlink_main(argv: list[str]) -> None:
     superlink_cli.flower_superlink()
 
 
+
+# -- a user's app, packaged as `flwr run` packages it ------------------------------------------
+
+
+def build_fab(app_dir: str | os.PathLike) -> bytes:
+    """The FAB (a zip) that ``flwr run APP_DIR`` builds and submits; the directory is only read.
+
+    Flower's builder keeps what the nodes need (its include and exclude rules,
+    the app's .gitignore) and leaves ``[tool.flwr.federations]`` out of the
+    FAB's pyproject.toml, so `flwr run` on the unpacked FAB has nothing to
+    migrate into the user's file. ValueError (or OSError) says why an app cannot
+    be packaged: an invalid config, a path nested too deep, over 10 MB.
+    """
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(Path(app_dir))
+
+
 if __name__ == "__main__":
     # python -m fedgpu.flower.internals superlink ARGS
     superlink_main(sys.argv[2:])

@@ -198,7 +198,15 @@ class Federation:
             write_app(app_dir, self.plan.run)
         else:
             assert self.plan.app_dir is not None
-            app_dir = self.plan.app_dir
+            from fedgpu.flower.app import AppError, private_copy
+            from fedgpu.private_dirs import PRIVATE_DIR_ENV
+
+            # What is submitted: the app as `flwr run` packages it, unpacked in the run's private directory.
+            # Run on the user's own directory, Flower would rewrite its pyproject.toml (its migration).
+            try:
+                app_dir = private_copy(self.plan.app_dir, os.environ[PRIVATE_DIR_ENV])
+            except AppError as err:
+                raise ServerError(str(err)) from None
         command = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
         for overrides in self.plan.run_config:
             command += ["--run-config", overrides]

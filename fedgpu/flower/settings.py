@@ -40,6 +40,7 @@ def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, par
 
     watch_parent(parent_pid)
     path = pythonpath_with_package()
+    extra_env: dict[str, str] = {}
     if app_dir:
         from fedgpu.flower.app import AppError, FlowerApp
 
@@ -51,6 +52,9 @@ def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, par
             raise BadInput(str(err)) from None
         warm_ups = app_warm_ups(app.client_module)
         path = os.pathsep.join([str(app.directory), path])
+        # Nothing is ever written into the user's app: the zygote and every child it forks import
+        # the app's modules without writing __pycache__ beside them.
+        extra_env["PYTHONDONTWRITEBYTECODE"] = "1"
     else:
         from fedgpu.tasks import UnknownTaskError, resolve_task
 
@@ -70,7 +74,7 @@ def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, par
     argv = [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", directory, *parent, *warm_ups]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, {**SINGLE_THREADED_ENV, **os.environ, "PYTHONPATH": path})
+    os.execve(sys.executable, argv, {**SINGLE_THREADED_ENV, **os.environ, **extra_env, "PYTHONPATH": path})
 
 
 def toml_value(value: object) -> str:

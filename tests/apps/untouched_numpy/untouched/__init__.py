@@ -1,0 +1,1 @@
+"""untouched: a NumPy-only Flower app that fedgpu must never write into."""
