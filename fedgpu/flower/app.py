@@ -247,7 +247,7 @@ def describe(app: FlowerApp) -> dict[str, Any]:
 class ImportFacts:
     """What importing a component left behind in the child that imported it."""
 
-    threads: tuple[str, ...]  # threads besides the main one (Python's names, else the kernel's)
+    threads: tuple[str, ...]  # threads besides the main one: their Python names, else "N native"
     cuda_initialized: bool
 
 
@@ -278,9 +278,9 @@ def _import_components(
         for part in attribute.split("."):
             target = getattr(target, part)
     others = tuple(thread.name for thread in threading.enumerate() if thread is not threading.main_thread())
-    native = native_threads()
+    native = len(native_threads()) - 1  # started by native code (a library's pool): no Python name
     torch = sys.modules.get("torch")
-    return ImportFacts(threads=others or (tuple(native[1:]) if len(native) > 1 else ()),
+    return ImportFacts(threads=others or ((f"{native} native",) if native > 0 else ()),
                        cuda_initialized=bool(torch is not None and torch.cuda.is_initialized()))
 
 
