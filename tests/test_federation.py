@@ -70,9 +70,8 @@ def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None
         host = entry["host"]
         assert 0 < host["at_rest_total_mib"] and 0 < host["peak_total_mib"]
         assert set(host["per_client_peak_mib"]) == {"0", "1", "2"}
-        # (A sampling sweep that straddles the next round's first child counts that child at rest: a known
-        # fault of the at-rest choice, to be fixed with the round accounting; not asserted here until then.)
-        assert host["at_rest_by_role_mib"]["client-node"] > 0
+        # At rest: the nodes and the zygote, never a message child (not the next round's first one either).
+        assert host["at_rest_by_role_mib"]["client-node"] > 0 and "client-child" not in host["at_rest_by_role_mib"]
         assert entry["admission"]["waits"] == 0
     with open(run_dir / "memory.csv") as handle:
         roles = {row["role"] for row in csv.DictReader(handle) if row["source"] == "host-process"}
