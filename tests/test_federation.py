@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import re
 from pathlib import Path
 
+from fedgpu.tasks.digits import DigitsTask
 from helpers import pid_alive, read_metrics, run_federation
 
 
@@ -29,6 +31,12 @@ def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None
     messages = [m for r in report["rounds"] for m in r["messages"]]
     train = [m for m in messages if m["type"] == "train"]
     assert len(train) == 6
+    # The config as used: where the run left lr, local-epochs and batch-size at 0, the task's defaults, which
+    # the children trained with (lr-decay 1: every round's lr is the base lr).
+    config = report["config"]
+    assert sorted(report["config_from_task_defaults"]) == ["batch-size", "local-epochs", "lr"]
+    assert {(m["lr"], m["local-epochs"]) for m in train} == {(config["lr"], config["local-epochs"])}, (config, train)
+    assert config["batch-size"] == inspect.signature(DigitsTask.__init__).parameters["batch_size"].default
     child_pids = [m["child-pid"] for m in messages]
     node_pids = {m["node-pid"] for m in messages}
     assert len(set(child_pids)) == len(child_pids), "every message ran in its own child"
