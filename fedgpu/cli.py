@@ -137,7 +137,8 @@ run_config_option = click.option(
 node_options = _options(
     click.option("--node-config", default="", help='More node config for your ClientApp, Flower\'s syntax: \'key=1 name="x"\'.'),
     click.option("--timeout", type=seconds, default=None,
-                 help="Seconds a message's child may run [default: the run's message timeout, less a margin for the reply]."),
+                 help="Seconds a message's child may run [default: the run's message timeout, less a margin for the reply; "
+                      "for an app's messages, 600]."),
 )
 
 
