@@ -60,12 +60,16 @@ class Moment:
 
     def without_children_after(self, server_round: int) -> "Moment":
         """This moment less the message children of rounds after ``server_round``."""
-        later = [p for p in self.processes if p[0] in MESSAGE_CHILDREN and p[1] is not None and p[1] > server_round]
-        if not later:
+        def later(process: tuple[str, int | None, str, float]) -> bool:
+            role, number, _, _ = process
+            return role in MESSAGE_CHILDREN and number is not None and number > server_round
+
+        if not any(later(process) for process in self.processes):
             return self
-        moment = Moment(self.t, self.total - sum(used for *_, used in later), dict(self.per_gpu))
+        moment = Moment(self.t, self.total - sum(process[3] for process in self.processes if later(process)),
+                        dict(self.per_gpu))
         for process in self.processes:
-            if process not in later:
+            if not later(process):
                 moment.add(*process)
         return moment
 
