@@ -109,20 +109,25 @@ task_run_options = _options(
     click.option("--sampled", type=positive, default=None, help="Clients that train in each round [default: server 2; run: 5, at most --nodes]."),
     click.option("--eval-sampled", type=click.IntRange(min=0), default=0, show_default=True, help="Clients that evaluate in each round."),
     click.option("--task", default="digits", show_default=True, help="Task name or package.module:TaskClass."),
-    click.option("--lr", type=positive_number, default=None, help="Learning rate [default: the task's, digits 0.05, the others 0.01]."),
-    click.option("--lr-decay", type=positive_number, default=RunSettings.lr_decay, show_default=True, help="lr of round r = lr * decay^(r-1)."),
+    click.option("--lr", type=positive_number, default=None,
+                 help="Learning rate [default: the task's, digits 0.05, the others 0.01]."),
+    click.option("--lr-decay", type=positive_number, default=RunSettings.lr_decay, show_default=True,
+                 help="lr of round r = lr * decay^(r-1)."),
     click.option("--local-epochs", type=positive, default=None, help="Epochs per round [default: the task's, digits 3, the others 1]."),
     click.option("--batch-size", type=click.IntRange(min=0), default=RunSettings.batch_size, show_default=True, help="0: the task's default."),
     click.option("--partitioner", type=click.Choice(["iid", "dirichlet"]), default="iid", show_default=True),
-    click.option("--alpha", type=positive_number, default=RunSettings.alpha, show_default=True, help="Dirichlet concentration."),
+    click.option("--alpha", type=positive_number, default=RunSettings.alpha, show_default=True,
+                 help="Dirichlet concentration."),
     click.option("--seed", type=int, default=RunSettings.seed, show_default=True),
     click.option("--data-files", default="", help="Local dataset files for tasks that would download (e.g. cifar10)."),
     click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
                  help="A task's own option, e.g. weights=none or partitions=20 (repeatable)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="torch CPU threads per child (0: torch's default)."),
-    click.option("--message-timeout", type=Seconds(MIN_MESSAGE_SECONDS), default=RunSettings.message_timeout, show_default=True,
-                 help=f"Seconds a round waits for replies (at least {MIN_MESSAGE_SECONDS:g}); a message's child may run as long."),
+    click.option("--message-timeout", type=Seconds(MIN_MESSAGE_SECONDS), default=RunSettings.message_timeout,
+                 show_default=True,
+                 help=f"Seconds a round waits for replies (at least {MIN_MESSAGE_SECONDS:g}); "
+                      "a message's child may run as long."),
     click.option("--start-timeout", type=seconds, default=RunSettings.start_timeout, show_default=True,
                  help="Seconds a round waits for enough client nodes before the run fails (exit 3)."),
 )
@@ -137,8 +142,8 @@ run_config_option = click.option(
 node_options = _options(
     click.option("--node-config", default="", help='More node config for your ClientApp, Flower\'s syntax: \'key=1 name="x"\'.'),
     click.option("--timeout", type=seconds, default=None,
-                 help="Seconds a message's child may run [default: the run's message timeout, less a margin for the reply; "
-                      "for an app's messages, 600]."),
+                 help="Seconds a message's child may run [default: the run's message timeout, less a margin "
+                      "for the reply; for an app's messages, 600]."),
 )
 
 

@@ -268,7 +268,8 @@ def summarise(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
             entry["gpu"]["peak_total_per_gpu_mib"] = {
                 index: round(max(m.per_gpu.get(index, 0.0) for m in during), 1) for index in sorted(gpu[0].per_gpu)
             } if during else {}
-        entry["host"] = _peaks(_window(host, start, end)) | _rest(_at_rest(host, end, rest_until, rnd) if end != math.inf else None)
+        host_rest = _at_rest(host, end, rest_until, rnd) if end != math.inf else None
+        entry["host"] = _peaks(_window(host, start, end)) | _rest(host_rest)
         # A child shorter than a sampling interval is seen by its own measurement.
         for source in ("gpu", "host") if gpu else ("host",):
             clients = entry[source]["per_client_peak_mib"]
