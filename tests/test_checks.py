@@ -1,6 +1,10 @@
-"""CheckedStrategy around Flower's own FedAvg: a bad reply is one failure, the rest aggregate."""
+"""CheckedStrategy around Flower's own FedAvg: a bad reply is one failure, the rest aggregate.
+Seconds-valued options: finite and sane, or one line and exit 2 before anything starts."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedgpu.flower import CheckedStrategy
 from fedgpu.flower.failures import Failure
 from fedgpu.flower.transfer import adopt_task_identity, task_identity
+from helpers import FEDGPU
 
 MODEL = {"conv1.weight": np.zeros((4, 1, 3, 3), np.float32), "fc.bias": np.zeros(10, np.float32)}
 
@@ -68,3 +73,40 @@ class _NoGrid:
 
     def get_node_ids(self):
         return [1, 2, 3, 4]
+
+
+CLIENT = ["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2"]
+BAD_SECONDS = [
+    (["run", "2", "2", "1", "1", "--timeout", "nan"], "'--timeout': 'nan' is not a finite number of seconds"),
+    (["run", "2", "2", "1", "1", "--message-timeout", "1e-300"], "'--message-timeout': 1e-300 s is too short: at least 10 s"),
+    (["run", "2", "2", "1", "1", "--message-timeout", "9.5"], "'--message-timeout': 9.5 s is too short: at least 10 s"),
+    (["run", "2", "2", "1", "1", "--start-timeout", "inf"], "'--start-timeout': 'inf' is not a finite number of seconds"),
+    (["run", "2", "2", "1", "1", "--admission-timeout", "0.001"], "'--admission-timeout': 0.001 s is too short: at least 1 s"),
+    (["run", "2", "2", "1", "1", "--timeout", "1e12"], "'--timeout': 1e+12 s is too long: at most 2592000 s (30 days)"),
+    (["run", "2", "2", "1", "1", "--lr", "nan"], "'--lr': 'nan' is not a finite number"),
+    (["server", "--message-timeout", "NaN"], "'--message-timeout': 'NaN' is not a finite number of seconds"),
+    ([*CLIENT, "--timeout", "1e-300"], "'--timeout': 1e-300 s is too short: at least 1 s"),
+    ([*CLIENT, "--max-wait-time", "nan"], "'--max-wait-time': 'nan' is not a finite number of seconds"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_SECONDS, ids=[" ".join(a) for a, _ in BAD_SECONDS])
+def test_a_timeout_that_is_not_a_sane_number_of_seconds_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    run_dir = tmp_path / "run"
+    extra = ["--run-dir", str(run_dir)] if args[0] in ("run", "server") else []
+    done = subprocess.run([str(FEDGPU), *args, *extra, "--check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not run_dir.exists(), "nothing is created for bad input"
+
+
+def test_the_least_sane_timeouts_pass_the_check(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(FEDGPU), "run", "2", "2", "1", "1", "--message-timeout", "10", "--timeout", "1", "--start-timeout", "1",
+         "--admission-timeout", "1", "--run-dir", str(tmp_path / "run"), "--check"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -97,7 +98,7 @@ ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitio
               run_config={"seed": 0})
 replies = [dict(client_app.train(msg, ctx).content["metrics"]) for _ in range(2)]
 print(json.dumps({"host": os.getpid(), "torch": "torch" in sys.modules, "replies": replies,
-                  "state": dict(ctx.state["example"])}))
+                  "state": dict(ctx.state["example"]), "module": client_app.__name__}))
 """
     env = {k: v for k, v in os.environ.items() if k != "FEDGPU_ISOLATED_CALL"}
     done = subprocess.run(
@@ -112,6 +113,9 @@ print(json.dumps({"host": os.getpid(), "torch": "torch" in sys.modules, "replies
     # context.state written in the child came back: the second call saw the first one's count.
     assert [reply["train-calls"] for reply in facts["replies"]] == [1, 2]
     assert facts["state"] == {"train-calls": 2}
+    # The private zygote says what it warmed up with: the decorated functions' module, by its name.
+    ready = [line for line in done.stdout.splitlines() if re.search(r"\[fedgpu\] zygote \d+ ready", line)]
+    assert len(ready) == 1 and ready[0].endswith(f"(warm-ups: {facts['module']})"), done.stdout
 
 
 def test_example_runs_on_flower_deployment_runtime(tmp_path: Path) -> None:

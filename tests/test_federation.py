@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import re
 from pathlib import Path
 
+from fedgpu.tasks.digits import DigitsTask
 from helpers import pid_alive, read_metrics, run_federation
 
 
@@ -29,6 +31,12 @@ def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None
     messages = [m for r in report["rounds"] for m in r["messages"]]
     train = [m for m in messages if m["type"] == "train"]
     assert len(train) == 6
+    # The config as used: where the run left lr, local-epochs and batch-size at 0, the task's defaults, which
+    # the children trained with (lr-decay 1: every round's lr is the base lr).
+    config = report["config"]
+    assert sorted(report["config_from_task_defaults"]) == ["batch-size", "local-epochs", "lr"]
+    assert {(m["lr"], m["local-epochs"]) for m in train} == {(config["lr"], config["local-epochs"])}, (config, train)
+    assert config["batch-size"] == inspect.signature(DigitsTask.__init__).parameters["batch_size"].default
     child_pids = [m["child-pid"] for m in messages]
     node_pids = {m["node-pid"] for m in messages}
     assert len(set(child_pids)) == len(child_pids), "every message ran in its own child"
@@ -70,9 +78,8 @@ def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None
         host = entry["host"]
         assert 0 < host["at_rest_total_mib"] and 0 < host["peak_total_mib"]
         assert set(host["per_client_peak_mib"]) == {"0", "1", "2"}
-        # (A sampling sweep that straddles the next round's first child counts that child at rest: a known
-        # fault of the at-rest choice, to be fixed with the round accounting; not asserted here until then.)
-        assert host["at_rest_by_role_mib"]["client-node"] > 0
+        # At rest: the nodes and the zygote, never a message child (not the next round's first one either).
+        assert host["at_rest_by_role_mib"]["client-node"] > 0 and "client-child" not in host["at_rest_by_role_mib"]
         assert entry["admission"]["waits"] == 0
     with open(run_dir / "memory.csv") as handle:
         roles = {row["role"] for row in csv.DictReader(handle) if row["source"] == "host-process"}

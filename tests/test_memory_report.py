@@ -8,6 +8,7 @@ plot and `fedgpu report` are real.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -18,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from fedgpu.monitor.events import emit, read_events
-from fedgpu.monitor.memory import MemoryMonitor
+from fedgpu.monitor.memory import COLUMNS, MemoryMonitor
 from fedgpu.monitor.plot import write_plot
-from fedgpu.monitor.summary import read_timeline, write_summary
+from fedgpu.monitor.summary import read_timeline, summarise, write_summary
 from fedgpu.nvml.devices import Nvml
 from helpers import FEDGPU
 
@@ -94,6 +95,70 @@ def test_a_node_that_ran_its_work_itself_holds_the_memory_at_rest(fake_gpus, tmp
         node.wait()
     assert (gpu["at_rest_ours_mib"], gpu["at_rest_holders"], gpu["clients_holding_at_rest"]) == (300.0, 1, 1)
     assert gpu["at_rest_by_role_mib"] == {"client-node": 300.0}
+
+
+def _write_host_timeline(run_dir: Path, events: list[dict], samples: dict[float, list[tuple]]) -> None:
+    """A run directory as the monitor leaves it: events.jsonl, and memory.csv's host rows
+    (per sample: (pid, role, client, round, MiB) of each process of ours)."""
+    run_dir.mkdir()
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
+    with open(run_dir / "memory.csv", "w", newline="") as handle:
+        rows = csv.writer(handle)
+        rows.writerow(COLUMNS)
+        for t, processes in samples.items():
+            fields = dict.fromkeys(COLUMNS, "")
+            rows.writerow({**fields, "time": t, "source": "host", "used_mib": sum(p[4] for p in processes)}.values())
+            for pid, role, client, server_round, used in processes:
+                row = {**fields, "time": t, "source": "host-process", "pid": pid, "role": role, "client": client,
+                       "round": server_round, "used_mib": used}
+                rows.writerow(row.values())
+
+
+def _round_events(server_round: int, start: float, child_pid: int) -> list[dict]:
+    """A round of one client-child (client 0) that runs from start+0.1 to start+3; the round ends at start+4."""
+    return [
+        {"t": start, "event": "round-start", "round": server_round},
+        {"t": start + 0.1, "event": "child-start", "pid": child_pid, "role": "client-child", "client": 0,
+         "round": server_round, "message": "train"},
+        {"t": start + 3, "event": "child-end", "pid": child_pid, "role": "client-child", "client": 0,
+         "round": server_round, "message": "train", "rss_peak_mib": 500.0},
+        {"t": start + 4, "event": "round-end", "round": server_round},
+    ]
+
+
+NODE, ZYGOTE = (11, "client-node", "0", "", 100.0), (12, "zygote", "", "", 300.0)
+
+
+def test_at_rest_never_counts_the_next_rounds_first_child(tmp_path: Path) -> None:
+    """Round 2 starts 0.2 s after round 1 ends, within one sampling interval: no sample falls between them,
+    and the first one after has caught round 2's child. At rest after round 1 is the nodes and the zygote."""
+    run_dir = tmp_path / "run"
+    _write_host_timeline(run_dir, _round_events(1, 100.0, 21) + _round_events(2, 104.2, 22), {
+        101.0: [NODE, ZYGOTE, (21, "client-child", "0", 1, 500.0)],
+        105.0: [NODE, ZYGOTE, (22, "client-child", "0", 2, 800.0)],
+        110.0: [NODE, ZYGOTE],
+    })
+    first, second = (entry["host"] for entry in summarise(str(run_dir))["rounds"])
+    assert first["peak_total_mib"] == 900.0
+    assert "client-child" not in first["at_rest_by_role_mib"], first
+    assert first["at_rest_by_role_mib"] == {"client-node": 100.0, "zygote": 300.0}
+    assert (first["at_rest_total_mib"], first["at_rest_ours_mib"], first["at_rest_holders"]) == (400.0, 400.0, 2)
+    assert first["clients_holding_at_rest"] == 1  # through its node
+    assert (second["at_rest_total_mib"], second["at_rest_by_role_mib"]) == (400.0, {"client-node": 100.0, "zygote": 300.0})
+
+
+def test_a_child_still_alive_between_rounds_is_counted_at_rest(tmp_path: Path) -> None:
+    """A message child that outlives its round (its node let it go; it still holds memory) is what at rest is
+    for: only a later round's children are left out."""
+    run_dir = tmp_path / "run"
+    _write_host_timeline(run_dir, _round_events(1, 100.0, 21) + _round_events(2, 106.0, 22), {
+        101.0: [NODE, ZYGOTE, (21, "client-child", "0", 1, 500.0)],
+        105.0: [NODE, ZYGOTE, (21, "client-child", "0", 1, 450.0)],
+        107.0: [NODE, ZYGOTE, (22, "client-child", "0", 2, 800.0)],
+    })
+    first = summarise(str(run_dir))["rounds"][0]["host"]
+    assert first["at_rest_by_role_mib"] == {"client-child": 450.0, "client-node": 100.0, "zygote": 300.0}
+    assert first["at_rest_total_mib"] == 850.0
 
 
 def test_fedgpu_report_prints_one_run_and_two_side_by_side(fake_gpus, tmp_path: Path) -> None:

@@ -86,6 +86,13 @@ class RunRecorder:
         write_atomic(self._metrics_path, _csv_line(METRICS_COLUMNS))
         self._write_report()
 
+    def resolve_defaults(self, task_defaults: dict[str, Any]) -> None:
+        """Report the values a run uses where its config says 0 ("the task's default"), and which those are."""
+        resolved = [key for key, value in task_defaults.items() if key in self.config and not self.config[key]]
+        self.config.update({key: task_defaults[key] for key in resolved})
+        self.report["config_from_task_defaults"] = resolved
+        self._write_report()
+
     def round_started(self, server_round: int) -> None:
         self._round_started = time.monotonic()
         emit("round-start", str(self.run_dir), round=server_round)

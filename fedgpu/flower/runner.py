@@ -45,6 +45,10 @@ FEDGPU_RECORD = "fedgpu"
 # A failure reply must still reach the server before it stops waiting for the message:
 # a tenth of the time, at least enough to stop the child (TERM, grace, KILL) and push.
 REPLY_MARGIN_SECONDS = (5.0, 30.0)
+# The deadline of a message of a run that names no message timeout (a user's app) where the node's --timeout
+# does not say: the TTL such a message has is Flower's default of 12 hours, and a hung ClientApp would hold its
+# node (and a GPU) that long. The same as a task run's --message-timeout.
+APP_MESSAGE_SECONDS = 600.0
 
 
 def message_deadline(message: Message, context: Context, timeout: float | None) -> float:
@@ -52,12 +56,15 @@ def message_deadline(message: Message, context: Context, timeout: float | None) 
 
     What the server waits for a reply (the run's ``message-timeout`` where the
     run says, else what is left of the message's TTL), less a margin for the
-    failure reply to get back in time, and at most the node's ``--timeout``.
-    Whole seconds: a deadline is reported, and counted, as a number.
+    failure reply to get back in time, and at most the node's ``--timeout``
+    (where the run names no message timeout and the node no ``--timeout``,
+    at most ``APP_MESSAGE_SECONDS``). Whole seconds: a deadline is reported,
+    and counted, as a number.
     """
     waits = context.run_config.get("message-timeout")
     if not isinstance(waits, (int, float)) or isinstance(waits, bool) or waits <= 0:
         waits = message.metadata.created_at + message.metadata.ttl - time.time()
+        timeout = APP_MESSAGE_SECONDS if timeout is None else timeout
     low, high = REPLY_MARGIN_SECONDS
     deadline = float(math.floor(waits - min(high, max(low, 0.1 * waits))))
     if timeout is not None:

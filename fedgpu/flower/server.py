@@ -447,6 +447,7 @@ def _run_federation(plan: ServerPlan, say: Callable[..., None], federation: Fede
         say(f"[fedgpu] error: {OutputError(flwr_home, err)}", err=True)
         return 1
     say(f"[fedgpu] run directory {run_dir}", err=True)
+    say(f"[fedgpu] Flower's CLI: FLWR_HOME={flwr_home} flwr ls {CONNECTION} (or: flwr log RUN_ID {CONNECTION} --show)")
 
     def stop(code: int, line: str = "") -> None:
         raise RunStopped(code, line)

@@ -27,7 +27,7 @@ from fedgpu.flower.strategy import ExactFedAvg, TooFewNodes
 from fedgpu.isolation import IsolationError, Isolator
 from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
 from fedgpu.output import OutputError
-from fedgpu.tasks.work import evaluate_global, initial_arrays
+from fedgpu.tasks.work import evaluate_global, initial_model
 
 app = ServerApp()
 
@@ -118,7 +118,9 @@ def _federate(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> Array
                 recorder.server_evaluated(server_round, outcome.value, outcome.seconds)
                 return MetricRecord({"loss": outcome.value["loss"], "accuracy": outcome.value["accuracy"]})
 
-            initial = named_record(in_child(initial_arrays, (work,), 0, "initial").value)
+            arrays, task_defaults = in_child(initial_model, (work,), 0, "initial").value
+            recorder.resolve_defaults(task_defaults)
+            initial = named_record(arrays)
             strategy = CheckedStrategy(ExactFedAvg(settings, recorder))
             result = strategy.start(
                 grid=PromptGrid(grid),  # type: ignore[arg-type]

@@ -4,7 +4,10 @@ run's files alone (``memory.csv`` and ``events.jsonl``).
 A round spans its round-start and round-end events (round-end comes after the
 server's evaluation child is reaped). *At rest* after round r is the last
 sample between round r's end and the first message child of round r+1 (or the
-end of the timeline): every node idle, no message running. Without a GPU the
+end of the timeline): every node idle, no message running. Where no sample
+falls in that gap (the next round started within one sampling interval), the
+first sample after it stands in, less the message children of later rounds it
+caught: a child of the next round is not memory held at rest. Without a GPU the
 same figures are given for host RSS only, and ``note`` says so.
 """
 
@@ -25,6 +28,8 @@ from fedgpu.output import write_json
 
 SUMMARY_FILE = "memory.json"
 NOT_OURS = "other"
+# Roles of the processes that run one message (memory.csv's role column): a round's own work, never at rest.
+MESSAGE_CHILDREN = ("client-child", "server-child")
 
 @dataclass
 class Moment:
@@ -38,6 +43,35 @@ class Moment:
     clients: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     client_holders: set[str] = field(default_factory=set)
     roles: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    # (role, round, client, MiB) of each process of ours sampled: what ``without_children_after`` sorts.
+    processes: list[tuple[str, int | None, str, float]] = field(default_factory=list)
+
+    def add(self, role: str, server_round: int | None, client: str, used: float) -> None:
+        """One process of ours, as memory.csv's row for it says."""
+        self.processes.append((role, server_round, client, used))
+        self.ours += used
+        if used > 0:
+            self.holders += 1
+        self.roles[role] += used
+        if client != "":
+            self.clients[client] += used
+            if used > 0:
+                self.client_holders.add(client)
+
+    def without_children_after(self, server_round: int) -> "Moment":
+        """This moment less the message children of rounds after ``server_round``."""
+        def later(process: tuple[str, int | None, str, float]) -> bool:
+            role, number, _, _ = process
+            return role in MESSAGE_CHILDREN and number is not None and number > server_round
+
+        if not any(later(process) for process in self.processes):
+            return self
+        moment = Moment(self.t, self.total - sum(process[3] for process in self.processes if later(process)),
+                        dict(self.per_gpu))
+        for process in self.processes:
+            if not later(process):
+                moment.add(*process)
+        return moment
 
 
 def read_timeline(run_dir: str, problems: list[str] | None = None) -> tuple[list[Moment], list[Moment]]:
@@ -99,20 +133,21 @@ def read_timeline(run_dir: str, problems: list[str] | None = None) -> tuple[list
             elif source == "host":
                 moment.total = used
             elif role != NOT_OURS:
-                moment.ours += used
-                if used > 0:
-                    moment.holders += 1
-                moment.roles[role] += used
-                if client != "":
-                    moment.clients[client] += used
-                    if used > 0:
-                        moment.client_holders.add(client)
+                moment.add(role, _round_of(row.get("round")), client, used)
     rows += overlong[0]
     skipped += overlong[0]
     if skipped and problems is not None:
         cut = " (the last one cut short: the run was stopped mid-write)" if last_cut else ""
         problems.append(f"{TIMELINE_FILE}: {skipped} of {rows} rows unreadable and skipped{cut}")
     return [gpu[t] for t in sorted(gpu)], [host[t] for t in sorted(host)]
+
+
+def _round_of(value: Any) -> int | None:
+    """memory.csv's round column: a whole number, or None (no round, or not one)."""
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -152,12 +187,14 @@ def _window(moments: list[Moment], start: float, end: float) -> list[Moment]:
     return moments[bisect_left(times, start) : bisect_right(times, end)]
 
 
-def _at_rest(moments: list[Moment], start: float, end: float) -> Moment | None:
+def _at_rest(moments: list[Moment], start: float, end: float, server_round: int) -> Moment | None:
+    """The at-rest moment after ``server_round``: the last sample in [start, end], else the first after
+    ``start``, which (taken once the next round began) is counted without that round's children."""
     inside = _window(moments, start, end)
     if inside:
-        return inside[-1]
-    after = [m for m in moments if m.t >= start]
-    return after[0] if after else None
+        return inside[-1].without_children_after(server_round)
+    after = moments[bisect_left([m.t for m in moments], start):]
+    return after[0].without_children_after(server_round) if after else None
 
 
 def _peaks(moments: list[Moment]) -> dict[str, Any]:
@@ -227,11 +264,12 @@ def summarise(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"round": rnd, "seconds": None if end == math.inf else round(end - start, 3)}
         if gpu:
             during = _window(gpu, start, end)
-            entry["gpu"] = _peaks(during) | _rest(_at_rest(gpu, end, rest_until) if end != math.inf else None)
+            entry["gpu"] = _peaks(during) | _rest(_at_rest(gpu, end, rest_until, rnd) if end != math.inf else None)
             entry["gpu"]["peak_total_per_gpu_mib"] = {
                 index: round(max(m.per_gpu.get(index, 0.0) for m in during), 1) for index in sorted(gpu[0].per_gpu)
             } if during else {}
-        entry["host"] = _peaks(_window(host, start, end)) | _rest(_at_rest(host, end, rest_until) if end != math.inf else None)
+        host_rest = _at_rest(host, end, rest_until, rnd) if end != math.inf else None
+        entry["host"] = _peaks(_window(host, start, end)) | _rest(host_rest)
         # A child shorter than a sampling interval is seen by its own measurement.
         for source in ("gpu", "host") if gpu else ("host",):
             clients = entry[source]["per_client_peak_mib"]
@@ -243,8 +281,8 @@ def summarise(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
 
     before = first_child.get(1, spans.get(1, (math.inf,))[0])
     idle_before = {
-        "gpu": _rest(_at_rest(gpu, -math.inf, before)) if gpu else None,
-        "host": _rest(_at_rest(host, -math.inf, before)),
+        "gpu": _rest(_at_rest(gpu, -math.inf, before, 0)) if gpu else None,
+        "host": _rest(_at_rest(host, -math.inf, before, 0)),
     }
     all_waits = [s for values in waits.values() for s in values]
     no_gpu = monitor.get("no_gpu") if monitor else "no monitor-start event"
@@ -258,7 +296,8 @@ def summarise(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
             "total": "gpu: memory used on the devices by every process; host: RSS summed over the run's processes",
             "ours": "memory of the run's processes (per process: NVML's compute-process list, or RSS)",
             "holders": "the run's processes holding memory (on a GPU: a CUDA context)",
-            "at_rest": "the last sample after the round ended and before the next round's first message child",
+            "at_rest": "the last sample after the round ended and before the next round's first message child "
+                       "(none there: the first sample after, less the next round's children)",
         },
         "before_round_1": idle_before,
         "rounds": rounds,

@@ -46,6 +46,15 @@ def initial_arrays(settings: WorkSettings) -> dict:
     return dict(zip(task.array_keys(model), task.get_arrays(model)))
 
 
+def initial_model(settings: WorkSettings) -> tuple[dict, dict]:
+    """The initial model (as ``initial_arrays``) and the task's own defaults for what a run leaves at 0:
+    ``lr``, ``local-epochs`` and ``batch-size`` (the one the task was built with)."""
+    task, _ = _setup(settings)
+    model = task.build_model()
+    defaults = {"lr": task.default_lr, "local-epochs": task.default_local_epochs, "batch-size": task.batch_size}
+    return dict(zip(task.array_keys(model), task.get_arrays(model))), defaults
+
+
 def _model_with(task: Any, arrays: list, device: str) -> Any:
     model = task.build_model()
     task.set_arrays(model, arrays)

@@ -83,24 +83,25 @@ SINGLE_THREADED_ENV = {
 }
 
 
-def call_warm_up(spec: str) -> None:
-    """Import ``module`` or call ``module:function`` / ``module:function=ARG``.
+def call_warm_up(spec: str) -> bool:
+    """Import ``module`` or call ``module:function`` / ``module:function=ARG``; whether it was done.
 
-    ``?spec``: the same, but a failure is only reported: a warm-up that would be
-    nice to have must not cost the zygote (its children import it themselves).
+    ``?spec``: the same, but a failure is only reported (and False returned): a warm-up
+    that would be nice to have must not cost the zygote (its children import it themselves).
     """
     if spec.startswith("?"):
         try:
-            call_warm_up(spec[1:])
+            return call_warm_up(spec[1:])
         except Exception as err:  # noqa: BLE001 - optional by request
             print(f"[fedgpu] zygote: optional warm-up {spec[1:]} failed, skipped: {err!r}", file=sys.stderr, flush=True)
-        return
+        return False
     ref, _, arg = spec.partition("=")
     module_name, _, function_name = ref.partition(":")
     module = importlib.import_module(module_name)
     if function_name:
         function = getattr(module, function_name)
         function(arg) if arg else function()
+    return True
 
 
 def native_threads() -> list[str]:
@@ -683,8 +684,8 @@ def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> No
         die_with_parent(parent_pid, signal.SIGTERM)
     prepare_directory(directory)
     started = time.perf_counter()
-    for spec in warm_ups:
-        call_warm_up(spec)
+    # What the ready line lists: the warm-ups done, by name (an optional one's "?" is no part of it).
+    warmed = [spec.lstrip("?") for spec in warm_ups if call_warm_up(spec)]
     assert_fork_safe()
     # Every object alive now is shared with the children copy-on-write. A
     # collection in a child would write to each object's header and copy
@@ -703,7 +704,7 @@ def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> No
         os.rename(ready + ".tmp", ready)  # callers never see a half-written file
         print(
             f"[fedgpu] zygote {os.getpid()} ready in {time.perf_counter() - started:.1f} s "
-            f"at {directory} (warm-ups: {', '.join(warm_ups) or 'none'})",
+            f"at {directory} (warm-ups: {', '.join(warmed) or 'none'})",
             flush=True,
         )
         if primers:

@@ -1,0 +1,1 @@
+"""A NumPy-only Flower app whose ClientApp hangs on one node."""
