@@ -50,7 +50,8 @@ def app_report(run_dir: str, flower_status: str, app: dict[str, Any], run_config
     rounds: dict[Any, dict[str, Any]] = {}
 
     def entry_of(number: Any) -> dict[str, Any]:
-        return rounds.setdefault(number, {"round": number, "messages": [], "failed_messages": [], "sent": defaultdict(int)})
+        empty = {"round": number, "messages": [], "failed_messages": [], "sent": defaultdict(int)}
+        return rounds.setdefault(number, empty)
 
     events = read_events(run_dir)
     for event in events:
@@ -77,7 +78,7 @@ def app_report(run_dir: str, flower_status: str, app: dict[str, Any], run_config
         elif kind == "app-initial" and isinstance(event.get("metrics"), dict):
             report["initial"] = event["metrics"]
         elif kind == "serverapp-failed" and "failure" not in report:
-            report["failure"] = {key: event.get(key) for key in ("kind", "detail", "round") if event.get(key) is not None}
+            report["failure"] = {key: event[key] for key in ("kind", "detail", "round") if event.get(key) is not None}
     ordered = sorted(rounds.values(), key=lambda e: (e["round"] is None, e["round"] if isinstance(e["round"], int) else 0))
     for entry in ordered:
         entry["sent"] = dict(entry["sent"])
@@ -103,7 +104,7 @@ def _reject(entry: dict[str, Any], event: dict[str, Any]) -> None:
             del entry["messages"][i]
             break
     client = event.get("client") or ""
-    failure = {"type": kind, "node_id": node_id, "client": client, "kind": event.get("kind"), "detail": event.get("detail"),
-               "round": entry["round"]}
+    failure = {"type": kind, "node_id": node_id, "client": client, "kind": event.get("kind"),
+               "detail": event.get("detail"), "round": entry["round"]}
     who = f" (client {client})" if client else f" (node {node_id})"
     entry["failed_messages"].append({**failure, "error": f"{failure['kind']}: {failure['detail']}{who}"})

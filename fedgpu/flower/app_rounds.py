@@ -117,6 +117,7 @@ class AppRounds:
         self.initial: dict[str, Any] | None = None
         self.history: Any = None  # a legacy workflow's History, read as each round ends
         self.failure: dict[str, Any] | None = None
+        self.in_strategy = False  # inside Strategy.start: a strategy started within it is not recorded again
         self._sent: dict[str, int] = {}  # message id -> its round
         self._columns: list[str] = []
         self._broken = False  # an output could not be written: record no more, say it once
@@ -214,7 +215,7 @@ class AppRounds:
             self.current.results = max(0, self.current.results - 1)
 
     def failed(self, kind: str, detail: str) -> None:
-        """The ServerApp ends with an error: the first reason given is kept (report.json says it)."""
+        """The app's strategy failed the run: the first reason given is kept (report.json says it)."""
         if self.failure is not None:
             return
         self.failure = {"kind": kind, "detail": detail}
@@ -266,7 +267,8 @@ class AppRounds:
                 ordered = sorted(known + wider, key=lambda key: next(
                     (i for i, source in enumerate(SOURCES) if key.startswith(source + "_")), len(SOURCES)))
                 self._columns = [*FIRST_COLUMNS, *ordered, *LAST_COLUMNS]
-                lines = [_csv_line(self._columns)] + [_csv_line([r.get(c, "") for c in self._columns]) for r in self.rows]
+                lines = [_csv_line(self._columns)]
+                lines += [_csv_line([r.get(c, "") for c in self._columns]) for r in self.rows]
                 write_atomic(path, "".join(lines))
             else:
                 append_line(path, _csv_line([row.get(column, "") for column in self._columns]))
@@ -331,7 +333,9 @@ def _csv_line(values: Iterable[Any]) -> str:
     return line.getvalue()
 
 
-def diagnose_replies(replies: list[Message], model: ArrayRecord | None, weighted_by_key: str) -> list[tuple[Message, str]]:
+def diagnose_replies(
+    replies: list[Message], model: ArrayRecord | None, weighted_by_key: str
+) -> list[tuple[Message, str]]:
     """The replies that fedgpu's reply check finds wrong, each with what is wrong (``checks.check_reply``)."""
     bad = []
     for reply in replies:

@@ -552,12 +552,7 @@ def _record_server_app(server_app_class: type, run_dir: str, log: Callable[[str]
         _watch_grid(grid, rounds, log)
         try:
             return call(self, grid, context)
-        except BaseException as err:
-            kind = "stopped" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "ServerApp raised"
-            first = str(err).splitlines()[0] if str(err) else ""
-            _tell(log, rounds.failed, kind, f"the ServerApp raised {type(err).__name__}: {first}".rstrip(": "))
-            raise
-        finally:
+        finally:  # the round that was running when the app returned, or raised, is still a row
             _tell(log, rounds.close)
             _app_rounds = None
 
@@ -596,7 +591,7 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
 
     def start_and_record(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         rounds = _app_rounds
-        if rounds is None or getattr(rounds, "in_strategy", False):
+        if rounds is None or rounds.in_strategy:
             return start(self, *args, **kwargs)  # not a user's app, or a strategy started inside another's start
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
@@ -608,12 +603,12 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
         def configure_train(server_round, arrays, config, grid):  # noqa: ANN001, ANN202
             _tell(log, rounds.begin, server_round)
             model[server_round] = arrays
-            return strategy_class_call("configure_train", server_round, arrays, config, grid)
+            return strategy_call("configure_train", server_round, arrays, config, grid)
 
         def aggregate(kind: str, name: str, server_round: int, replies: Any) -> Any:
             replies = list(replies)
             try:
-                return strategy_class_call(name, server_round, replies)
+                return strategy_call(name, server_round, replies)
             except Exception as err:
                 _tell(log, name_bad_replies, kind, name, server_round, replies, model.get(server_round), err)
                 raise
@@ -640,7 +635,7 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
             bad = diagnose_replies(replies, arrays if kind == "train" else None, weighted_by)
             for reply, problem in bad:
                 rounds.rejected(server_round, kind, reply, client_of(reply), problem)
-            first = str(err).splitlines()[0] if str(err) else ""
+            first = str(err).strip().splitlines()[0].strip() if str(err).strip() else ""
             detail = f"round {server_round}: {type(self).__name__}.{name} raised {type(err).__name__}: {first}"
             if bad:
                 who = ", ".join(f"client {client_of(r)}" if client_of(r) else f"node {r.metadata.src_node_id}"
@@ -651,10 +646,10 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
             rounds.failed("aggregation failed", detail)
             rounds.say(f"[fedgpu] {detail}")
 
-        originals = {name: getattr(type(self), name) for name in ("configure_train", "aggregate_train", "aggregate_evaluate")}
+        originals = {name: getattr(self, name) for name in ("configure_train", "aggregate_train", "aggregate_evaluate")}
 
-        def strategy_class_call(name: str, *call_args: Any) -> Any:
-            return originals[name](self, *call_args)
+        def strategy_call(name: str, *call_args: Any) -> Any:
+            return originals[name](*call_args)
 
         ours = {"configure_train": configure_train, "aggregate_train": aggregate_train,
                 "aggregate_evaluate": aggregate_evaluate}
