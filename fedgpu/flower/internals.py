@@ -517,14 +517,18 @@ def record_app_rounds(log: Callable[[str], None]) -> bool:
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import Strategy
 
-    problems = app_rounds_contract()
+    try:
+        problems = app_rounds_contract()
+        if not problems:
+            _record_legacy_workflow(DefaultWorkflow, log)
+            _record_strategy(Strategy, log)
+            _record_server_app(ServerApp, run_dir, log)  # last: the others do nothing without it
+    except Exception as err:  # noqa: BLE001 - never the app's problem
+        problems = [f"{type(err).__name__}: {err}"]
     if problems:
         log(f"flwr {flwr.__version__}: the ServerApp is not the one fedgpu records ({'; '.join(problems)}); "
             "no metrics.csv or round lines for this app")
         return False
-    _record_server_app(ServerApp, run_dir, log)
-    _record_strategy(Strategy, log)
-    _record_legacy_workflow(DefaultWorkflow, log)
     return True
 
 
@@ -646,7 +650,8 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
             rounds.failed("aggregation failed", detail)
             rounds.say(f"[fedgpu] {detail}")
 
-        originals = {name: getattr(self, name) for name in ("configure_train", "aggregate_train", "aggregate_evaluate")}
+        hooked = ("configure_train", "aggregate_train", "aggregate_evaluate")
+        originals = {name: getattr(self, name) for name in hooked}
 
         def strategy_call(name: str, *call_args: Any) -> Any:
             return originals[name](*call_args)
