@@ -25,8 +25,8 @@ WHAT = {
     "rounds": "Flower's server rounds. Each message is counted in the round its message names (config "
               "'server-round', or a legacy workflow's group_id)",
     "round_seconds": "the ServerApp's round as Flower counts it: from the round's start (Strategy.start begins it; "
-                     "other workflows: its first message) to its end (its central evaluation done, else the next "
-                     "round's start or the strategy's return)",
+                     "other workflows: its first message) to its last step (Strategy.start: its central evaluation; "
+                     "DefaultWorkflow: its evaluate stage; else the next round's start or the ServerApp's return)",
     "metrics": "what the app's strategy aggregated: train_<key> from the train replies, evaluate_<key> from the "
                "evaluate replies, server_<key> from the central evaluation (a legacy workflow's History alike); "
                "as in metrics.csv",

@@ -14,12 +14,12 @@ through ``serverapp_main``) and tells one :class:`AppRounds` what happens:
 * the arrays the strategy returns, saved as ``model.npz``.
 
 A round is Flower's server round. It starts when Flower's ``Strategy.start``
-begins it (other workflows: when its first message is pushed) and ends when
-the next one starts or the strategy or workflow returns (``Strategy.start``
-with an ``evaluate_fn``: once the round's central evaluation returned).
-``round_seconds`` is that span: node sampling, every message of the round,
-aggregation and central evaluation. fedgpu's memory rows use the same span
-(the ``round-start``/``round-end`` events).
+begins it (other workflows: when its first message is pushed) and ends with
+its last step: ``Strategy.start``'s central evaluation, a ``DefaultWorkflow``'s
+evaluate stage; else when the next round starts or the strategy, workflow or
+ServerApp returns. ``round_seconds`` is that span: node sampling, every
+message of the round, aggregation and central evaluation. fedgpu's memory
+rows use the same span (the ``round-start``/``round-end`` events).
 
 metrics.csv has one row per round, as it ends: ``round``, then the app's own
 metric keys prefixed by where they come from (``train_<key>``: aggregated

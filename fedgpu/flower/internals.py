@@ -693,7 +693,17 @@ def _record_legacy_workflow(workflow_class: type, log: Callable[[str], None]) ->
         planned = getattr(getattr(context, "config", None), "num_rounds", None)
         if isinstance(planned, int):
             rounds.num_rounds = planned
-        outcome = call(self, grid, context)
+        evaluate_workflow = self.evaluate_workflow
+
+        def evaluate_then_end(grid, context):  # noqa: ANN001, ANN202 - Flower's Workflow
+            evaluate_workflow(grid, context)
+            _tell(log, rounds.end)  # a legacy round's last step: its History is complete
+
+        self.evaluate_workflow = evaluate_then_end
+        try:
+            outcome = call(self, grid, context)
+        finally:
+            self.evaluate_workflow = evaluate_workflow
         _tell(log, rounds.end)
         _tell(log, rounds.model, context.state.array_records.get(MAIN_PARAMS_RECORD))
         return outcome
