@@ -92,7 +92,6 @@ def _figure(value: Any) -> str:
 class _Round:
     number: int
     started: float  # time.monotonic()
-    at: float  # time.time(), for the events
     metrics: dict[str, Any] = field(default_factory=dict)
     results: int = 0
     failed: list[str] = field(default_factory=list)  # the kind of each failure
@@ -131,7 +130,7 @@ class AppRounds:
         self.end()
         if self.initial is None:
             self._initial_from_history()
-        self.current = _Round(number, time.monotonic(), time.time())
+        self.current = _Round(number, time.monotonic())
         emit("round-start", str(self.run_dir), round=number)
 
     def end(self) -> None:
