@@ -125,6 +125,30 @@ def test_metrics_csv_widens_when_a_later_round_reports_a_new_key(tmp_path: Path)
     assert said[2].startswith("[fedgpu] round 2/2: train loss 0.25 | server accuracy 0.75 | 0 results, 0 failures | ")
 
 
+def test_the_replies_stock_fedavg_cannot_aggregate_are_named_with_what_is_wrong(a_run_identity: None) -> None:
+    """Both ways Flower's FedAvg fails a round: an extra array (InconsistentMessageReplies), a shape (ValueError)."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.exception import InconsistentMessageReplies
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedgpu.flower.app_rounds import diagnose_replies
+
+    def reply(node: int, arrays: dict) -> Message:
+        instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+        record = ArrayRecord({name: Array(value) for name, value in arrays.items()})
+        return Message(RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 10})}),
+                       reply_to=instruction)
+
+    model = ArrayRecord({"w": Array(np.zeros(2))})
+    good = reply(1, {"w": np.ones(2)})
+    extra, shape = reply(2, {"w": np.ones(2), "b": np.ones(1)}), reply(3, {"w": np.ones(3)})
+    for bad, error, problem in ((extra, InconsistentMessageReplies, "2 arrays, expected 1: unexpected array 'b'"),
+                                (shape, ValueError, "array 'w' has shape (3,), expected (2,)")):
+        with pytest.raises(error):  # what the app's own strategy does with them
+            FedAvg().aggregate_train(1, [good, bad])
+        assert diagnose_replies([good, bad], model, "num-examples") == [(bad, problem)]
+
+
 def test_the_flower_hooked_is_the_one_installed_and_hooking_it_imports_no_torch() -> None:
     """The contract of fedgpu.flower.internals' ServerApp hooks; another Flower fails here, not in a user's run."""
     code = ("import sys\nfrom fedgpu.flower.internals import app_rounds_contract\n"
