@@ -15,6 +15,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import (
@@ -25,6 +26,7 @@ from helpers import (
     kill_leftovers,
     kill_processes_with_env,
     processes_with_env,
+    read_metrics,
     run_federation_command,
     wait_for,
 )
@@ -67,6 +69,21 @@ def test_flowers_quickstart_runs_unchanged_every_message_isolated(tmp_path: Path
     summary = json.loads((run_dir / "memory.json").read_text())
     assert [entry["round"] for entry in summary["rounds"]] == [1, 2]  # rounds found from the children alone
     assert "[fedgpu] failures: none of" in output, output
+    # What the app's FedAvg aggregated, per round, under the app's own metric keys (and its central evaluation).
+    rows = read_metrics(run_dir)
+    assert [row["round"] for row in rows] == ["1", "2"], rows
+    assert list(rows[0]) == ["round", "train_train_loss", "evaluate_eval_loss", "evaluate_eval_acc", "server_accuracy",
+                             "server_loss", "results", "failures", "round_seconds", "failure_reasons"], rows[0]
+    # FedAvg: every node trains (fraction-train 1.0), two evaluate (fraction-evaluate 0.5, at least 2).
+    assert all((row["results"], row["failures"]) == ("5", "0") and float(row["round_seconds"]) > 0 for row in rows), rows
+    assert [entry["metrics"]["server_accuracy"] for entry in rounds] == [float(row["server_accuracy"]) for row in rows]
+    assert "[fedgpu] initial model: server accuracy " in output, output
+    for number in (1, 2):
+        assert re.search(rf"\[fedgpu\] round {number}/2: train train_loss \S+ \| evaluate eval_loss \S+, eval_acc \S+ "
+                         r"\| server accuracy \S+, loss \S+ \| 5 results, 0 failures \| \S+ s", output), output
+    # The strategy's final arrays, under the model's own names.
+    with np.load(run_dir / "model.npz") as model:
+        assert model.files[:2] == ["conv1.weight", "conv1.bias"] and model["fc3.bias"].shape == (10,), model.files
     # The zygote warmed up with the app's own ClientApp module.
     assert "pytorchexample.client_app" in (run_dir / "zygote.log").read_text()
 

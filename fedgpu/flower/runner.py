@@ -32,6 +32,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from fedgpu.flower.app_rounds import server_round_of
 from fedgpu.flower.children import placer_for, run_child
 from fedgpu.flower.failures import Failure
 from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
@@ -240,11 +241,9 @@ class TaskRunner:
 
 def _who(message: Message, context: Context) -> dict:
     """Client, round and message type of a task, as the memory monitor maps pids."""
-    config = message.content.config_records.get("config")
-    server_round = config.get("server-round") if config is not None else None
     return {
         "client": context.node_config.get("partition-id", ""),
-        "round": server_round if isinstance(server_round, int) else None,
+        "round": server_round_of(message),  # Flower's server round, whatever the workflow
         "message": message.metadata.message_type,
     }
 

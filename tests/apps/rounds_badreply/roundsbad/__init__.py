@@ -1,0 +1,1 @@
+"""roundsbad: a wrongly shaped reply under the app's own FedAvg."""

@@ -1,0 +1,1 @@
+"""roundsmulti: several messages per round."""

@@ -1,0 +1,1 @@
+"""roundssecagg: Flower's SecAgg+ pattern on a NumPy model."""
