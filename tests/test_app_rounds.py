@@ -233,3 +233,31 @@ def test_a_bad_reply_under_stock_fedavg_is_named_with_its_client_and_reason(
     assert [m["client"] for m in entry["messages"]] == ["0"], entry["messages"]
     (row,) = read_metrics(run_dir)
     assert (row["results"], row["failures"], row["failure_reasons"]) == ("1", "1", "bad reply x1"), row
+
+
+def test_a_server_fn_apps_history_gives_its_rounds_metrics(tmp_path: Path) -> None:
+    """A legacy app built with ``ServerApp(server_fn=...)``: Flower's ``Server.fit`` keeps its metrics in a
+    History it makes itself; the hook installed in the ServerApp process finds it (in a fresh process:
+    the hooks patch Flower's classes)."""
+    script = f"""
+import os, sys
+os.environ["FEDGPU_RUN_DIR"] = {str(tmp_path)!r}
+from fedgpu.flower import internals
+from fedgpu.flower.app_rounds import AppRounds
+assert internals.record_app_rounds(print)
+from flwr.server import History
+rounds = internals._app_rounds = AppRounds({str(tmp_path)!r}, 1, say=print)
+history = History()  # as Server.fit makes it
+assert rounds.history is history
+rounds.begin(1)
+history.add_loss_distributed(server_round=1, loss=0.25)
+history.add_metrics_distributed_fit(server_round=1, metrics={{"mse": 0.5}})
+rounds.end()
+History()  # a second one (another fit) is not taken instead
+assert rounds.history is history
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "[fedgpu] round 1/1" in done.stdout, done.stdout
+    rows = read_metrics(tmp_path)
+    assert [(row["round"], row["train_mse"], row["evaluate_loss"]) for row in rows] == [("1", "0.5", "0.25")]

@@ -471,7 +471,6 @@ def superlink_main(argv: list[str]) -> None:
     superlink_cli.flower_superlink()
 
 
-
 # -- a user's app, packaged as `flwr run` packages it ------------------------------------------
 
 
@@ -532,6 +531,7 @@ def record_app_rounds(log: Callable[[str], None]) -> bool:
     if not run_dir:
         return False
     import flwr
+    from flwr.server import History
     from flwr.server.workflow import DefaultWorkflow
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import Strategy
@@ -540,6 +540,7 @@ def record_app_rounds(log: Callable[[str], None]) -> bool:
         problems = app_rounds_contract()
         if not problems:
             _record_legacy_workflow(DefaultWorkflow, log)
+            _record_legacy_history(History)
             _record_strategy(Strategy, log)
             _record_server_app(ServerApp, run_dir, log)  # last: the others do nothing without it
     except Exception as err:  # noqa: BLE001 - never the app's problem
@@ -728,6 +729,20 @@ def _record_legacy_workflow(workflow_class: type, log: Callable[[str], None]) ->
         return outcome
 
     workflow_class.__call__ = call_and_record
+
+
+def _record_legacy_history(history_class: type) -> None:
+    """A legacy ServerApp built with ``server_fn`` keeps its rounds' metrics in a History that Flower's
+    ``Server.fit`` makes for itself: the first one made while a user's app runs is the one read."""
+    make = history_class.__init__
+
+    def make_and_record(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        make(self, *args, **kwargs)
+        rounds = _app_rounds
+        if rounds is not None and rounds.history is None:
+            rounds.history = self
+
+    history_class.__init__ = make_and_record
 
 
 if __name__ == "__main__":
