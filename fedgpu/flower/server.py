@@ -568,7 +568,8 @@ def _run_federation(plan: ServerPlan, say: Callable[..., None], federation: Fede
         if lines and not any(RUN_FAILED_MARK in line for line in federation.tail):
             say(f"[fedgpu] the ServerApp failed: {reason} (see {run_dir / 'serverapp.log'})")
     if plan.run is None:
-        _write_app_report(plan, status, say, reason=failed_line or reason, stopped_by=stopped_by)
+        _write_app_report(plan, status, say, reason=failed_line or reason, stopped_by=stopped_by,
+                          failure_kind="run failed" if failed_line else "ServerApp failed")
     elif stopped_by or failed_line:
         _mark_ended(run_dir, say, stopped_by=stopped_by, reason=failed_line)
     report = _read_report(run_dir)
@@ -632,7 +633,7 @@ def _mark_ended(run_dir: Path, say: Callable[..., None], *, stopped_by: str = ""
 
 
 def _write_app_report(plan: ServerPlan, status: str, say: Callable[..., None], *, reason: str = "",
-                      stopped_by: str = "") -> None:
+                      failure_kind: str = "run failed", stopped_by: str = "") -> None:
     """report.json of a user's app: Flower's status, why it failed or what stopped it, what the nodes said of every message."""
     from fedgpu.flower.app_report import app_report
     from fedgpu.output import write_json
@@ -647,7 +648,7 @@ def _write_app_report(plan: ServerPlan, status: str, say: Callable[..., None], *
         report["stopped_by"] = stopped_by
     elif report["status"] != "completed":
         report["status"] = "failed"  # "unknown" too: the run never finished
-        report["failure"] = {"kind": "run failed", "detail": reason or f"Flower's status: {status}"}
+        report["failure"] = {"kind": failure_kind, "detail": reason or f"Flower's status: {status}"}
     try:
         write_json(plan.run_dir / "report.json", report, default=str)
     except OutputError as err:
