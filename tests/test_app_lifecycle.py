@@ -59,6 +59,23 @@ def test_ten_nodes_are_all_up_before_round_1_and_one_failing_node_is_said_in_one
     assert "fedgpu-failure:" in (run_dir / "serverapp.log").read_text()
 
 
+def test_a_server_whose_nodes_never_register_submits_nothing_and_exits_3(tmp_path: Path) -> None:
+    """`fedgpu server --wait-nodes 2` with no node at all: one line after --start-timeout, no run submitted."""
+    run_dir, port = tmp_path / "run", free_port()
+    done = subprocess.run(
+        [str(FEDGPU), "server", "--app", str(APP), "--wait-nodes", "2", "--start-timeout", "5", "--port", str(port),
+         "--run-dir", str(run_dir)],
+        env={**os.environ, "FEDGPU_RUN_DIR": str(run_dir)}, capture_output=True, text=True, timeout=240,
+    )
+    left = kill_leftovers(run_dir)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert console_lines(done.stdout, "[fedgpu] run failed:") == [
+        "[fedgpu] run failed: only 0 of 2 client nodes registered within 5 s"], done.stdout
+    assert not (run_dir / "serverapp.log").exists()  # `flwr run` never ran
+    assert json.loads((run_dir / "report.json").read_text())["failure"]["detail"].startswith("only 0 of 2")
+    assert not left, left
+
+
 def test_a_run_whose_every_message_failed_exits_4_with_the_summary(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output = fedgpu_run(run_dir, "--nodes", "2", "--run-config", "fail-partition=-2 num-server-rounds=1")
