@@ -182,7 +182,8 @@ def run(**options: Any) -> None:
 @task_run_options
 @run_timeout_option
 @click.option("--wait-nodes", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Submit the run once this many client nodes are registered (0: at once); exit 3 after --start-timeout.")
+              help="Submit the run once this many client nodes are registered (0: at once); "
+                   "exit 3 after --start-timeout.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True, help="SuperLink port (Fleet, Control, Runtime APIs).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Output directory [default: runs/<timestamp>].")

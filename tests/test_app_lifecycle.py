@@ -162,13 +162,14 @@ def test_a_run_directory_that_cannot_grow_is_named_on_the_console(tmp_path: Path
     assert "Traceback" not in output, output
 
 
-@pytest.mark.parametrize("value, problem", [("nan", "nan is not a finite number of seconds"),
-                                            ("inf", "inf is not a finite number of seconds"),
-                                            ("0", "0.0 is not in the range x>0"), ("-3", "-3.0 is not in the range x>0")])
-def test_a_run_timeout_that_is_not_a_finite_positive_number_is_refused(tmp_path: Path, value: str, problem: str) -> None:
+@pytest.mark.parametrize("value, problem", [
+    ("nan", "nan is not a finite number of seconds"), ("inf", "inf is not a finite number of seconds"),
+    ("0", "0.0 is not in the range x>0"), ("-3", "-3.0 is not in the range x>0"),
+])
+def test_a_run_timeout_not_finite_and_positive_is_refused(tmp_path: Path, value: str, problem: str) -> None:
     for command in (["run", str(APP)], ["server", "--app", str(APP)]):
-        done = subprocess.run([str(FEDGPU), *command, "--run-timeout", value, "--check", "--run-dir", str(tmp_path / "r")],
-                              capture_output=True, text=True, timeout=120)
+        argv = [str(FEDGPU), *command, "--run-timeout", value, "--check", "--run-dir", str(tmp_path / "r")]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, done
         (line,) = done.stderr.splitlines()
         assert line.startswith("fedgpu: error: Invalid value for '--run-timeout': ") and problem in line, line

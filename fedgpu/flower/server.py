@@ -35,7 +35,7 @@ RUN_STARTED_MARK = "Successfully started run"  # what `flwr run` prints once the
 COMPLETED = "finished:completed"
 RUN_FAILED_MARK = "[fedgpu] run failed: "  # how a ServerApp of ours says why, on the launcher's console
 TAIL_LINES = 400  # of the ServerApp's output, kept to show why it failed
-NODE_LIST_SECONDS = 1.0  # between two counts of the registered client nodes (each `flwr supernode list` costs ~1 s of CPU)
+NODE_LIST_SECONDS = 1.0  # between two counts of the registered nodes (a `flwr supernode list` costs ~1 s of CPU)
 
 # Exit codes of `fedgpu server` (and so of `fedgpu run`); docs/cli.md lists them.
 EXIT_FAILED = 1
@@ -634,7 +634,7 @@ def _mark_ended(run_dir: Path, say: Callable[..., None], *, stopped_by: str = ""
 
 def _write_app_report(plan: ServerPlan, status: str, say: Callable[..., None], *, reason: str = "",
                       failure_kind: str = "run failed", stopped_by: str = "") -> None:
-    """report.json of a user's app: Flower's status, why it failed or what stopped it, what the nodes said of every message."""
+    """report.json of a user's app: Flower's status, why it failed or what stopped it, what became of every message."""
     from fedgpu.flower.app_report import app_report
     from fedgpu.output import write_json
 

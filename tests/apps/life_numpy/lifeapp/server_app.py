@@ -20,7 +20,8 @@ def main(grid: Grid, context: Context) -> None:
         while True:  # a ServerApp that never returns
             time.sleep(1)
     minimum = int(config["min-nodes"])
-    strategy = FedAvg(fraction_train=float(config["fraction-train"]), fraction_evaluate=float(config["fraction-evaluate"]),
+    strategy = FedAvg(fraction_train=float(config["fraction-train"]),
+                      fraction_evaluate=float(config["fraction-evaluate"]),
                       min_train_nodes=minimum, min_evaluate_nodes=minimum, min_available_nodes=minimum)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord([np.zeros(4)]),
                             num_rounds=int(config["num-server-rounds"]))
