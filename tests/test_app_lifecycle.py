@@ -89,7 +89,7 @@ def test_one_node_for_a_strategy_that_waits_for_two_ends_the_run_with_exit_3(tmp
     """FedAvg's default minimum is 2 nodes; with one started, Flower would wait for ever."""
     run_dir = tmp_path / "run"
     code, output = fedgpu_run(run_dir, "--nodes", "1", "--start-timeout", "15", "--run-config", "min-nodes=2",
-                                 timeout=240)
+                              timeout=240)
     assert code == 3, output
     (line,) = console_lines(output, "[fedgpu] run failed:")
     assert "waits for more client nodes than the 1 connected" in line and "give --nodes N, or lower its minimum" in line
@@ -131,7 +131,7 @@ def test_a_server_app_that_raises_leaves_its_error_in_report_json(tmp_path: Path
 def test_a_server_app_that_never_returns_is_ended_by_the_run_timeout(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output = fedgpu_run(run_dir, "--nodes", "1", "--run-timeout", "10", "--run-config", 'server-mode="hang"',
-                                 timeout=240)
+                              timeout=240)
     assert code == 5, output
     assert console_lines(output, "[fedgpu] run failed:") == [
         "[fedgpu] run failed: the run took longer than --run-timeout 10 s; stopped"], output
@@ -147,7 +147,7 @@ def _small_files() -> None:
 def test_a_run_directory_that_cannot_grow_is_named_on_the_console(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     try:
-        done = subprocess.run([str(FEDGPU), "run", str(APP), "--nodes", "2", "--run-config", "num-server-rounds=100",
+        done = subprocess.run([str(FEDGPU), "run", str(APP), "--nodes", "2", "--run-config", "num-server-rounds=1000",
                                "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=300,
                               preexec_fn=_small_files)
     finally:
