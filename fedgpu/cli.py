@@ -138,6 +138,13 @@ run_config_option = click.option(
     help="Override the app's run config, as `flwr run --run-config` takes it (repeatable).",
 )
 
+
+# `fedgpu run` and `fedgpu server`: a ServerApp that never returns is ended.
+run_timeout_option = click.option(
+    "--run-timeout", type=seconds, default=None,
+    help="Seconds the run may take once submitted; then it is stopped (exit 5) [default: none, no limit].",
+)
+
 # What every client node takes from its launcher: `fedgpu client` and `fedgpu run`.
 node_options = _options(
     click.option("--node-config", default="", help='More node config for your ClientApp, Flower\'s syntax: \'key=1 name="x"\'.'),
@@ -180,6 +187,7 @@ def cli() -> None:
               help="Client nodes to start (CLIENTS) [default: the app's options.num-supernodes, else 10].")
 @run_config_option
 @task_run_options
+@run_timeout_option
 @node_options
 @click.option("--isolation", type=click.Choice(["zygote", "spawn"]), default="zygote",
               help="zygote: one warm process forks each message's child; spawn: a fresh interpreter each.")
@@ -221,6 +229,10 @@ def run(**options: Any) -> None:
 @click.option("--app", "app_dir", type=click.Path(), default=None, help="A Flower app directory to run instead of a fedgpu task.")
 @run_config_option
 @task_run_options
+@run_timeout_option
+@click.option("--wait-nodes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Submit the run once this many client nodes are registered (0: at once); "
+                   "exit 3 after --start-timeout.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True, help="SuperLink port (Fleet, Control, Runtime APIs).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Output directory [default: runs/<timestamp>].")

@@ -24,8 +24,10 @@ from typing import Any, Callable
 from fedgpu.isolation.procs import group_alive, signal_group
 
 GRACE_SECONDS = 5.0
+SERVER_GRACE_SECONDS = 8.0  # the server writes the reports of a stopped run (memory.png too) before it exits
 READY_TIMEOUT_SECONDS = 120.0
 WATCH_SECONDS = 0.5
+WATCH_MARGIN_SECONDS = 30.0  # past --start-timeout, before the launcher itself gives up on unregistered nodes
 WAVE_PER_CORE = 4  # nodes started at once per core, each wave registered before the next
 REGISTERED_MARK = "SuperNode ID"  # Flower's SuperNode logs this once its SuperLink accepted it
 
@@ -101,10 +103,12 @@ class Launcher:
         """Start everything, wait for the server, stop everything; the exit code."""
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
+        received = signal.SIGTERM  # what the server is stopped with: the signal we got, so that its report names it
         try:
             return self._run()
         except Stopping as stopped:
             self.warn(f"{self.plan.prog}: {stopped} received, stopping the federation")
+            received = stopped.signum
             return 128 + stopped.signum
         except RunEnded as ended:
             self.warn(f"{self.plan.prog}: {ended.line}")
@@ -112,7 +116,7 @@ class Launcher:
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_IGN)  # the clean-up itself is not interrupted
-            self.stop_all()
+            self.stop_all(server_signal=received)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         raise Stopping(signum)
@@ -252,7 +256,8 @@ class Launcher:
             if waiting_for_nodes and plan.start_timeout is not None:
                 registered = sum(self.registered(i) for i in range(plan.nodes))
                 waiting_for_nodes = registered < plan.nodes
-                if waiting_for_nodes and time.monotonic() - started > plan.start_timeout:
+                # The server says it first (it counts the nodes on the SuperLink); this is for a server that cannot.
+                if waiting_for_nodes and time.monotonic() - started > plan.start_timeout + WATCH_MARGIN_SECONDS:
                     raise RunEnded(3, f"only {registered} of {plan.nodes} client nodes registered within "
                                       f"{plan.start_timeout:g} s; see {plan.run_dir}/client-*.log")
             time.sleep(WATCH_SECONDS)
@@ -263,13 +268,25 @@ class Launcher:
 
     # -- stopping -----------------------------------------------------------------
 
-    def stop_all(self) -> None:
-        """TERM every group we started, wait GRACE_SECONDS, KILL what is left; reap; remove the zygote's directory."""
+    def stop_all(self, server_signal: int = signal.SIGTERM) -> None:
+        """TERM every group we started (the server: ``server_signal``), wait, KILL what is left; reap; clean up.
+
+        The others get GRACE_SECONDS, the server SERVER_GRACE_SECONDS: it
+        writes the stopped run's reports once its SuperLink is gone.
+        """
         for proc in self.groups:
-            signal_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + GRACE_SECONDS
-        # poll() reaps a leader that exited, so that its group counts only the living.
-        while time.monotonic() < deadline and any(proc.poll() is None or group_alive(proc.pid) for proc in self.groups):
+            signal_group(proc.pid, server_signal if proc is self.server else signal.SIGTERM)
+        started = time.monotonic()
+
+        def waiting(proc: subprocess.Popen) -> bool:
+            # poll() reaps a leader that exited, so that its group counts only the living.
+            grace = SERVER_GRACE_SECONDS if proc is self.server else GRACE_SECONDS
+            return time.monotonic() - started < grace and (proc.poll() is None or group_alive(proc.pid))
+
+        while any(waiting(proc) for proc in self.groups):
+            for proc in self.groups:
+                if not waiting(proc):
+                    signal_group(proc.pid, signal.SIGKILL)
             time.sleep(0.05)
         for proc in self.groups:
             signal_group(proc.pid, signal.SIGKILL)
@@ -387,6 +404,9 @@ def plan_run(
         needed, sampled, what = int(values["sampled"]), int(values["sampled"]), f"task {values['task']}"
         server_values = {name: values[name] for name in task_only | {"start_timeout"}}
         zygote_args = ["--task", str(values["task"])]
+    if app_dir:  # the server submits the run once every node is registered (a task's ServerApp waits itself)
+        server_values.update(wait_nodes=nodes, start_timeout=values["start_timeout"])
+    server_values["run_timeout"] = values["run_timeout"]
     try:
         extra = parse_config_pairs(str(values["node_config"]))
     except ValueError as err:
