@@ -83,6 +83,10 @@ def test_a_run_whose_every_message_failed_exits_4_with_the_summary(tmp_path: Pat
     assert "[fedgpu] failures: 2 of 2 messages, in 1 of 1 rounds" in output, output
     assert "[fedgpu] run failed: every one of its 2 messages failed (exit 4)" in output, output
     assert "fedgpu-failure:" not in output, output
+    # Flower calls the run completed; report.json says what the exit code says.
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["flower_status"] == "finished:completed", report
+    assert report["status"] == "failed" and report["failure"]["exit_code"] == 4, report
 
 
 def test_one_node_for_a_strategy_that_waits_for_two_ends_the_run_with_exit_3(tmp_path: Path) -> None:

@@ -261,3 +261,20 @@ assert rounds.history is history
     assert "[fedgpu] round 1/1" in done.stdout, done.stdout
     rows = read_metrics(tmp_path)
     assert [(row["round"], row["train_mse"], row["evaluate_loss"]) for row in rows] == [("1", "0.5", "0.25")]
+
+
+def test_the_failure_summary_counts_only_numbered_rounds(tmp_path: Path) -> None:
+    """Messages outside Flower's rounds (a legacy workflow's round 0, an own loop that names none) are counted
+    as messages, not as rounds, and their failures are placed, not sorted into a crash."""
+    from fedgpu.flower.recorder import failure_summary
+
+    def entry(number, failed_client=None):
+        failed = [{"type": "train", "kind": "raised ValueError", "client": failed_client}] if failed_client else []
+        return {"round": number, "sent": {"train": 2}, "failed_messages": failed}
+
+    report = {"rounds": [entry(0), entry(1, "1"), entry(2), entry(None, "0")]}
+    lines = failure_summary(report, tmp_path)
+    assert lines[0] == "[fedgpu] failures: 2 of 8 messages, in 1 of 2 rounds", lines
+    assert lines[1] == "[fedgpu]   raised ValueError x2: round 1 train client 1; outside the rounds train client 0", lines
+    assert failure_summary({"rounds": [entry(0), entry(1), entry(2)]}, tmp_path)[0] == \
+        "[fedgpu] failures: none of 6 messages in 2 rounds"

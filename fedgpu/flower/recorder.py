@@ -214,18 +214,26 @@ def failure_summary(report: dict[str, Any], run_dir: Path, most_places: int = 4)
     rounds = report.get("rounds", [])
     failed = [(entry["round"], failure) for entry in rounds for failure in entry.get("failed_messages", [])]
     sent = sum(sum((entry.get("sent") or {}).values()) for entry in rounds)
+    # Rounds as Flower numbers them: messages an app sends outside them (round 0 of a legacy workflow's
+    # initial parameters, an own loop that names no round) are counted, but are no round.
+    numbered = {entry["round"] for entry in rounds if _is_round(entry.get("round"))}
     logs = f"logs in {run_dir}: server.log, serverapp.log (the ServerApp), superlink.log, client-<i>.log (node i)"
+    in_rounds = f" in {len(numbered)} rounds" if numbered else ""
     if not failed:
-        return [f"[fedgpu] failures: none of {sent} messages in {len(rounds)} rounds", f"[fedgpu] {logs}"]
-    lines = [f"[fedgpu] failures: {len(failed)} of {sent} messages, in {len({r for r, _ in failed})} of {len(rounds)} rounds"]
+        return [f"[fedgpu] failures: none of {sent} messages{in_rounds}", f"[fedgpu] {logs}"]
+    failed_rounds = {r for r, _ in failed if _is_round(r)}
+    where = f", in {len(failed_rounds)} of {len(numbered)} rounds" if numbered else ""
+    lines = [f"[fedgpu] failures: {len(failed)} of {sent} messages{where}"]
     kinds: dict[str, list[str]] = {}
 
-    def order(item: tuple[int, dict[str, Any]]) -> tuple[int, str, int, str]:
+    def order(item: tuple[Any, dict[str, Any]]) -> tuple[int, str, int, str]:
         client = str(item[1].get("client", ""))
-        return item[0], item[1]["type"], int(client) if client.isdigit() else -1, client
+        number = item[0] if _is_round(item[0]) or item[0] == 0 else 1 << 30  # outside the rounds: last
+        return number, str(item[1].get("type", "")), int(client) if client.isdigit() else -1, client
 
     for server_round, failure in sorted(failed, key=order):
-        place = f"round {server_round} {failure['type']}"
+        place = f"round {server_round} {failure.get('type', '')}" if _is_round(server_round) else \
+            f"{'before round 1' if server_round == 0 else 'outside the rounds'} {failure.get('type', '')}"
         client = failure.get("client")
         if client not in (None, ""):
             log_file = run_dir / f"client-{client}.log"
@@ -236,3 +244,7 @@ def failure_summary(report: dict[str, Any], run_dir: Path, most_places: int = 4)
         lines.append(f"[fedgpu]   {kind} x{len(places)}: {'; '.join(places[:most_places])}{more}")
     lines.append(f"[fedgpu] {logs}")
     return lines
+
+
+def _is_round(number: Any) -> bool:
+    return isinstance(number, int) and not isinstance(number, bool) and number >= 1

@@ -600,6 +600,8 @@ def _run_federation(plan: ServerPlan, say: Callable[..., None], federation: Fede
         say("\n".join(failure_summary(report, run_dir)))
     if code == 0 and sent and failed >= sent:
         code = EXIT_ALL_FAILED
+        _mark_ended(run_dir, say, reason=f"every one of its {sent} messages failed", kind="every message failed",
+                    exit_code=EXIT_ALL_FAILED)
         say(f"{RUN_FAILED_MARK}every one of its {sent} messages failed (exit {EXIT_ALL_FAILED}); outputs in {run_dir}")
     elif code == 0 and failed:
         say(f"[fedgpu] run completed, but {failed} of {sent} messages failed; outputs in {run_dir}")
@@ -616,11 +618,14 @@ def _message_counts(report: dict[str, Any]) -> tuple[int, int]:
     return sent, sum(len(entry.get("failed_messages") or []) for entry in rounds)
 
 
-def _mark_ended(run_dir: Path, say: Callable[..., None], *, stopped_by: str = "", reason: str = "") -> None:
-    """report.json of a task's run that this process ended: by a signal, or for ``reason``.
+def _mark_ended(run_dir: Path, say: Callable[..., None], *, stopped_by: str = "", reason: str = "",
+                kind: str = "run failed", exit_code: int | None = None) -> None:
+    """report.json of a run that this process ended: by a signal, or for ``reason``.
 
-    Its ServerApp saw only its own end ("stopped by KeyboardInterrupt"), or
-    nothing at all ("running"): the signal's name, or the reason, is known here.
+    A task's ServerApp saw only its own end ("stopped by KeyboardInterrupt"),
+    or nothing at all ("running"): the signal's name, or the reason, is known
+    here. With ``exit_code``, a run Flower calls completed failed all the same
+    (every message failed).
     """
     from fedgpu.output import write_json
 
@@ -631,8 +636,11 @@ def _mark_ended(run_dir: Path, say: Callable[..., None], *, stopped_by: str = ""
         if isinstance(report.get("failure"), dict) and report["failure"].get("kind") == "stopped":
             del report["failure"]
         report.update(status="stopped", stopped_by=stopped_by)
-    elif report.get("status") == "running":
-        report.update(status="failed", failure={"kind": "run failed", "detail": reason})
+    elif report.get("status") == "running" or exit_code is not None:
+        failure: dict[str, Any] = {"kind": kind, "detail": reason}
+        if exit_code is not None:
+            failure["exit_code"] = exit_code
+        report.update(status="failed", failure=failure)
     else:
         return
     try:
