@@ -325,13 +325,17 @@ class Doorbells:
 
 
 def serverapp_main(argv: list[str]) -> None:
-    """``flwr-serverapp`` with a paced grid: what the SuperExec of our SuperLink starts for every run."""
+    """``flwr-serverapp`` as the SuperExec of our SuperLink starts it for every run: its rounds recorded, a wait
+    for nodes that will never come ended, and its grid paced (unless $FEDGPU_NODE_PACE keeps Flower's pace)."""
     from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
 
-    pace_grid(log=lambda line: print(f"[fedgpu] {line}", file=sys.stderr, flush=True),
-              doorbells=os.environ.get(DOORBELLS_ENV))
-    record_app_rounds(log=lambda line: print(f"[fedgpu] {line}", file=sys.stderr, flush=True))
-    watch_node_waits(log=lambda line: print(f"[fedgpu] {line}", file=sys.stderr, flush=True))
+    def log(line: str) -> None:
+        print(f"[fedgpu] {line}", file=sys.stderr, flush=True)
+
+    if os.environ.get(PACE_ENV) != "flower":
+        pace_grid(log=log, doorbells=os.environ.get(DOORBELLS_ENV))
+    record_app_rounds(log=log)
+    watch_node_waits(log=log)
     sys.argv = ["flwr-serverapp", *argv]  # Flower's exit handling knows the process by this name
     flwr_serverapp()
 
@@ -440,7 +444,8 @@ def superlink_main(argv: list[str]) -> None:
     another uid on this host, and every request but the Fleet API's from other
     hosts, is refused; every answer carries this run's token ($FEDGPU_RUN_TOKEN)
     so that a probe knows it reached this SuperLink. Its ServerApps (any app's)
-    are paced and ring the doorbells in $FEDGPU_DOORBELLS: the SuperExec finds
+    are recorded, paced and ring the doorbells in $FEDGPU_DOORBELLS (paced only
+    while $FEDGPU_NODE_PACE is not "flower"): the SuperExec finds
     ``flwr-serverapp`` on PATH, and a private directory first on PATH makes
     that :func:`serverapp_main`.
     """
@@ -460,14 +465,13 @@ def superlink_main(argv: list[str]) -> None:
     # The module, not the function of the same name that flwr.superlink.cli exports.
     superlink_cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
     superlink_cli.uvicorn = _BoundUvicorn(sock)  # type: ignore[attr-defined]
-    if os.environ.get(PACE_ENV) != "flower":
-        bin_dir = private_bin_dir()
-        wrapper = Path(bin_dir, "flwr-serverapp")
-        # A Python script, so that the process reads "flwr-serverapp" as Flower's own does.
-        wrapper.write_text(f"#!{sys.executable}\nimport sys\nfrom fedgpu.flower.internals import serverapp_main\n"
-                           "serverapp_main(sys.argv[1:])\n")
-        wrapper.chmod(0o700)
-        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    bin_dir = private_bin_dir()
+    wrapper = Path(bin_dir, "flwr-serverapp")
+    # A Python script, so that the process reads "flwr-serverapp" as Flower's own does.
+    wrapper.write_text(f"#!{sys.executable}\nimport sys\nfrom fedgpu.flower.internals import serverapp_main\n"
+                       "serverapp_main(sys.argv[1:])\n")
+    wrapper.chmod(0o700)
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     sys.argv = ["flower-superlink", *argv]
     superlink_cli.flower_superlink()
 
