@@ -126,6 +126,11 @@ def test_ctrl_c_mid_run_of_an_app_leaves_nothing_behind(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, proc.stderr.read() if proc.stderr else ""
     assert gone and not left, left
+    # A complete report of what ran: the signal named, the memory reports written.
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "stopped" and report["stopped_by"] == "SIGINT", report
+    assert (run_dir / "memory.png").stat().st_size > 0
+    assert "rounds" in json.loads((run_dir / "memory.json").read_text())
 
 
 def test_the_node_count_comes_from_the_apps_federation(tmp_path: Path) -> None:
