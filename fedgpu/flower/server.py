@@ -660,7 +660,10 @@ def _write_app_report(plan: ServerPlan, status: str, say: Callable[..., None], *
         report["stopped_by"] = stopped_by
     elif report["status"] != "completed":
         report["status"] = "failed"  # "unknown" too: the run never finished
-        report["failure"] = {"kind": failure_kind, "detail": reason or f"Flower's status: {status}"}
+        # What the ServerApp's own process recorded (a reply its strategy could not aggregate) says more than
+        # its last line; what ended the run from here (a timeout, too few nodes) is said as it is.
+        if failure_kind != "ServerApp failed" or not isinstance(report.get("failure"), dict):
+            report["failure"] = {"kind": failure_kind, "detail": reason or f"Flower's status: {status}"}
     try:
         write_json(plan.run_dir / "report.json", report, default=str)
     except OutputError as err:
