@@ -1,4 +1,4 @@
-"""Fixtures shared by the GPU tests."""
+"""Fixtures shared by the tests: a fake GPU host, a Flower run's identity."""
 
 from __future__ import annotations
 
@@ -28,3 +28,14 @@ def fake_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return nvml_dir
 
     return declare
+
+
+@pytest.fixture
+def in_a_run():
+    """Messages are made inside a Flower run: a task identity as the runtime would set it."""
+    from fedgpu.flower.transfer import adopt_task_identity, task_identity
+
+    saved = task_identity()
+    adopt_task_identity((7, 1, 1))
+    yield
+    adopt_task_identity(saved)

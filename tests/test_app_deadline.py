@@ -10,25 +10,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from flwr.app import Context, Message, RecordDict
 
 from fedgpu.flower.runner import APP_MESSAGE_SECONDS, message_deadline
-from fedgpu.flower.transfer import adopt_task_identity, task_identity
 from helpers import FEDGPU, ROOT, cleaned_up, events, pid_alive, processes_with_env, wait_for
 
 HANG_APP = ROOT / "tests" / "apps" / "small_hang"
 # Long enough for Flower's CLI to be asked twice while client 0 hangs, on a loaded host too.
 DEADLINE = 30
-
-
-@pytest.fixture
-def in_a_run():
-    """Messages are made inside a Flower run: a task identity as the runtime would set it."""
-    saved = task_identity()
-    adopt_task_identity((7, 1, 1))
-    yield
-    adopt_task_identity(saved)
 
 
 def _context(run_config: dict) -> Context:

@@ -58,21 +58,10 @@ def report_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 
 
-@pytest.fixture
-def a_run_identity():
-    """Flower's Message needs the identity of the run it belongs to (a ServerApp process has one)."""
-    from fedgpu.flower.transfer import adopt_task_identity, task_identity
-
-    saved = task_identity()
-    adopt_task_identity((7, 1, 1))
-    yield
-    adopt_task_identity(saved)
-
-
 # -- unit: the round a message names -----------------------------------------------------------
 
 
-def test_a_messages_round_comes_from_its_config_or_else_its_group_id(a_run_identity: None) -> None:
+def test_a_messages_round_comes_from_its_config_or_else_its_group_id(in_a_run: None) -> None:
     from fedgpu.flower.app_rounds import server_round_of
 
     strategy_style = Message(RecordDict({"config": ConfigRecord({"server-round": 4})}), dst_node_id=1,
@@ -125,7 +114,7 @@ def test_metrics_csv_widens_when_a_later_round_reports_a_new_key(tmp_path: Path)
     assert said[2].startswith("[fedgpu] round 2/2: train loss 0.25 | server accuracy 0.75 | 0 results, 0 failures | ")
 
 
-def test_the_replies_stock_fedavg_cannot_aggregate_are_named_with_what_is_wrong(a_run_identity: None) -> None:
+def test_the_replies_stock_fedavg_cannot_aggregate_are_named_with_what_is_wrong(in_a_run: None) -> None:
     """Both ways Flower's FedAvg fails a round: an extra array (InconsistentMessageReplies), a shape (ValueError)."""
     from flwr.app import Array, ArrayRecord
     from flwr.serverapp.exception import InconsistentMessageReplies

@@ -13,19 +13,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedgpu.flower import CheckedStrategy
 from fedgpu.flower.failures import Failure
-from fedgpu.flower.transfer import adopt_task_identity, task_identity
 from helpers import FEDGPU
 
 MODEL = {"conv1.weight": np.zeros((4, 1, 3, 3), np.float32), "fc.bias": np.zeros(10, np.float32)}
 
 
 @pytest.fixture(autouse=True)
-def in_a_run():
-    """Messages are made inside a Flower run: a task identity as the runtime would set it."""
-    saved = task_identity()
-    adopt_task_identity((7, 1, 1))
-    yield
-    adopt_task_identity(saved)
+def every_test_in_a_run(in_a_run: None) -> None:
+    """Every test here makes Flower messages (the shared ``in_a_run`` fixture)."""
 
 
 def _record(arrays: dict) -> ArrayRecord:
