@@ -11,11 +11,14 @@ unless asked to share): 0600 files in a 0700 run directory.
 
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from typing import IO, Any
 
 from fedgpu.errors import FedgpuError
@@ -101,3 +104,10 @@ def append_line(path: str | os.PathLike, line: str) -> None:
             out.write(line)
     except OSError as err:
         raise OutputError(path, err) from None
+
+
+def csv_line(values: Iterable[Any]) -> str:
+    """One CSV row, as metrics.csv files are written a line at a time."""
+    line = io.StringIO()
+    csv.writer(line).writerow(list(values))
+    return line.getvalue()

@@ -34,7 +34,6 @@ This module imports only Flower's public names and never torch.
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import time
@@ -47,9 +46,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedgpu.flower.checks import check_reply
-from fedgpu.flower.failures import Failure
+from fedgpu.flower.failures import Failure, count_by_kind
 from fedgpu.monitor.events import emit
-from fedgpu.output import OutputError, append_line, write_atomic
+from fedgpu.output import OutputError, append_line, csv_line, write_atomic
 
 SOURCES = ("train", "evaluate", "server")  # the prefixes of the metric columns, in column order
 FIRST_COLUMNS = ("round",)
@@ -144,7 +143,8 @@ class AppRounds:
             current.metrics.update(history_columns(self.history, current.number))
         seconds = round(time.monotonic() - current.started, 3)
         row = {"round": current.number, **current.metrics, "results": current.results,
-               "failures": len(current.failed), "round_seconds": seconds, "failure_reasons": _by_kind(current.failed)}
+               "failures": len(current.failed), "round_seconds": seconds,
+               "failure_reasons": count_by_kind(current.failed)}
         self.rows.append(row)
         emit("round-end", str(self.run_dir), round=current.number, seconds=seconds,
              metrics=current.metrics, results=current.results, failures=len(current.failed))
@@ -266,11 +266,11 @@ class AppRounds:
                 ordered = sorted(known + wider, key=lambda key: next(
                     (i for i, source in enumerate(SOURCES) if key.startswith(source + "_")), len(SOURCES)))
                 self._columns = [*FIRST_COLUMNS, *ordered, *LAST_COLUMNS]
-                lines = [_csv_line(self._columns)]
-                lines += [_csv_line([r.get(c, "") for c in self._columns]) for r in self.rows]
+                lines = [csv_line(self._columns)]
+                lines += [csv_line([r.get(c, "") for c in self._columns]) for r in self.rows]
                 write_atomic(path, "".join(lines))
             else:
-                append_line(path, _csv_line([row.get(column, "") for column in self._columns]))
+                append_line(path, csv_line([row.get(column, "") for column in self._columns]))
         except OutputError as err:
             self._output_failed(err)
 
@@ -317,19 +317,6 @@ def client_of(reply: Message) -> str:
     stamp = reply.content.config_records.get(FEDGPU_RECORD) if reply.has_content() else None
     client = stamp.get("client") if stamp is not None else None
     return "" if client is None else str(client)
-
-
-def _by_kind(kinds: list[str]) -> str:
-    counts: dict[str, int] = {}
-    for kind in kinds:
-        counts[kind] = counts.get(kind, 0) + 1
-    return "; ".join(f"{kind} x{count}" for kind, count in counts.items())
-
-
-def _csv_line(values: Iterable[Any]) -> str:
-    line = io.StringIO()
-    csv.writer(line).writerow(list(values))
-    return line.getvalue()
 
 
 def diagnose_replies(

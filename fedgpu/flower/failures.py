@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import Error
@@ -84,3 +85,11 @@ class Failure:
 def no_reply(timeout: object) -> Failure:
     """A message that got no reply at all: the round waited ``timeout`` seconds."""
     return Failure(f"no reply within {timeout} s")
+
+
+def count_by_kind(kinds: Iterable[str]) -> str:
+    """Failures counted by kind, in the order first seen: "raised ValueError x1; killed by SIGSEGV x2"."""
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        counts[kind] = counts.get(kind, 0) + 1
+    return "; ".join(f"{kind} x{count}" for kind, count in counts.items())

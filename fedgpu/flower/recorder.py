@@ -6,7 +6,6 @@ the rounds it completed. Reads only NumPy and Flower records, never torch.
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import platform
@@ -22,10 +21,10 @@ from flwr.app import ArrayRecord, Message
 from flwr.supercore import log
 
 from fedgpu.flower.client_app import WARNINGS_RECORD
-from fedgpu.flower.failures import Failure, no_reply
+from fedgpu.flower.failures import Failure, count_by_kind, no_reply
 from fedgpu.flower.runner import FEDGPU_RECORD
 from fedgpu.monitor.events import emit
-from fedgpu.output import OutputError, append_line, write_atomic, write_json
+from fedgpu.output import OutputError, append_line, csv_line, write_atomic, write_json
 
 METRICS_COLUMNS = (
     "round",
@@ -48,11 +47,7 @@ def failure_fields(failure: Failure) -> dict[str, Any]:
 
 
 def _by_kind(failed: list[dict[str, Any]]) -> str:
-    counts: dict[str, int] = {}
-    for entry in failed:
-        kind = entry.get("kind") or "unknown"
-        counts[kind] = counts.get(kind, 0) + 1
-    return "; ".join(f"{kind} x{count}" for kind, count in counts.items())
+    return count_by_kind(entry.get("kind") or "unknown" for entry in failed)
 
 
 def _version(package: str) -> str | None:
@@ -83,7 +78,7 @@ class RunRecorder:
         self._round_started = 0.0
         self._warned = False
         self._metrics_path = self.run_dir / "metrics.csv"
-        write_atomic(self._metrics_path, _csv_line(METRICS_COLUMNS))
+        write_atomic(self._metrics_path, csv_line(METRICS_COLUMNS))
         self._write_report()
 
     def resolve_defaults(self, task_defaults: dict[str, Any]) -> None:
@@ -144,7 +139,7 @@ class RunRecorder:
         assert self._round is not None and self._round["round"] == server_round
         row = self._finish_round(figures)
         emit("round-end", str(self.run_dir), round=server_round)
-        append_line(self._metrics_path, _csv_line([row[column] for column in METRICS_COLUMNS]))
+        append_line(self._metrics_path, csv_line([row[column] for column in METRICS_COLUMNS]))
         self._write_report()
         log(
             INFO,
@@ -201,12 +196,6 @@ class RunRecorder:
 
     def _write_report(self) -> None:
         write_json(self.run_dir / "report.json", self.report, default=str)
-
-
-def _csv_line(values: Any) -> str:
-    line = io.StringIO()
-    csv.writer(line).writerow(values)
-    return line.getvalue()
 
 
 def failure_summary(report: dict[str, Any], run_dir: Path, most_places: int = 4) -> list[str]:
