@@ -892,8 +892,3 @@ class RegisteredNodes:
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-if __name__ == "__main__":
-    # python -m fedgpu.flower.internals superlink ARGS
-    superlink_main(sys.argv[2:])
