@@ -191,6 +191,11 @@ def cli() -> None:
 @node_options
 @click.option("--isolation", type=click.Choice(["zygote", "spawn"]), default="zygote",
               help="zygote: one warm process forks each message's child; spawn: a fresh interpreter each.")
+@click.option("--simulation", is_flag=True,
+              help="Virtual clients in one process (Flower's Simulation Runtime), no SuperLink, each message in a child.")
+@click.option("--workers", type=positive, default=None,
+              help="With --simulation: messages in flight at once [default: the app's client-resources as Flower "
+                   "counts them, else one per CPU core].")
 @click.option("--mp/--no-mp", default=True, help="Each message in a short-lived child (--mp), or in the long-lived node (the baseline).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="SuperLink port [default: a free one].")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Output directory [default: runs/<timestamp>].")
@@ -233,6 +238,11 @@ def run(**options: Any) -> None:
 @click.option("--wait-nodes", type=click.IntRange(min=0), default=0, show_default=True,
               help="Submit the run once this many client nodes are registered (0: at once); "
                    "exit 3 after --start-timeout.")
+@click.option("--simulation-nodes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run the app on this many virtual nodes in one simulation host instead of a SuperLink (0: a SuperLink).")
+@click.option("--workers", type=positive, default=None,
+              help="With --simulation-nodes: messages in flight at once [default: one per CPU core].")
+@node_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True, help="SuperLink port (Fleet, Control, Runtime APIs).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Output directory [default: runs/<timestamp>].")

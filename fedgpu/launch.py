@@ -48,8 +48,13 @@ class LaunchPlan:
     start_timeout: float | None = None  # every node registered by then, or exit 3 (a task's ServerApp waits itself)
     tls: bool = False
     prog: str = "fedgpu"  # how messages name us: "run.sh" when run.sh called
+    simulated: bool = False  # --simulation: the server hosts `nodes` virtual nodes; no client process, no SuperLink
+    workers: int = 0  # --simulation: messages in flight at once
 
     def describe(self) -> str:
+        if self.simulated:
+            return (f"simulation of {self.nodes} virtual clients for {self.what}, {self.workers} messages at once; "
+                    f"run directory {self.run_dir}")
         return f"{self.nodes} client nodes for {self.what}; run directory {self.run_dir}"
 
 
@@ -143,8 +148,11 @@ class Launcher:
         if plan.zygote_args:
             self._start_zygote()
         self._start_server()
-        self._start_nodes()
-        self.say(f"{plan.prog}: server and {plan.nodes} client nodes started; logs in {plan.run_dir}")
+        if plan.simulated:
+            self.say(f"{plan.prog}: simulation started; logs in {plan.run_dir}")
+        else:
+            self._start_nodes()
+            self.say(f"{plan.prog}: server and {plan.nodes} client nodes started; logs in {plan.run_dir}")
         return self._watch()
 
     # -- starting ---------------------------------------------------------------
@@ -186,13 +194,16 @@ class Launcher:
 
     def _start_server(self) -> None:
         plan = self.plan
-        argv = [*fedgpu_command(), "server", *plan.server_args, "--port", str(plan.port), "--run-dir", str(plan.run_dir),
-                "--parent-pid", str(os.getpid())]
+        argv = [*fedgpu_command(), "server", *plan.server_args, "--run-dir", str(plan.run_dir), "--parent-pid", str(os.getpid())]
+        if not plan.simulated:
+            argv += ["--port", str(plan.port)]
         if self.certs is not None:
             argv += ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
                      "--ssl-keyfile", str(self.certs / "server.key"), "--auth-public-keys", str(self.certs / "nodes")]
         with self._log("server.log") as log:
             self.server = self._spawn(argv, stdout=None, stderr=log)  # its rounds and summary on our console
+        if plan.simulated:
+            return  # no SuperLink to wait for: the server hosts the simulation
         from fedgpu.flower.probe import wait_for_health
 
         from fedgpu.flower.internals import EXIT_PORT_TAKEN
@@ -376,7 +387,8 @@ def plan_run(
 
     values = dict(options)
     _read_positional(values, given, numbers_only=prog != "fedgpu")
-    mp, app_dir = bool(values["mp"]), values.get("app_dir")
+    mp, app_dir, simulated = bool(values["mp"]), values.get("app_dir"), bool(values.get("simulation"))
+    _check_simulation_options(values, given, simulated)
     task_only = {"rounds", "min_clients", "sampled", "eval_sampled", "task", "lr", "lr_decay", "local_epochs", "batch_size",
                  "partitioner", "alpha", "seed", "data_files", "task_options", "device", "threads", "message_timeout"}
     if app_dir:
@@ -404,8 +416,16 @@ def plan_run(
         needed, sampled, what = int(values["sampled"]), int(values["sampled"]), f"task {values['task']}"
         server_values = {name: values[name] for name in task_only | {"start_timeout"}}
         zygote_args = ["--task", str(values["task"])]
-    if app_dir:  # the server submits the run once every node is registered (a task's ServerApp waits itself)
+    if app_dir and not simulated:  # the server submits the run once every node is registered (a task's ServerApp waits)
         server_values.update(wait_nodes=nodes, start_timeout=values["start_timeout"])
+    elif app_dir:  # how long the app's strategy may wait for more nodes than there are
+        server_values.update(start_timeout=values["start_timeout"])
+    workers = 0
+    if simulated:
+        workers = int(values["workers"] or simulation_workers(app.federation if app_dir else None))
+        server_values.update(simulation_nodes=nodes, workers=workers, node_config=values["node_config"],
+                             timeout=values["timeout"])
+        needed = 0
     server_values["run_timeout"] = values["run_timeout"]
     try:
         extra = parse_config_pairs(str(values["node_config"]))
@@ -416,11 +436,13 @@ def plan_run(
         raise BadInput(f"--node-config: {', '.join(taken)} come from their own options")
     check_placement(values, children=mp)
     port = values["port"]
-    if port is None:
+    if simulated:
+        port = 0  # no SuperLink
+    elif port is None:
         port = free_port()
     elif not port_free(int(port)):
         raise BadInput(f"port {port} on 127.0.0.1 is in use")
-    if not values["force"]:
+    if not values["force"] and not simulated:  # a virtual client costs its Context only
         problem = too_many(nodes, sampled, mp=mp)
         if problem:
             raise BadInput(problem)
@@ -442,7 +464,50 @@ def plan_run(
         what=what,
         needed_alive=needed,
         needed_as="the run needs" if app_dir else "sampled per round",
-        start_timeout=float(values["start_timeout"]) if app_dir else None,
+        start_timeout=float(values["start_timeout"]) if app_dir and not simulated else None,
         tls=bool(values["tls"]),
         prog=prog,
+        simulated=simulated,
+        workers=workers,
     )
+
+
+def _check_simulation_options(values: dict[str, Any], given: set[str], simulated: bool) -> None:
+    """Options that only a simulation takes, or that a simulation cannot take; BadInput names the first."""
+    from fedgpu.errors import BadInput
+
+    if not simulated:
+        if "workers" in given:
+            raise BadInput("--workers is for --simulation (client nodes take one message at a time each)")
+        return
+    if not values["mp"]:
+        raise BadInput("--no-mp: a simulation runs every message in a child; --no-mp is for client nodes")
+    for name in ("port", "tls"):
+        if name in given:
+            raise BadInput(f"--{name} is for a SuperLink; a simulation has none")
+
+
+def simulation_workers(federation: Any = None, cpus: int | None = None, gpus: int | None = None) -> int:
+    """Messages in flight at once in a simulation, as Flower's Simulation Engine counts its actors.
+
+    With the app's ``client-resources``: one per ``num-cpus`` of this host's
+    cores, and, where it asks for GPUs and there are some, at most ``num-gpus``
+    of a GPU each (0.25: four per GPU). Without: one per core.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    num_cpus = getattr(federation, "num_cpus", None)
+    num_gpus = getattr(federation, "num_gpus", None)
+    workers = max(1, int(cpus // num_cpus)) if num_cpus else cpus
+    if num_gpus:
+        if gpus is None:
+            from fedgpu.nvml.devices import open_nvml
+
+            nvml, _ = open_nvml()
+            gpus = 0
+            if nvml is not None:
+                gpus = nvml.count()
+                nvml.close()
+        if gpus:
+            workers = min(workers, max(1, int(gpus // num_gpus)))
+    return workers

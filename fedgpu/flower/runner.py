@@ -94,6 +94,27 @@ def run_client_app(call: ClientAppCall) -> tuple[Message, Context]:
     return reply, call.context
 
 
+@dataclass(frozen=True)
+class VirtualClientCall:
+    """One message of a virtual node (``--simulation``): the app to load it from, the message and the node's Context."""
+
+    client_app_ref: str  # module:attribute, as the app's pyproject.toml names it
+    app_dir: str
+    identity: TaskIds
+    message: Message
+    context: Context
+
+
+def run_virtual_client(call: VirtualClientCall) -> tuple[Message, Context]:
+    """Load the app's ClientApp and run it on one message (inside the child)."""
+    from fedgpu.flower.internals.simulation import load_client_app
+
+    adopt_task_identity(call.identity)
+    client_app = load_client_app(call.client_app_ref, call.app_dir)
+    reply = client_app(message=call.message, context=call.context)
+    return reply, call.context
+
+
 class TaskRunner:
     """Serves one SuperNode's ClientApp tasks, one at a time, each in a child."""
 

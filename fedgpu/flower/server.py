@@ -36,6 +36,7 @@ COMPLETED = "finished:completed"
 RUN_FAILED_MARK = "[fedgpu] run failed: "  # how a ServerApp of ours says why, on the launcher's console
 TAIL_LINES = 400  # of the ServerApp's output, kept to show why it failed
 NODE_LIST_SECONDS = 0.5  # between two counts of the registered nodes
+GRACE_SECONDS = 5.0  # a run's process stopped early: TERM, then KILL after this
 
 # Exit codes of `fedgpu server` (and so of `fedgpu run`); docs/cli.md lists them.
 EXIT_FAILED = 1
@@ -109,6 +110,17 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class SimulationSettings:
+    """``--simulation``: virtual nodes in one simulation host, each message in a child (fedgpu.flower.simulation)."""
+
+    nodes: int
+    workers: int
+    isolation: str = "zygote"
+    timeout: float | None = None  # a message's child at most (--timeout)
+    node_config: str = ""  # more node config for every virtual node
+
+
+@dataclass(frozen=True)
 class ServerPlan:
     """A checked ``fedgpu server``: what to submit, where, how."""
 
@@ -121,6 +133,7 @@ class ServerPlan:
     wait_nodes: int = 0  # submit the run once this many client nodes are registered (0: at once)
     start_timeout: float = 300.0  # seconds to wait for them (and, in a user's ServerApp, for more)
     run_timeout: float | None = None  # seconds the submitted run may take; None: no limit
+    simulation: SimulationSettings | None = None  # virtual nodes in a simulation host instead of a SuperLink
 
 
 def write_app(app_dir: Path, run: RunSettings) -> None:
@@ -237,21 +250,7 @@ class Federation:
         run`'s connection deadline; a submission that never started a run is
         retried (with back-off), one that did is never submitted twice.
         """
-        if self.plan.run is not None:
-            app_dir = self.run_dir / "app"
-            write_app(app_dir, self.plan.run)
-        else:
-            assert self.plan.app_dir is not None
-            from fedgpu.flower.app import AppError, private_copy
-            from fedgpu.private_dirs import PRIVATE_DIR_ENV
-
-            # What is submitted: the app as `flwr run` packages it, unpacked in the run's private directory.
-            # Run on the user's own directory, Flower would rewrite its pyproject.toml (its migration).
-            try:
-                app_dir = private_copy(self.plan.app_dir, os.environ[PRIVATE_DIR_ENV])
-            except AppError as err:
-                raise ServerError(str(err)) from None
-        command = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
+        command = ["flwr", "run", str(self._app_dir()), CONNECTION, "--stream"]
         for overrides in self.plan.run_config:
             command += ["--run-config", overrides]
         for attempt in range(1, attempts + 1):
@@ -262,6 +261,23 @@ class Federation:
                 console.flush()
                 time.sleep(min(30.0, 2.0 * 2 ** (attempt - 1)))
         raise ServerError(f"`flwr run` could not submit the run after {attempts} attempts; see {self.run_dir / 'serverapp.log'}")
+
+    def _app_dir(self) -> Path:
+        """The app directory the run is made of: one generated for a task, else a private copy of the user's."""
+        if self.plan.run is not None:
+            app_dir = self.run_dir / "app"
+            write_app(app_dir, self.plan.run)
+            return app_dir
+        assert self.plan.app_dir is not None
+        from fedgpu.flower.app import AppError, private_copy
+        from fedgpu.private_dirs import PRIVATE_DIR_ENV
+
+        # What is submitted: the app as `flwr run` packages it, unpacked in the run's private directory.
+        # Run on the user's own directory, Flower would rewrite its pyproject.toml (its migration).
+        try:
+            return Path(private_copy(self.plan.app_dir, os.environ[PRIVATE_DIR_ENV]))
+        except AppError as err:
+            raise ServerError(str(err)) from None
 
     def _run_and_stream(self, command: list[str], console: IO[str]) -> tuple[bool, int]:
         """(whether a run was started, exit code of `flwr run`).
@@ -306,8 +322,13 @@ class Federation:
                 return started_run, stream.wait()
             finally:
                 if stream.poll() is None:  # stopped early (a signal, a full disk): `flwr run` goes too
-                    stream.kill()
-                    stream.wait()
+                    # TERM first: a simulation host stops its children before it exits.
+                    stream.terminate()
+                    try:
+                        stream.wait(GRACE_SECONDS)
+                    except subprocess.TimeoutExpired:
+                        stream.kill()
+                        stream.wait()
 
     def final_status(self) -> str:
         listing = subprocess.run(
@@ -331,6 +352,44 @@ class Federation:
             return
         stop_tree(self.superlink.pid, grace)
         self.superlink.wait()
+
+
+class SimulatedFederation(Federation):
+    """``--simulation``: no SuperLink; the run is the simulation host process, its exit code Flower's status."""
+
+    def __init__(self, plan: ServerPlan, env: dict[str, str]) -> None:
+        super().__init__(plan, env)
+        self.returncode: int | None = None
+
+    def start_superlink(self) -> None:
+        """Nothing to start before the run: the simulation host is the run."""
+
+    def register_nodes(self) -> None:
+        """Virtual nodes are registered by Flower's Simulation Runtime itself."""
+
+    def submit_and_wait(self, console: IO[str], attempts: int = 1) -> str:
+        simulation = self.plan.simulation
+        assert simulation is not None
+        app_dir = self._app_dir()
+        command = [sys.executable, "-m", "fedgpu.flower.simulation", str(app_dir), "--nodes", str(simulation.nodes),
+                   "--workers", str(simulation.workers), "--isolation", simulation.isolation,
+                   "--parent-pid", str(os.getpid())]
+        if simulation.timeout is not None:
+            command += ["--timeout", repr(simulation.timeout)]
+        if simulation.node_config:
+            command += ["--node-config", simulation.node_config]
+        if self.plan.run is not None:
+            command += ["--task", self.plan.run.task]
+        for overrides in self.plan.run_config:
+            command += ["--run-config", overrides]
+        _, self.returncode = self._run_and_stream(command, console)
+        return self.final_status()
+
+    def final_status(self) -> str:
+        return COMPLETED if self.returncode == 0 else "finished:failed"
+
+    def close(self, grace: float = 5.0) -> None:
+        """The simulation host is stopped by ``_run_and_stream`` (it is never left running)."""
 
 
 def _probe_host(host: str) -> str:
@@ -379,7 +438,8 @@ def plan_server(options: dict[str, Any]) -> ServerPlan:
     placement = check_placement(options, children=True)
     os.environ.update(placement.to_env())  # for the ServerApp's evaluation children
     host, port = str(options["host"]), int(options["port"])
-    if not port_free(port, host):
+    simulation = _simulation_settings(options)
+    if simulation is None and not port_free(port, host):
         raise BadInput(f"port {port} on {host} is in use")
     run_dir = Path(options["run_dir"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()
     server = ServerSettings(host=host, port=port, tls=tls, auth_public_keys=auth_keys)
@@ -396,7 +456,7 @@ def plan_server(options: dict[str, Any]) -> ServerPlan:
         plan = ServerPlan(run_dir, server, run=check_task_run(options, min_clients=2, sampled=2, run_dir=run_dir))
     run_timeout = options.get("run_timeout")
     plan = replace(plan, wait_nodes=int(options.get("wait_nodes") or 0), start_timeout=float(options["start_timeout"]),
-                   run_timeout=None if run_timeout is None else float(run_timeout))
+                   run_timeout=None if run_timeout is None else float(run_timeout), simulation=simulation)
     if not options["check"]:
         from fedgpu.monitor.events import RUN_DIR_ENV
         from fedgpu.run_dir import prepare_run_dir
@@ -405,6 +465,46 @@ def plan_server(options: dict[str, Any]) -> ServerPlan:
         prepare_run_dir(run_dir, umask=options["umask"], force=bool(options.get("force")),
                         ours=os.environ.get(RUN_DIR_ENV) == str(run_dir))
     return plan
+
+
+def _simulation_settings(options: dict[str, Any]) -> SimulationSettings | None:
+    """``--simulation-nodes N`` and what only a simulation takes; None for a run on a SuperLink."""
+    nodes = int(options.get("simulation_nodes") or 0)
+    only = [name for name in ("workers", "node_config", "timeout") if options.get(name)]
+    if not nodes:
+        if only:
+            raise BadInput(f"--{only[0].replace('_', '-')} is for a simulation (--simulation-nodes N)")
+        return None
+    if options.get("isolation") == "none":
+        raise BadInput("--isolation none: a simulation runs every message in a child (zygote or spawn)")
+    for name in ("ssl_ca_certfile", "auth_public_keys", "wait_nodes"):
+        if options.get(name):
+            raise BadInput(f"--{name.replace('_', '-')} is for a SuperLink; a simulation has none")
+    node_config = str(options.get("node_config") or "")
+    check_node_config(node_config)
+    return SimulationSettings(nodes=nodes, workers=int(options.get("workers") or default_workers()),
+                              isolation=str(options.get("isolation") or "zygote"),
+                              timeout=None if options.get("timeout") is None else float(options["timeout"]),
+                              node_config=node_config)
+
+
+def default_workers() -> int:
+    """Messages in flight at once in a simulation: one per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_node_config(text: str) -> dict[str, Any]:
+    """``--node-config``, Flower's syntax; BadInput if it cannot be read or names a key fedgpu sets."""
+    from fedgpu.flower.settings import parse_config_pairs
+
+    try:
+        extra = parse_config_pairs(text)
+    except ValueError as err:
+        raise BadInput(f"--node-config: {err}") from None
+    taken = sorted(set(extra) & {"partition-id", "num-partitions", "task"})
+    if taken:
+        raise BadInput(f"--node-config: {', '.join(taken)} come from their own options")
+    return extra
 
 
 def check_task_run(options: dict[str, Any], *, min_clients: int, sampled: int, run_dir: Path | None = None) -> RunSettings:
@@ -488,7 +588,8 @@ def run_federation(plan: ServerPlan, say: Callable[..., None]) -> int:
     if plan.run is None:  # a user's ServerApp: how long it may wait for more nodes than there are
         env[NODES_WAIT_ENV] = repr(plan.start_timeout)
     try:
-        return _run_federation(plan, say, Federation(plan, env))
+        federation = SimulatedFederation(plan, env) if plan.simulation else Federation(plan, env)
+        return _run_federation(plan, say, federation)
     except OSError as err:  # a write no layer below caught (a full disk): one line, not a traceback
         say(f"{RUN_FAILED_MARK}{OutputError(Path(err.filename or run_dir), err)}")
         return EXIT_FAILED
@@ -512,7 +613,8 @@ def _run_federation(plan: ServerPlan, say: Callable[..., None], federation: Fede
         say(f"{RUN_FAILED_MARK}{OutputError(flwr_home, err)}")
         return EXIT_FAILED
     say(f"[fedgpu] run directory {run_dir}", err=True)
-    say(f"[fedgpu] Flower's CLI: FLWR_HOME={flwr_home} flwr ls {CONNECTION} (or: flwr log RUN_ID {CONNECTION} --show)")
+    if plan.simulation is None:  # a simulation has no SuperLink to ask
+        say(f"[fedgpu] Flower's CLI: FLWR_HOME={flwr_home} flwr ls {CONNECTION} (or: flwr log RUN_ID {CONNECTION} --show)")
 
     def stop(code: int, line: str = "") -> None:
         raise RunStopped(code, line)
@@ -538,7 +640,8 @@ def _run_federation(plan: ServerPlan, say: Callable[..., None], federation: Fede
     try:
         federation.start_superlink()
         federation.register_nodes()
-        say(f"[fedgpu] SuperLink ready on {plan.server.host}:{plan.server.port}", err=True)
+        if plan.simulation is None:
+            say(f"[fedgpu] SuperLink ready on {plan.server.host}:{plan.server.port}", err=True)
         if plan.wait_nodes:
             # Every node registered before round 1: a strategy samples from the nodes it sees at that moment.
             federation.wait_for_nodes(plan.wait_nodes, plan.start_timeout)
