@@ -207,6 +207,8 @@ def failure_summary(report: dict[str, Any], run_dir: Path, most_places: int = 4)
     # initial parameters, an own loop that names no round) are counted, but are no round.
     numbered = {entry["round"] for entry in rounds if _is_round(entry.get("round"))}
     logs = f"logs in {run_dir}: server.log, serverapp.log (the ServerApp), superlink.log, client-<i>.log (node i)"
+    if not (Path(run_dir) / "superlink.log").exists():  # a simulation: one host process, no SuperLink, no nodes
+        logs = f"logs in {run_dir}: server.log, serverapp.log (the ServerApp and the virtual clients), zygote.log"
     in_rounds = f" in {len(numbered)} rounds" if numbered else ""
     if not failed:
         return [f"[fedgpu] failures: none of {sent} messages{in_rounds}", f"[fedgpu] {logs}"]

@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
+    emit("simulation-start", pid=os.getpid(), isolation=args.isolation, nodes=args.nodes, workers=args.workers)
     say(f"simulation: {args.nodes} virtual nodes, {args.workers} messages at once, each in a {args.isolation} child")
     try:
         run_simulation_runtime(args.app_dir, args.nodes, lambda _config: backend, run_config=overrides)

@@ -66,6 +66,8 @@ class PidRegistry:
                 self.current_round = ""
             elif kind == "node-start" and pid:
                 self.who[pid] = _Who("client-node", event.get("client", ""))
+            elif kind == "simulation-start" and pid:  # the ServerApp and every virtual node in one process
+                self.who[pid] = _Who("simulation-host", "")
             elif kind == "child-start" and pid:
                 base = self.who.get(pid)
                 # A node that runs its messages itself (no isolation) stays a node, busy.

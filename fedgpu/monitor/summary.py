@@ -290,7 +290,7 @@ def summarise(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
         "gpu_available": bool(gpu) and not no_gpu,
         "note": None if gpu and not no_gpu else f"no GPU ({no_gpu}): memory figures are host RSS only",
         "gpus": [gpu for gpu in monitor.get("gpus") or [] if _is_gpu(gpu)] if isinstance(monitor.get("gpus"), list) else [],
-        "client_isolation": sorted({str(e.get("isolation")) for e in events if e.get("event") == "node-start"}),
+        "client_isolation": sorted({str(e.get("isolation")) for e in events if e.get("event") in ("node-start", "simulation-start")}),
         "samples": {"gpu": len(gpu), "host": len(host), "gpu_interval_s": monitor.get("gpu_interval_s")},
         "what": {
             "total": "gpu: memory used on the devices by every process; host: RSS summed over the run's processes",
