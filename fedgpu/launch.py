@@ -157,10 +157,11 @@ class Launcher:
 
     # -- starting ---------------------------------------------------------------
 
-    def _spawn(self, argv: list[str], *, stdout: object, stderr: object) -> subprocess.Popen:
+    def _spawn(self, argv: list[str], *, stdout: object, stderr: object, env: dict[str, str] | None = None) -> subprocess.Popen:
         # In the run directory: whatever an app writes to its working directory lands with the run's outputs.
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True, cwd=self.plan.run_dir,
+            env=None if env is None else {**os.environ, **env},
         )
         self.groups.append(proc)
         return proc
@@ -186,10 +187,14 @@ class Launcher:
         assert self.private_dir is not None
         self.zygote_dir = os.path.join(self.private_dir, "zygote")  # the zygote makes it, 0700
         os.environ["FEDGPU_ZYGOTE"] = self.zygote_dir
+        from fedgpu.isolation.zygote.server import SPARES_ENV
+
+        # A simulation's workers ask at once: as many primed spares as workers.
+        spares = {SPARES_ENV: str(self.plan.workers)} if self.plan.simulated else None
         with self._log("zygote.log") as log:
             self.zygote = self._spawn(
                 [*fedgpu_command(), "zygote", "--dir", self.zygote_dir, *self.plan.zygote_args, "--parent-pid", str(os.getpid())],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log, stderr=subprocess.STDOUT, env=spares,
             )
 
     def _start_server(self) -> None:

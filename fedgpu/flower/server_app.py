@@ -7,13 +7,11 @@ children too; this process handles only NumPy arrays and Flower records.
 
 from __future__ import annotations
 
-import time
 from logging import ERROR, INFO
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
@@ -30,38 +28,6 @@ from fedgpu.output import OutputError
 from fedgpu.tasks.work import evaluate_global, initial_model
 
 app = ServerApp()
-
-REPLY_POLL_SECONDS = 0.2
-
-
-class PromptGrid:
-    """The run's Grid, polling for replies every 0.2 s instead of Flower's fixed 3 s.
-
-    Flower's ``send_and_receive`` sleeps 3 s between pulls, which on average
-    adds 1.5 s to every round's train phase; this one is the same loop over
-    the Grid's public ``push_messages`` / ``pull_messages``. Everything else is
-    delegated to the wrapped Grid.
-    """
-
-    def __init__(self, grid: Grid, interval: float = REPLY_POLL_SECONDS) -> None:
-        self._grid = grid
-        self._interval = interval
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        waiting = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while waiting and (deadline is None or time.monotonic() < deadline):
-            pulled = list(self._grid.pull_messages(waiting))
-            replies.extend(pulled)
-            waiting.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
-            if waiting:
-                time.sleep(self._interval)
-        return replies
-
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
@@ -123,7 +89,9 @@ def _federate(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> Array
             initial = named_record(arrays)
             strategy = CheckedStrategy(ExactFedAvg(settings, recorder))
             result = strategy.start(
-                grid=PromptGrid(grid),  # type: ignore[arg-type]
+                # Flower's own grid, paced where fedgpu runs it: a SuperLink's (fedgpu.flower.internals.pace_grid)
+                # or a simulation's (fedgpu.flower.internals.simulation): one reply pace for every ServerApp.
+                grid=grid,
                 initial_arrays=initial,
                 num_rounds=settings.num_rounds,
                 timeout=settings.message_timeout,

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     client_module = client_app_ref.partition(":")[0]
     warm_ups = zygote_warm_ups(args.task) if args.task else app_warm_ups(client_module)
     isolator = Isolator(args.isolation, env={IN_ISOLATED_CHILD: "1"}, zygote=os.environ.get("FEDGPU_ZYGOTE") or None,
-                        warm_ups=warm_ups)
+                        warm_ups=warm_ups, reap_in_background=True)  # a child's exit is off the message's path
     # Children are placed on GPUs with room, where there are GPUs (the server exported the settings it checked).
     placer = GpuPlacer.from_settings(PlacementSettings.from_env(), log=say)
     overrides: dict[str, Any] = {}

@@ -211,10 +211,16 @@ class Isolator:
         grace: float = DEFAULT_GRACE_SECONDS,
         zygote: str | None = None,
         warm_ups: Sequence[str] = (),
+        reap_in_background: bool = False,
     ) -> None:
         """``zygote``: a shared zygote's directory (default ``$FEDGPU_ZYGOTE``);
         without one, mode ``zygote`` starts a private zygote warmed with
-        ``warm_ups`` (see ``fedgpu.isolation.zygote``)."""
+        ``warm_ups`` (see ``fedgpu.isolation.zygote``).
+
+        ``reap_in_background``: a call that answered returns at once; its
+        child's exit (tearing down a process of hundreds of MiB takes tens of
+        ms) is waited for, and its group stopped, by a thread of its own. The
+        child stays among the live ones until then: ``shutdown`` stops it too."""
         if mode not in MODES:
             raise ValueError(f"unknown isolation mode {mode!r} (choose from {', '.join(MODES)})")
         self.mode = mode
@@ -227,6 +233,7 @@ class Isolator:
             from fedgpu.isolation.zygote import ZygoteLauncher
 
             self._launcher = ZygoteLauncher(zygote, warm_ups=warm_ups)
+        self.reap_in_background = reap_in_background
         self._live: set[Child] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -261,24 +268,34 @@ class Isolator:
             return self._run_in_process(fn, args, kwargs, env)
         marker = uuid.uuid4().hex
         child = self._start({**os.environ, **self._child_env(), **self.env, **(env or {}), CALL_MARKER: marker})
-        clean = False
+        clean = reaping = False
         try:
             if on_start is not None:
                 on_start(child.pid)
-            outcome = self._call(child, fn, args, kwargs, timeout)
+            outcome = self._call(child, fn, args, kwargs, timeout, wait_exit=not self.reap_in_background)
             clean = True
+            if self.reap_in_background:
+                threading.Thread(target=self._reap, args=(child, marker, True), name="fedgpu-reaper", daemon=True).start()
+                reaping = True
             return outcome
         except ChildTimedOut:
             self._stop(child, "timeout")
             raise
         finally:
-            # The one place a call's child is stopped and reaped: whatever ended
-            # the call (result, death, timeout, an argument that does not pickle),
-            # the child and everything it started do not outlive it.
+            if not reaping:
+                self._reap(child, marker, clean)
+
+    def _reap(self, child: Child, marker: str, clean: bool) -> None:
+        """The one place a call's child is stopped and reaped: whatever ended the call (result, death,
+        timeout, an argument that does not pickle), the child and everything it started do not outlive it."""
+        try:
+            if clean:
+                child.wait_exit(self.grace)  # let it exit by itself before its group is stopped
             child.stop(self.grace)
             returncode = child.finish()
             if not clean or returncode != 0:
                 kill_marked(CALL_MARKER, marker)  # a crashed child could not clean up after itself
+        finally:
             with self._lock:
                 self._live.discard(child)
 
@@ -324,7 +341,8 @@ class Isolator:
             self._live.add(child)
             return child
 
-    def _call(self, child: Child, fn: Callable, args: tuple, kwargs: dict, timeout: float | None) -> Outcome:
+    def _call(self, child: Child, fn: Callable, args: tuple, kwargs: dict, timeout: float | None, *,
+              wait_exit: bool = True) -> Outcome:
         started = time.perf_counter()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -341,7 +359,8 @@ class Isolator:
             returncode = child.finish()
             peak = f"its peak RSS was {child.max_rss_kib / 1024:.0f} MiB" if child.max_rss_kib else ""
             raise ChildDied(returncode, pid=child.pid, detail=peak, stopped_by=child.stopped_by)
-        child.wait_exit(self.grace)  # let it exit by itself before `run` stops its group
+        if wait_exit:
+            child.wait_exit(self.grace)  # let it exit by itself before `run` stops its group
         status, *body, facts = reply
         if status == "ok":
             return Outcome(

@@ -64,6 +64,8 @@ from fedgpu.isolation.zygote.protocol import (
 
 HANDSHAKE_SECONDS = 2.0  # accept -> complete request; a real caller needs milliseconds
 MAX_DESCRIPTORS = 65536  # the soft RLIMIT_NOFILE the zygote raises itself to (at most its hard limit)
+SPARES_ENV = "FEDGPU_ZYGOTE_SPARES"
+MAX_SPARES = 64  # each is a primed process: its private pages count
 DESCRIPTOR_HEADROOM = 128  # for the listener, the selector, the spare, stdio, imported libraries
 # Connections the kernel queues for accept (capped by net.core.somaxconn): a caller that
 # finds the queue full fails at once, so it is long enough to outlast a flood's burst.
@@ -203,15 +205,17 @@ class Drop(Exception):
 class ZygoteServer:
     """The serving loop; every method runs in the zygote's only thread."""
 
-    def __init__(self, directory: str, key: bytes, grace: float = 3.0, primers: Sequence[str] = ()) -> None:
+    def __init__(self, directory: str, key: bytes, grace: float = 3.0, primers: Sequence[str] = (), spares: int = 1) -> None:
         self.directory = directory
         self.key = key
         self.grace = grace
         # A spare child is forked ahead of the next call and runs the primers
         # (the warm-ups that call something) once: the fork and the copy-on-write
         # faults of the first training step are paid before the call arrives.
+        # As many as calls arrive at once (a simulation's workers): a call finds one primed.
         self.primers = list(primers)
-        self.spare: tuple[int, socket.socket, int | None] | None = None  # pid, channel, pidfd
+        self.spare_count = max(1, spares)
+        self.spares: list[tuple[int, socket.socket, int | None]] = []  # (pid, channel, pidfd), oldest (most primed) first
         self.pid = os.getpid()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -253,7 +257,7 @@ class ZygoteServer:
                 elif kind == "caller":
                     self._caller_gone(ref)
                 elif kind == "spare-exited":
-                    self._spare_died()
+                    self._spare_died(ref)
                 elif kind == "orphan":
                     self._reap_orphan(ref)
             now = time.monotonic()
@@ -400,10 +404,14 @@ class ZygoteServer:
             self.selector.register(conn, selectors.EVENT_READ, ("caller", pid))
         else:
             signal_group(pid, signal.SIGKILL)  # its caller is gone already
-        if self.spare is None and self.primers:
-            self.fork_spare()  # after answering: the caller does not wait for it
+        self.fork_spares()  # after answering: the caller does not wait for them
 
     # -- children --------------------------------------------------------------
+
+    def fork_spares(self) -> None:
+        """Fork spares up to ``spare_count`` (none without primers: a spare is worth its memory once primed)."""
+        while self.primers and len(self.spares) < self.spare_count:
+            self.fork_spare()
 
     def fork_spare(self) -> None:
         ours, theirs = socket.socketpair()
@@ -415,14 +423,13 @@ class ZygoteServer:
         pidfd = open_sentinel(pid)
         if pidfd is not None:
             self.selector.register(pidfd, selectors.EVENT_READ, ("spare-exited", pid))
-        self.spare = (pid, ours, pidfd)
+        self.spares.append((pid, ours, pidfd))
 
     def _assign_spare(self, request: Mapping[str, Any], fds: list[int]) -> tuple[int | None, int | None]:
         """Hand the call to the spare: (its pid, its pidfd), or (None, None) to fork afresh."""
-        if self.spare is None:
+        if not self.spares:
             return None, None
-        pid, channel, pidfd = self.spare
-        self.spare = None
+        pid, channel, pidfd = self.spares.pop(0)
         if pidfd is not None:
             self.selector.unregister(pidfd)
         try:
@@ -434,11 +441,13 @@ class ZygoteServer:
         channel.close()
         return pid, pidfd
 
-    def _spare_died(self) -> None:
+    def _spare_died(self, dead: int) -> None:
         # Not re-forked at once: a spare whose primers fail would die in a loop.
-        assert self.spare is not None
-        pid, channel, pidfd = self.spare
-        self.spare = None
+        found = [spare for spare in self.spares if spare[0] == dead]
+        if not found:
+            return
+        self.spares.remove(found[0])
+        pid, channel, pidfd = found[0]
         if pidfd is not None:
             self.selector.unregister(pidfd)
         self._discard_spare(pid, channel, pidfd)
@@ -486,10 +495,10 @@ class ZygoteServer:
         for pidfd in self.orphans.values():
             if pidfd is not None:
                 os.close(pidfd)
-        if self.spare is not None:
-            self.spare[1].close()
-            if self.spare[2] is not None:
-                os.close(self.spare[2])
+        for _, channel, pidfd in self.spares:
+            channel.close()
+            if pidfd is not None:
+                os.close(pidfd)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         from fedgpu.isolation.child import become_call_child
 
@@ -561,7 +570,7 @@ class ZygoteServer:
 
     def _sweep_orphans(self) -> None:
         """Kill every child of ours that no call owns: what finished calls left behind."""
-        known = set(self.children) | set(self.orphans) | ({self.spare[0]} if self.spare else set())
+        known = set(self.children) | set(self.orphans) | {spare[0] for spare in self.spares}
         for pid in children_of(self.pid):
             if pid in known:
                 continue
@@ -590,9 +599,9 @@ class ZygoteServer:
         """TERM every child's group, wait ``grace``, KILL, reap; remove our files."""
         for pending in list(self.pending.values()):
             self._drop(pending)
-        if self.spare is not None:
-            self._discard_spare(*self.spare)
-            self.spare = None
+        for spare in self.spares:
+            self._discard_spare(*spare)
+        self.spares = []
         pids = list(self.children)
         for pid in pids:
             signal_group(pid, signal.SIGTERM)
@@ -629,6 +638,14 @@ def _try_send(conn: socket.socket, message: dict[str, Any]) -> bool:
         return True
     except (Drop, OSError):
         return False
+
+
+def spares_wanted() -> int:
+    """Spare children to keep primed: $FEDGPU_ZYGOTE_SPARES (a simulation sets its workers), else one."""
+    try:
+        return max(1, min(MAX_SPARES, int(os.environ.get(SPARES_ENV) or 1)))
+    except ValueError:
+        return 1
 
 
 def _fork() -> int:
@@ -697,7 +714,7 @@ def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> No
     key = os.urandom(32)
     _write_private(os.path.join(directory, KEY_NAME), key)
     primers = [spec for spec in warm_ups if ":" in spec.lstrip("?").partition("=")[0]]
-    server = ZygoteServer(directory, key, primers=primers)
+    server = ZygoteServer(directory, key, primers=primers, spares=spares_wanted())
     try:
         ready = os.path.join(directory, READY_NAME)
         _write_private(ready + ".tmp", str(os.getpid()).encode())
@@ -707,8 +724,7 @@ def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> No
             f"at {directory} (warm-ups: {', '.join(warmed) or 'none'})",
             flush=True,
         )
-        if primers:
-            server.fork_spare()
+        server.fork_spares()
         server.serve_forever()
     finally:
         server.close()
