@@ -241,7 +241,14 @@ class ZygoteServer:
             now = time.monotonic()
             oldest = next(iter(self.pending.values()), None)  # in accept order: the first deadline
             timeout = max(0.0, min(next_sweep, oldest.deadline if oldest else next_sweep) - now)
-            for key, _ in self.selector.select(timeout=timeout):
+            refill = self.primers and len(self.spares) < self.spare_count
+            ready = self.selector.select(timeout=0 if refill else timeout)
+            if refill and not ready and not self.pending:
+                # Idle: fork a spare now. Forking a process of ~1 GiB blocks this loop for
+                # tens of ms; done while a call waits, the call would wait for it.
+                self.fork_spare()
+                continue
+            for key, _ in ready:
                 if self.selector.get_map().get(key.fd) is not key:
                     # Stale: handling an earlier event of this batch unregistered it (a
                     # handshake evicted or finished, a child reaped), and its descriptor
@@ -404,7 +411,7 @@ class ZygoteServer:
             self.selector.register(conn, selectors.EVENT_READ, ("caller", pid))
         else:
             signal_group(pid, signal.SIGKILL)  # its caller is gone already
-        self.fork_spares()  # after answering: the caller does not wait for them
+        # The spare it took is replaced once nothing else waits (serve_forever).
 
     # -- children --------------------------------------------------------------
 
