@@ -387,7 +387,7 @@ def plan_run(
     from fedgpu.flower.node import free_port, port_free
     from fedgpu.flower.server import check_task_run
     from fedgpu.run_dir import prepare_run_dir
-    from fedgpu.flower.settings import parse_config_pairs
+    from fedgpu.flower.settings import check_node_config
     from fedgpu.nvml.placement import check_placement
 
     values = dict(options)
@@ -432,13 +432,7 @@ def plan_run(
                              timeout=values["timeout"])
         needed = 0
     server_values["run_timeout"] = values["run_timeout"]
-    try:
-        extra = parse_config_pairs(str(values["node_config"]))
-    except ValueError as err:
-        raise BadInput(f"--node-config: {err}") from None
-    taken = sorted(set(extra) & {"partition-id", "num-partitions", "task"})
-    if taken:
-        raise BadInput(f"--node-config: {', '.join(taken)} come from their own options")
+    check_node_config(str(values["node_config"]))
     check_placement(values, children=mp)
     port = values["port"]
     if simulated:

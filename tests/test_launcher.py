@@ -136,7 +136,7 @@ FEDGPU_BAD_INPUT = [
     (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--node-config", "lr=fast"],
      "--node-config: lr=fast: the value must be a bool, a number or a \"quoted string\""),
     (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--node-config", "partition-id=1"],
-     "--node-config: partition-id come from their own options"),
+     "--node-config: partition-id comes from its own option"),
     (["bogus-command"], "bogus-command"),
     (["server", "--task", "vit-flowers", "--task-option", "weights=none"], "task vit-flowers downloads nelorth/oxford-flowers from the Hugging Face Hub, which is unreachable"),
     (["server", "--task", "vit-flowers", "--data-files", "/nonexistent/flowers"], "--data-files /nonexistent/flowers: not found"),

@@ -127,3 +127,35 @@ def test_flowers_pace_is_kept_when_asked(tmp_path: Path) -> None:
     log = read_or_empty(run_dir / "client-0.log")
     assert "FEDGPU_NODE_PACE=flower: the SuperNode keeps Flower's own pace" in log, log[-2000:]
     assert "SuperNode loop:" not in log
+
+
+def test_the_installed_flower_has_the_simulation_runtime_fedgpu_changes() -> None:
+    """Fails for a Flower whose Simulation Runtime changed shape (backend, dispatcher, grid pace, _run_simulation)."""
+    from fedgpu.flower.internals.simulation import simulation_contract
+
+    assert simulation_contract() == []
+
+
+def test_the_simulation_dispatcher_hands_a_node_one_message_at_a_time() -> None:
+    """A node's next message waits for its reply (its Context is never computed twice at once); others go on."""
+    import threading
+
+    from fedgpu.flower.internals.simulation import StoredMessages
+
+    stored = StoredMessages()
+    assert stored.take(0.01) == []
+    stored.stored(7)
+    stored.stored(7)  # a second message for node 7 before the first was taken
+    stored.stored(3)
+    assert stored.take(0.01) == [3, 7]
+    stored.dispatched(7)
+    stored.stored(7)  # node 7's next message: it is busy
+    stored.stored(5)
+    assert stored.take(0.01) == [5]
+    assert stored.take(0.01) == []
+    woken = []
+    waiter = threading.Thread(target=lambda: woken.append(stored.take(5.0)))
+    waiter.start()
+    stored.replied(7)  # its reply is stored: its next message may go, and the waiting dispatcher wakes
+    waiter.join(5.0)
+    assert woken == [[7]]

@@ -93,7 +93,7 @@ class NodePlan:
 
 def plan_node(options: dict[str, Any]) -> NodePlan:
     """Check every option of ``fedgpu client`` before anything starts; BadInput names the first problem."""
-    from fedgpu.flower.settings import parse_config_pairs
+    from fedgpu.flower.settings import check_node_config
     from fedgpu.isolation.procs import watch_parent
     from fedgpu.nvml.placement import check_placement
 
@@ -116,14 +116,7 @@ def plan_node(options: dict[str, Any]) -> NodePlan:
         except UnknownTaskError as err:
             raise BadInput(str(err)) from None
         node_config["task"] = options["task"]
-    try:
-        extra = parse_config_pairs(str(options["node_config"]))
-    except ValueError as err:
-        raise BadInput(f"--node-config: {err}") from None
-    taken = sorted(set(extra) & {"partition-id", "num-partitions", "task"})
-    if taken:
-        raise BadInput(f"--node-config: {', '.join(taken)} come from their own options")
-    node_config.update(extra)
+    node_config.update(check_node_config(str(options["node_config"])))
     zygote_dir = options["zygote_dir"]
     isolation = str(options["isolation"]) if options["mp"] else "none"
     if zygote_dir and isolation == "zygote" and not options["check"]:

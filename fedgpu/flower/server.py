@@ -480,6 +480,8 @@ def _simulation_settings(options: dict[str, Any]) -> SimulationSettings | None:
     for name in ("ssl_ca_certfile", "auth_public_keys", "wait_nodes"):
         if options.get(name):
             raise BadInput(f"--{name.replace('_', '-')} is for a SuperLink; a simulation has none")
+    from fedgpu.flower.settings import check_node_config
+
     node_config = str(options.get("node_config") or "")
     check_node_config(node_config)
     return SimulationSettings(nodes=nodes, workers=int(options.get("workers") or default_workers()),
@@ -491,20 +493,6 @@ def _simulation_settings(options: dict[str, Any]) -> SimulationSettings | None:
 def default_workers() -> int:
     """Messages in flight at once in a simulation: one per core this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def check_node_config(text: str) -> dict[str, Any]:
-    """``--node-config``, Flower's syntax; BadInput if it cannot be read or names a key fedgpu sets."""
-    from fedgpu.flower.settings import parse_config_pairs
-
-    try:
-        extra = parse_config_pairs(text)
-    except ValueError as err:
-        raise BadInput(f"--node-config: {err}") from None
-    taken = sorted(set(extra) & {"partition-id", "num-partitions", "task"})
-    if taken:
-        raise BadInput(f"--node-config: {', '.join(taken)} come from their own options")
-    return extra
 
 
 def check_task_run(options: dict[str, Any], *, min_clients: int, sampled: int, run_dir: Path | None = None) -> RunSettings:
@@ -605,7 +593,8 @@ def _run_federation(plan: ServerPlan, say: Callable[..., None], federation: Fede
     run_dir = plan.run_dir
     flwr_home = run_dir / "flwr-home"
     try:
-        write_connection(flwr_home, plan.server)
+        if plan.simulation is None:  # a simulation has no SuperLink to connect to
+            write_connection(flwr_home, plan.server)
     except OutputError as err:
         say(f"{RUN_FAILED_MARK}{err}")
         return EXIT_FAILED
@@ -679,6 +668,7 @@ def _run_federation(plan: ServerPlan, say: Callable[..., None], federation: Fede
                           failure_kind="run failed" if failed_line else "ServerApp failed")
     elif stopped_by or failed_line:
         _mark_ended(run_dir, say, stopped_by=stopped_by, reason=failed_line)
+    _record_runtime(plan)
     report = _read_report(run_dir)
     failure = report.get("failure")
     if code == EXIT_FAILED and isinstance(failure, dict):
@@ -707,6 +697,23 @@ def _run_federation(plan: ServerPlan, say: Callable[..., None], federation: Fede
         ended = "stopped" if stopped_by else "completed" if code == 0 else "failed"
         say(f"[fedgpu] run {ended}; outputs in {run_dir}")
     return code
+
+
+def _record_runtime(plan: ServerPlan) -> None:
+    """report.json says which runtime ran: Flower's deployment runtime on a SuperLink, or a simulation."""
+    from fedgpu.monitor.host import merge_into_report
+
+    if not (plan.run_dir / "report.json").exists():
+        return
+    simulation = plan.simulation
+    runtime: dict[str, Any] = {"mode": "deployment"}
+    if simulation is not None:
+        runtime = {"mode": "simulation", "virtual_nodes": simulation.nodes, "workers": simulation.workers,
+                   "isolation": simulation.isolation}
+    try:
+        merge_into_report(str(plan.run_dir / "report.json"), "runtime", runtime)
+    except (OSError, ValueError, OutputError):
+        pass  # the report's own writer said what failed
 
 
 def _message_counts(report: dict[str, Any]) -> tuple[int, int]:

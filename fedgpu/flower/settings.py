@@ -180,3 +180,18 @@ def parse_task_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
             raise ValueError(f"--task-option {pair!r}: expected KEY=VALUE")
         options[key] = value.strip()
     return options
+
+
+def check_node_config(text: str) -> dict[str, Any]:
+    """``--node-config``, Flower's syntax; BadInput if it cannot be read or names a key fedgpu sets."""
+    from fedgpu.errors import BadInput
+
+    try:
+        extra = parse_config_pairs(text)
+    except ValueError as err:
+        raise BadInput(f"--node-config: {err}") from None
+    taken = sorted(set(extra) & {"partition-id", "num-partitions", "task"})
+    if taken:
+        raise BadInput(f"--node-config: {', '.join(taken)} {'come' if len(taken) > 1 else 'comes'} from "
+                       f"{'their' if len(taken) > 1 else 'its'} own option")
+    return extra

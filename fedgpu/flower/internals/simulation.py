@@ -27,8 +27,10 @@ refuses to start on a Flower it does not fit.
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from flwr.server.superlink.fleet.vce.backend.backend import Backend  # noqa: F40
 
 from fedgpu.flower.internals import sleep_contract
 
+RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
 DISPATCH_WAIT_SECONDS = 0.5  # the dispatcher's longest wait, so that it sees the run stop
 
 
@@ -203,7 +206,6 @@ def run_simulation_runtime(
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.fleet.vce.backend import raybackend
     from flwr.server.superlink.linkstate import InMemoryLinkState
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation  # the module's, whatever flwr.simulation exports
@@ -220,7 +222,11 @@ def run_simulation_runtime(
         raise RuntimeError(f"flwr {flwr.__version__}'s Simulation Runtime is not the one fedgpu runs: {'; '.join(problems)}")
     server_app_ref, _, fab_id, fab_version = app_components(app_dir)
     stored, clock = StoredMessages(), _ReplyClock()
-    raybackend.RayBackend = backend_factory  # type: ignore[assignment, misc]
+    # start_vce imports `.backend.raybackend.RayBackend` when it runs: the module it finds is one whose
+    # RayBackend is ours. Flower's own would import Ray, which this process never needs.
+    stand_in = types.ModuleType(RAY_BACKEND_MODULE, "fedgpu's backend in place of Flower's Ray backend")
+    stand_in.RayBackend = backend_factory  # type: ignore[attr-defined]
+    sys.modules[RAY_BACKEND_MODULE] = stand_in
     vce_api.add_messages_to_queue = _told_dispatcher(stored)
     _tell_on_store(InMemoryLinkState, stored, clock)
     inmemory_grid.time = clock  # type: ignore[assignment]
