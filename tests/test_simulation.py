@@ -261,8 +261,12 @@ def test_each_fault_kind_costs_one_message_and_the_next_round_is_normal(fault_ru
     assert "[fedgpu] failures: 6 of 16 messages, in 1 of 2 rounds" in output, output
     assert "[fedgpu]   killed by SIGSEGV x1: round 1 train client 1" in output, output
     assert "serverapp.log (the ServerApp and the virtual clients)" in output, output
-    assert "[fedgpu] ClientApp failed: raised ValueError: injected fault: bad batch (client 0" in (
-        run_dir / "serverapp.log").read_text()
+    # A virtual client has no log of its own: serverapp.log has the failure, and where the ClientApp raised.
+    log = (run_dir / "serverapp.log").read_text()
+    assert "[fedgpu] ClientApp failed: raised ValueError: injected fault: bad batch (client 0" in log, log
+    traceback = log[log.index(f"ClientApp traceback (client 0, child pid {failed['0']['pid']}):"):]
+    assert "in _misbehave" in traceback and "ValueError: injected fault: bad batch" in traceback, traceback
+    assert "Traceback" not in output.split("[fedgpu] failures:")[0], "a task's console shows its round lines only"
 
 
 def test_a_setsid_grandchild_does_not_survive_its_call(fault_run) -> None:
