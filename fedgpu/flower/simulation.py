@@ -38,7 +38,7 @@ from fedgpu.flower.failures import Failure
 from fedgpu.flower.internals.simulation import Backend, app_components, run_simulation_runtime
 from fedgpu.flower.runner import VirtualClientCall, _stamp, _who, message_deadline, run_virtual_client
 from fedgpu.flower.transfer import task_identity
-from fedgpu.isolation import IsolationError, Isolator
+from fedgpu.isolation import ChildRaised, IsolationError, Isolator
 from fedgpu.monitor.events import emit
 from fedgpu.nvml.placement import GpuPlacer
 
@@ -99,6 +99,7 @@ class ZygoteBackend(Backend):
         failure = Failure("ClientApp task failed", client=str(who["client"]), round=who["round"])
         reply: Any = None
         stamp: dict[str, Any] = {}
+        child_traceback = ""
         try:
             call = VirtualClientCall(self.client_app_ref, self.app_dir, task_identity(), message, context)
             started = time.perf_counter()
@@ -120,11 +121,15 @@ class ZygoteBackend(Backend):
             failed = None
         except IsolationError as err:
             failed = failure.where(kind=err.kind, detail=err.detail, pid=err.pid)
+            child_traceback = err.remote_traceback if isinstance(err, ChildRaised) else ""
         except Exception as err:  # noqa: BLE001 - one message's failure, answered as its Error reply
             first = str(err).splitlines()[0] if str(err) else ""
             failed = failure.where(kind=f"{type(err).__name__} in the simulation host", detail=first)
         if failed is not None:
             log(ERROR, "[fedgpu] ClientApp failed: %s", failed.text())
+            if child_traceback:  # where it raised: a virtual client has no log of its own, serverapp.log has it
+                log(ERROR, "ClientApp traceback (client %s, child pid %s):\n%s", who["client"], failed.pid,
+                    child_traceback.rstrip())
             reply = Message(failed.to_error(), reply_to=message)
         emit("message-end", pid=os.getpid(), node_id=context.node_id, **who, stamp=stamp,
              failure=None if failed is None else asdict(failed))

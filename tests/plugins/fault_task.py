@@ -6,7 +6,10 @@ once (a marker in ``FEDGPU_FAULTS_DIR``), so the next round is normal.
 
 More faults: ``sigstop`` (the child stops itself), ``loop`` (spins forever),
 ``setsid`` (starts a grandchild in a session of its own, writes its pid to
-``FEDGPU_FAULTS_DIR/grandchild-<partition>``, then trains normally), and bad
+``FEDGPU_FAULTS_DIR/grandchild-<partition>``, then trains normally), ``exit``
+(the child exits with status 3 without answering), ``notmessage`` (the
+ClientApp answers a dict instead of a Message: only in a child, whose patch
+of the ClientApp module dies with it), and bad
 replies that train normally but send ``badshape`` (the first array reshaped),
 ``extra`` (one array too many), ``missing`` (one too few), ``nan`` (a NaN in
 the first array) or ``zero`` (0 examples).
@@ -50,6 +53,12 @@ def _misbehave(fault: str, partition: int) -> None:
     if fault == "loop":
         while True:
             pass
+    if fault == "exit":
+        os._exit(3)
+    if fault == "notmessage":
+        import fedgpu.flower.client_app
+
+        fedgpu.flower.client_app.Message = lambda **_: {"not": "a Message"}  # what the ClientApp's train returns
     if fault == "setsid":
         grandchild = subprocess.Popen(["sleep", "3600"], start_new_session=True)
         path = os.path.join(os.environ["FEDGPU_FAULTS_DIR"], f"grandchild-{partition}")
