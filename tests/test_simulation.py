@@ -237,7 +237,7 @@ def test_each_fault_kind_costs_one_message_and_the_next_round_is_normal(fault_ru
     first, second = read_metrics(run_dir)
     assert (first["results"], first["failures"]) == ("2", "6"), first  # clients 6 (setsid) and 7 answered
     assert sorted(first["failure_reasons"].split("; ")) == [
-        "TypeError in the simulation host x1",  # the ClientApp answered a dict, not a Message
+        "bad reply x1",  # the ClientApp answered a dict, not a Message
         "exit code 3 x1",  # exited without answering
         "killed by SIGKILL x1",
         "killed by SIGSEGV x1",

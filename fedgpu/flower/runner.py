@@ -32,7 +32,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from fedgpu.flower.app_rounds import server_round_of
+from fedgpu.flower.app_rounds import BAD_REPLY, server_round_of
 from fedgpu.flower.children import placer_for, run_child
 from fedgpu.flower.failures import Failure
 from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
@@ -230,9 +230,14 @@ class TaskRunner:
             )
             call_seconds = time.perf_counter() - started  # child asked for -> reply back -> child reaped
             reply, context = outcome.value
-            stamp = _stamp(reply, outcome, call_seconds, placement, who["client"])
-            failure = None
-            log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid, outcome.seconds)
+            if isinstance(reply, Message):
+                stamp = _stamp(reply, outcome, call_seconds, placement, who["client"])
+                failure = None
+                log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid, outcome.seconds)
+            else:  # the ClientApp's own doing: its message's failure, said as such
+                failure = base.where(kind=BAD_REPLY, detail=f"the ClientApp answered {type(reply).__name__}, not a Message",
+                                     pid=outcome.pid)
+                log(ERROR, "[fedgpu] ClientApp failed: %s", failure.text())
         except IsolationError as err:
             failure = base.where(kind=err.kind, detail=err.detail, pid=err.pid)
             log(ERROR, "[fedgpu] ClientApp failed in its child: %s", err)

@@ -33,6 +33,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.supercore import log
 
+from fedgpu.flower.app_rounds import BAD_REPLY
 from fedgpu.flower.children import placer_for, run_child
 from fedgpu.flower.failures import Failure
 from fedgpu.flower.internals.simulation import Backend, app_components, run_simulation_runtime
@@ -114,11 +115,13 @@ class ZygoteBackend(Backend):
                 timeout=message_deadline(message, context, self.timeout),
             )
             reply, updated = outcome.value
-            if not isinstance(reply, Message) or not isinstance(updated, Context):
-                raise TypeError(f"the ClientApp answered {type(reply).__name__}, not a Message")
-            context = updated
-            stamp = _stamp(reply, outcome, time.perf_counter() - started, placement, who["client"])
-            failed = None
+            if isinstance(reply, Message) and isinstance(updated, Context):
+                context = updated
+                stamp = _stamp(reply, outcome, time.perf_counter() - started, placement, who["client"])
+                failed = None
+            else:  # the ClientApp's own doing, as a reply its strategy could not use would be
+                failed = failure.where(kind=BAD_REPLY, detail=f"the ClientApp answered {type(reply).__name__}, not a Message",
+                                       pid=outcome.pid)
         except IsolationError as err:
             failed = failure.where(kind=err.kind, detail=err.detail, pid=err.pid)
             child_traceback = err.remote_traceback if isinstance(err, ChildRaised) else ""
