@@ -331,12 +331,14 @@ def bench_models(**options: Any) -> None:
               help="A private directory of yours for its socket and key (created 0700 if missing), e.g. \"$(mktemp -d)\".")
 @click.option("--task", "tasks", multiple=True, help="Task to warm up for (repeatable) [default: digits, unless --app].")
 @click.option("--app", "app_dir", type=click.Path(), default=None, help="A Flower app directory: warm up with its ClientApp module.")
+@click.option("--run-data", default=None, metavar="JSON",
+              help='A run\'s task data to load once for every child: {"task": T, "options": {...}, "partitions": N}.')
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
-def zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, parent_pid: int | None) -> None:
+def zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, run_data: str | None, parent_pid: int | None) -> None:
     """Serve this host's client nodes: fork each message's child from one warm process."""
     from fedgpu.flower.settings import exec_zygote
 
-    exec_zygote(directory, tasks, app_dir, parent_pid)
+    exec_zygote(directory, tasks, app_dir, parent_pid, run_data=run_data)
 
 
 _GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)

@@ -10,6 +10,7 @@ only the server's submission and the zygote's warm-up differ.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import secrets
@@ -417,10 +418,12 @@ def plan_run(
         values["sampled"] = values["sampled"] or min(5, nodes)
         if values["data_files"]:  # the server and the nodes run elsewhere (in the run directory)
             values["data_files"] = str(Path(values["data_files"]).absolute())
-        check_task_run(values, min_clients=nodes, sampled=values["sampled"])
+        run = check_task_run(values, min_clients=nodes, sampled=values["sampled"])
         needed, sampled, what = int(values["sampled"]), int(values["sampled"]), f"task {values['task']}"
         server_values = {name: values[name] for name in task_only | {"start_timeout"}}
-        zygote_args = ["--task", str(values["task"])]
+        # The zygote loads the run's task data once (its splits, its partitioner), for every child.
+        run_data = {"task": run.task, "options": run.task_options(), "partitions": nodes}
+        zygote_args = ["--task", str(values["task"]), "--run-data", json.dumps(run_data)]
     if app_dir and not simulated:  # the server submits the run once every node is registered (a task's ServerApp waits)
         server_values.update(wait_nodes=nodes, start_timeout=values["start_timeout"])
     elif app_dir:  # how long the app's strategy may wait for more nodes than there are

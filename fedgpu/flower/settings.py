@@ -28,7 +28,8 @@ def app_warm_ups(client_module: str) -> list[str]:
     return ["fedgpu.flower.runner", "fedgpu.flower.internals.simulation", client_module]
 
 
-def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, parent_pid: int | None) -> None:
+def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, parent_pid: int | None, *,
+                run_data: str | None = None) -> None:
     """``fedgpu zygote``: check, then become the zygote process (same pid, a fresh interpreter)."""
     import os
     import sys
@@ -64,6 +65,14 @@ def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, par
             except UnknownTaskError as err:
                 raise BadInput(str(err)) from None
         warm_ups = zygote_warm_ups(*(tasks or ("digits",)))
+        if run_data:
+            try:
+                wanted = json.loads(run_data)
+                if wanted.get("task") not in (tasks or ("digits",)) or int(wanted["partitions"]) < 1:
+                    raise ValueError("a task this zygote warms up for, and partitions >= 1")
+            except (ValueError, TypeError, KeyError, AttributeError) as err:
+                raise BadInput(f"--run-data: {err}") from None
+            warm_ups.append(f"fedgpu.tasks.work:warm_up_run={json.dumps(wanted)}")
     try:  # the zygote checks again; here a bad path is one line before anything is imported
         prepare_directory(directory)
     except ZygoteError as err:

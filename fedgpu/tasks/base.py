@@ -84,6 +84,11 @@ class Task:
         """Batches of the held-out test split (server-side central evaluation)."""
         raise NotImplementedError
 
+    def prepare_data(self, num_partitions: int) -> None:
+        """Load, once in a zygote before it forks, what every child of a run would load again: data that is
+        already on this host, split and partitioned for ``num_partitions`` clients. Nothing by default (a
+        task that downloads must not do it here). Must never initialise CUDA nor leave a thread running."""
+
     @classmethod
     def data_problem(cls, options: dict[str, Any]) -> str | None:
         """Before a run starts: a one-line reason why this task's data cannot be

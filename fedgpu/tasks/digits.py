@@ -53,6 +53,11 @@ class DigitsTask(Task):
         super().warm_up()
         _digits_arrays()
 
+    def prepare_data(self, num_partitions: int) -> None:
+        """The splits and the partitioner of a run (bundled data: nothing to download)."""
+        self.test_dataset()
+        self.partition(*self.partition_of(0, num_partitions))
+
     def build_model(self) -> torch.nn.Module:
         import torch
         from torch import nn

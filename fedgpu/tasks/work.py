@@ -7,6 +7,7 @@ so the parent never needs torch to read them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,19 @@ class WorkSettings:
     threads: int = 1  # CPU threads per child: K children share the host's cores
 
 
+_tasks: dict[str, Any] = {}  # one Task per (name, options) in a process; a zygote's are its children's too
+
+
+def task_for(name: str, options: dict[str, Any] | None = None) -> Any:
+    """The task ``name`` with ``options``, made once per process: what it has loaded (its splits, its
+    partitioners) serves every later call, and, made in a zygote, every child forked from it."""
+    key = json.dumps([name, options or {}], sort_keys=True, default=str)
+    task = _tasks.get(key)
+    if task is None:
+        task = _tasks[key] = load_task(name, options)
+    return task
+
+
 def _setup(settings: WorkSettings):
     import torch
 
@@ -31,12 +45,19 @@ def _setup(settings: WorkSettings):
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_task(settings.task, settings.options), device
+    return task_for(settings.task, settings.options), device
 
 
 def warm_up(task: str) -> None:
     """A zygote's warm-up for ``task`` (on CPU; CUDA stays untouched)."""
     load_task(task).warm_up()
+
+
+def warm_up_run(spec: str) -> None:
+    """A zygote's warm-up for one run: ``{"task", "options", "partitions"}`` as JSON. The task is made
+    with the run's options and loads what it has locally (``Task.prepare_data``), once for every child."""
+    wanted = json.loads(spec)
+    task_for(str(wanted["task"]), dict(wanted.get("options") or {})).prepare_data(int(wanted["partitions"]))
 
 
 def initial_arrays(settings: WorkSettings) -> dict:

@@ -214,7 +214,7 @@ class ZygoteServer:
         # faults of the first training step are paid before the call arrives.
         # As many as calls arrive at once (a simulation's workers): a call finds one primed.
         self.primers = list(primers)
-        self.spare_count = max(1, spares)
+        self.spare_count = max(0, spares)
         self.spares: list[tuple[int, socket.socket, int | None]] = []  # (pid, channel, pidfd), oldest (most primed) first
         self.pid = os.getpid()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -650,7 +650,7 @@ def _try_send(conn: socket.socket, message: dict[str, Any]) -> bool:
 def spares_wanted() -> int:
     """Spare children to keep primed: $FEDGPU_ZYGOTE_SPARES (a simulation sets its workers), else one."""
     try:
-        return max(1, min(MAX_SPARES, int(os.environ.get(SPARES_ENV) or 1)))
+        return max(0, min(MAX_SPARES, int(os.environ.get(SPARES_ENV) or 1)))
     except ValueError:
         return 1
 
