@@ -137,7 +137,8 @@ def kill_leftovers(run_dir: Path) -> list[str]:
 
 # --- driving whole federations -----------------------------------------------
 
-LONG_LIVED = ("fedgpu run", "fedgpu client", "fedgpu server", "flower-superlink", "fedgpu.flower.internals", "flower-superexec", "flwr-serverapp")
+LONG_LIVED = ("fedgpu run", "fedgpu client", "fedgpu server", "flower-superlink", "fedgpu.flower.internals superlink",
+              "fedgpu.flower.simulation", "flower-superexec", "flwr-serverapp")
 
 
 class ProcessSampler(threading.Thread):

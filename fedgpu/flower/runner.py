@@ -35,6 +35,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from fedgpu.flower.app_rounds import BAD_REPLY, server_round_of
 from fedgpu.flower.children import placer_for, run_child
 from fedgpu.flower.failures import Failure
+from fedgpu.flower.internals.apps import load_client_app
 from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
 from fedgpu.isolation import IsolationError, Isolator, Outcome
 from fedgpu.monitor.events import emit
@@ -107,8 +108,6 @@ class VirtualClientCall:
 
 def run_virtual_client(call: VirtualClientCall) -> tuple[Message, Context]:
     """Load the app's ClientApp and run it on one message (inside the child)."""
-    from fedgpu.flower.internals.simulation import load_client_app
-
     adopt_task_identity(call.identity)
     client_app = load_client_app(call.client_app_ref, call.app_dir)
     reply = client_app(message=call.message, context=call.context)

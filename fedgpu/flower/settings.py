@@ -18,14 +18,14 @@ def zygote_warm_ups(*tasks: str) -> list[str]:
     what every child unpickles its call into; each task's own warm-up builds its
     model and runs one CPU step.
     """
-    warm_ups = ["torch", "fedgpu.flower.runner", "fedgpu.flower.internals.simulation", "fedgpu.flower.client_app"]
+    warm_ups = ["torch", "fedgpu.flower.runner", "fedgpu.flower.client_app"]
     return warm_ups + [f"fedgpu.tasks.work:warm_up={task}" for task in tasks]
 
 
 def app_warm_ups(client_module: str) -> list[str]:
     """What a zygote serving a user's Flower app imports: our runner and the app's ClientApp
     module, with what it imports (torch, if it uses it); nothing is exercised, CUDA least of all."""
-    return ["fedgpu.flower.runner", "fedgpu.flower.internals.simulation", client_module]
+    return ["fedgpu.flower.runner", client_module]
 
 
 def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, parent_pid: int | None, *,

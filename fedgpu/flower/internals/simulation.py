@@ -179,14 +179,6 @@ def app_components(app_dir: str | Path) -> tuple[str, str, str, str]:
     return str(components["serverapp"]), str(components["clientapp"]), fab_id, fab_version
 
 
-def load_client_app(reference: str, app_dir: str) -> Any:
-    """The ClientApp ``module:attribute`` of the app in ``app_dir`` (inside a child: a warm module is not re-imported)."""
-    from flwr.clientapp.client_app import LoadClientAppError
-    from flwr.supercore.object_ref import load_app
-
-    return load_app(reference, LoadClientAppError, app_dir)
-
-
 def run_simulation_runtime(
     app_dir: str,
     num_supernodes: int,
