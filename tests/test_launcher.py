@@ -108,6 +108,8 @@ FEDGPU_BAD_INPUT = [
     (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--zygote", "/nonexistent/z"],
      "--zygote /nonexistent/z: no such directory"),
     (["zygote", "--dir", "/tmp", "--task", "bogus"], "unknown task 'bogus'"),
+    (["zygote", "--dir", "/tmp", "--task", "digits", "--run-data", '{"task": "cifar10", "partitions": 2}'],
+     '--run-data: expected {"task": one of --task, "options": {...}, "partitions": N >= 1}'),
     (["zygote", "--dir", "/tmp"], "--dir /tmp: directory /tmp is open to group or others (mode 1777); it must be a private directory (mode 0700)"),
     (["zygote", "--dir", "/etc/passwd/sub"], "--dir /etc/passwd/sub: cannot create /etc/passwd/sub: Not a directory"),
     (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--zygote", "/tmp"],

@@ -69,9 +69,9 @@ def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, par
             try:
                 wanted = json.loads(run_data)
                 if wanted.get("task") not in (tasks or ("digits",)) or int(wanted["partitions"]) < 1:
-                    raise ValueError("a task this zygote warms up for, and partitions >= 1")
-            except (ValueError, TypeError, KeyError, AttributeError) as err:
-                raise BadInput(f"--run-data: {err}") from None
+                    raise ValueError
+            except (ValueError, TypeError, KeyError, AttributeError):
+                raise BadInput('--run-data: expected {"task": one of --task, "options": {...}, "partitions": N >= 1}') from None
             warm_ups.append(f"fedgpu.tasks.work:warm_up_run={json.dumps(wanted)}")
     try:  # the zygote checks again; here a bad path is one line before anything is imported
         prepare_directory(directory)
