@@ -249,7 +249,11 @@ def main() -> None:
         def seconds(r: dict) -> str:
             return " / ".join(" ".join(f"{s:.2f}" for s in run["rounds"]) for run in r.get("runs", [r]))
 
-        return [[name, seconds(r), r["median"], r["wall"], r["peak_pss_mib"], r["rest_pss_mib"]] for name, r in part.items()]
+        def mib(value: float) -> Any:
+            return "not sampled" if value != value else value  # NaN: a timed run, no PSS sampling
+
+        return [[name, seconds(r), r["median"], r["wall"], mib(r["peak_pss_mib"]), mib(r["rest_pss_mib"])]
+                for name, r in part.items()]
 
     def interleaved(setups: dict[str, Any]) -> dict[str, dict]:
         runs: dict[str, list[dict]] = {name: [] for name in setups}
