@@ -202,7 +202,7 @@ class TaskRunner:
         who: dict[str, Any] = {}
         try:
             message, context, run, fab = pull_task_input(client)
-            who = _who(message, context)
+            who = who_of(message, context)
             base = failure = Failure("ClientApp task failed", client=str(who["client"]), round=who["round"])
             install_from_fab(fab.content, skip_prompt=True)
             call = ClientAppCall(
@@ -230,7 +230,7 @@ class TaskRunner:
             call_seconds = time.perf_counter() - started  # child asked for -> reply back -> child reaped
             reply, context = outcome.value
             if isinstance(reply, Message):
-                stamp = _stamp(reply, outcome, call_seconds, placement, who["client"])
+                stamp = stamp_reply(reply, outcome, call_seconds, placement, who["client"])
                 failure = None
                 log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid, outcome.seconds)
             else:  # the ClientApp's own doing: its message's failure, said as such
@@ -264,7 +264,7 @@ class TaskRunner:
             client.close()
 
 
-def _who(message: Message, context: Context) -> dict:
+def who_of(message: Message, context: Context) -> dict:
     """Client, round and message type of a task, as the memory monitor maps pids."""
     return {
         "client": context.node_config.get("partition-id", ""),
@@ -273,7 +273,7 @@ def _who(message: Message, context: Context) -> dict:
     }
 
 
-def _stamp(reply: Message, outcome: Outcome, call_seconds: float, placement: Placement | None, client: object) -> dict[str, Any]:
+def stamp_reply(reply: Message, outcome: Outcome, call_seconds: float, placement: Placement | None, client: object) -> dict[str, Any]:
     """Record where and how the reply was computed, for the server's report; the same as a dict."""
     if reply.has_error():
         return {}

@@ -31,13 +31,13 @@ from logging import ERROR
 from typing import Any
 
 from flwr.app import Context, Message
-from flwr.supercore import log
+from flwr.common import log
 
 from fedgpu.flower.app_rounds import BAD_REPLY
 from fedgpu.flower.children import placer_for, run_child
 from fedgpu.flower.failures import Failure
-from fedgpu.flower.internals.simulation import Backend, app_components, run_simulation_runtime
-from fedgpu.flower.runner import VirtualClientCall, _stamp, _who, message_deadline, run_virtual_client
+from fedgpu.flower.internals.simulation import Backend, app_components, in_memory_grid_class, run_simulation_runtime
+from fedgpu.flower.runner import VirtualClientCall, stamp_reply, who_of, message_deadline, run_virtual_client
 from fedgpu.flower.transfer import task_identity
 from fedgpu.isolation import ChildRaised, IsolationError, Isolator
 from fedgpu.monitor.events import emit
@@ -96,7 +96,7 @@ class ZygoteBackend(Backend):
         """Run the ClientApp on ``message`` in a child; its reply (an ``Error`` if it failed) and the node's Context."""
         if self.node_config:
             context.node_config.update({k: v for k, v in self.node_config.items() if k not in context.node_config})
-        who = _who(message, context)
+        who = who_of(message, context)
         failure = Failure("ClientApp task failed", client=str(who["client"]), round=who["round"])
         reply: Any = None
         stamp: dict[str, Any] = {}
@@ -117,7 +117,7 @@ class ZygoteBackend(Backend):
             reply, updated = outcome.value
             if isinstance(reply, Message) and isinstance(updated, Context):
                 context = updated
-                stamp = _stamp(reply, outcome, time.perf_counter() - started, placement, who["client"])
+                stamp = stamp_reply(reply, outcome, time.perf_counter() - started, placement, who["client"])
                 failed = None
             else:  # the ClientApp's own doing, as a reply its strategy could not use would be
                 failed = failure.where(kind=BAD_REPLY, detail=f"the ClientApp answered {type(reply).__name__}, not a Message",
@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[fedgpu] {line}", file=sys.stderr, flush=True)
 
     record_app_rounds(log=say)
-    from flwr.superlink.grid import InMemoryGrid
-
-    watch_node_waits(log=say, grid_class=InMemoryGrid)
+    watch_node_waits(log=say, grid_class=in_memory_grid_class())
     _, client_app_ref, _, _ = app_components(args.app_dir)
     client_module = client_app_ref.partition(":")[0]
     warm_ups = zygote_warm_ups(args.task) if args.task else app_warm_ups(client_module)

@@ -179,6 +179,13 @@ def app_components(app_dir: str | Path) -> tuple[str, str, str, str]:
     return str(components["serverapp"]), str(components["clientapp"]), fab_id, fab_version
 
 
+def in_memory_grid_class() -> type:
+    """The Grid a simulation's ServerApp gets (Flower's ``InMemoryGrid``), for the hooks that watch it."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return InMemoryGrid
+
+
 def run_simulation_runtime(
     app_dir: str,
     num_supernodes: int,
