@@ -162,6 +162,16 @@ def test_no_torch_in_the_launcher_the_server_or_the_simulation_host(big_run) -> 
     assert any(pid in sampler.torch_pids for pid in seen_children)
 
 
+def test_an_app_waiting_for_more_nodes_than_the_simulation_has_exits_3_in_one_line(tmp_path: Path) -> None:
+    """The app's FedAvg wants 4 nodes; a simulation of 3 never gets more: exit 3 within seconds, not --start-timeout."""
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    code, output, _ = fedgpu_run(run_dir, str(STATEFUL_APP), "--simulation", "--nodes", "3")
+    assert code == 3, output
+    assert "[fedgpu] run failed: too few nodes: the app's strategy waits for more client nodes than the 3 connected" in output
+    assert time.monotonic() - started < 120, "the default --start-timeout is 300 s: a simulation stops waiting sooner"
+
+
 # -- a stateful ClientApp: context.state survives from child to child ---------------
 
 

@@ -37,6 +37,7 @@ RUN_FAILED_MARK = "[fedgpu] run failed: "  # how a ServerApp of ours says why, o
 TAIL_LINES = 400  # of the ServerApp's output, kept to show why it failed
 NODE_LIST_SECONDS = 0.5  # between two counts of the registered nodes
 GRACE_SECONDS = 5.0  # a run's process stopped early: TERM, then KILL after this
+SIMULATION_NODES_WAIT_SECONDS = 15.0  # a simulation's ServerApp waiting for more nodes than it has: exit 3 after this
 
 # Exit codes of `fedgpu server` (and so of `fedgpu run`); docs/cli.md lists them.
 EXIT_FAILED = 1
@@ -574,7 +575,9 @@ def run_federation(plan: ServerPlan, say: Callable[..., None]) -> int:
         own_private_dir = os.environ[PRIVATE_DIR_ENV] = make_private_dir("server")
     env = {**os.environ, "FLWR_HOME": str(flwr_home)}
     if plan.run is None:  # a user's ServerApp: how long it may wait for more nodes than there are
-        env[NODES_WAIT_ENV] = repr(plan.start_timeout)
+        # A simulation's nodes are all there within seconds and no more come: waiting is over sooner.
+        wait = plan.start_timeout if plan.simulation is None else min(plan.start_timeout, SIMULATION_NODES_WAIT_SECONDS)
+        env[NODES_WAIT_ENV] = repr(wait)
     try:
         federation = SimulatedFederation(plan, env) if plan.simulation else Federation(plan, env)
         return _run_federation(plan, say, federation)

@@ -205,7 +205,8 @@ class Drop(Exception):
 class ZygoteServer:
     """The serving loop; every method runs in the zygote's only thread."""
 
-    def __init__(self, directory: str, key: bytes, grace: float = 3.0, primers: Sequence[str] = (), spares: int = 1) -> None:
+    def __init__(self, directory: str, key: bytes, grace: float = 3.0, primers: Sequence[str] = (), spares: int = 1,
+                 unprimed_spares: bool = False) -> None:
         self.directory = directory
         self.key = key
         self.grace = grace
@@ -215,6 +216,7 @@ class ZygoteServer:
         # As many as calls arrive at once (a simulation's workers): a call finds one primed.
         self.primers = list(primers)
         self.spare_count = max(0, spares)
+        self.unprimed_spares = unprimed_spares  # spares even with nothing to prime them with
         self.spares: list[tuple[int, socket.socket, int | None]] = []  # (pid, channel, pidfd), oldest (most primed) first
         self.pid = os.getpid()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -241,7 +243,7 @@ class ZygoteServer:
             now = time.monotonic()
             oldest = next(iter(self.pending.values()), None)  # in accept order: the first deadline
             timeout = max(0.0, min(next_sweep, oldest.deadline if oldest else next_sweep) - now)
-            refill = self.primers and len(self.spares) < self.spare_count
+            refill = self._wants_spares() and len(self.spares) < self.spare_count
             ready = self.selector.select(timeout=0 if refill else timeout)
             if refill and not ready and not self.pending:
                 # Idle: fork a spare now. Forking a process of ~1 GiB blocks this loop for
@@ -415,9 +417,14 @@ class ZygoteServer:
 
     # -- children --------------------------------------------------------------
 
+    def _wants_spares(self) -> bool:
+        # Primed, a spare has paid the fork and the first step's copy-on-write before its call comes; unprimed,
+        # the fork only: worth it where calls come at once (a simulation's workers ask for them by number).
+        return bool(self.primers) or self.unprimed_spares
+
     def fork_spares(self) -> None:
-        """Fork spares up to ``spare_count`` (none without primers: a spare is worth its memory once primed)."""
-        while self.primers and len(self.spares) < self.spare_count:
+        """Fork spares up to ``spare_count``."""
+        while self._wants_spares() and len(self.spares) < self.spare_count:
             self.fork_spare()
 
     def fork_spare(self) -> None:
@@ -721,7 +728,8 @@ def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> No
     key = os.urandom(32)
     _write_private(os.path.join(directory, KEY_NAME), key)
     primers = [spec for spec in warm_ups if ":" in spec.lstrip("?").partition("=")[0]]
-    server = ZygoteServer(directory, key, primers=primers, spares=spares_wanted())
+    server = ZygoteServer(directory, key, primers=primers, spares=spares_wanted(),
+                          unprimed_spares=bool(os.environ.get(SPARES_ENV)))
     try:
         ready = os.path.join(directory, READY_NAME)
         _write_private(ready + ".tmp", str(os.getpid()).encode())
