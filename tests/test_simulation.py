@@ -376,3 +376,34 @@ def test_bad_simulation_options_are_one_line_and_exit_2(tmp_path: Path, args: li
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(prefix) and line in lines[0], done.stderr
         assert not run_dir.exists(), "nothing is created for bad input"
+
+
+# -- GPUs: placement and admission decide, as for client nodes ------------------------
+
+
+def test_gpu_placement_and_admission_decide_in_a_simulation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake NVML (tests/fake_gpu), one 1000 MiB GPU, children of 400 MiB, 4 workers: two fit, the others wait."""
+    from helpers import FAKE_GPU_DIR
+
+    nvml_dir = tmp_path / "nvml"
+    nvml_dir.mkdir()
+    (nvml_dir / "gpus.json").write_text(json.dumps([{"total_mib": 1000, "name": "Fake 1G"}]))
+    monkeypatch.setenv("FAKE_NVML_DIR", str(nvml_dir))
+    monkeypatch.setenv("FAKE_GPU_MIB", "400")
+    monkeypatch.setenv("FAKE_GPU_TRAIN_TOGETHER", "2")  # two admitted children meet and hold their memory
+    monkeypatch.setenv("FAKE_GPU_HOLD_S", "2")
+    monkeypatch.setenv("FEDGPU_LEDGER", str(tmp_path / "ledger"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE_GPU_DIR), os.environ.get("PYTHONPATH", "")]))
+    run_dir = tmp_path / "run"
+    code, output, _ = run_federation(run_dir, "4", "4", "4", "2", "--simulation", "--workers", "4",
+                                     "--task", "fake_gpu_task:FakeGpuDigits", "--gpu-mem", "400")
+    assert code == 0, output
+    rows = read_metrics(run_dir)
+    assert all((r["results"], r["failures"]) == ("4", "0") for r in rows), rows  # no OOM: the excess waited
+    summary = json.loads((run_dir / "memory.json").read_text())
+    assert summary["gpu_available"] and summary["admission"]["waits"] >= 2, summary["admission"]
+    for entry in summary["rounds"]:
+        assert entry["gpu"]["peak_holders"] <= 2, entry["gpu"]  # never more than fit
+        assert (entry["gpu"]["at_rest_ours_mib"], entry["gpu"]["at_rest_holders"]) == (0.0, 0), entry["gpu"]
+    messages = [m for r in report_of(run_dir)["rounds"] for m in r["messages"]]
+    assert len(messages) == 8 and all(m["gpu"] == 0 and m["child-gpu-peak-mib"] == 400 for m in messages), messages
