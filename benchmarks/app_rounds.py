@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import median, report, table  # noqa: E402
+from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402
 
 from fedgpu.flower.node import free_port  # noqa: E402
 from fedgpu.flower.probe import wait_for_health  # noqa: E402
@@ -41,27 +41,10 @@ from fedgpu.isolation.procs import stop_tree  # noqa: E402
 from fedgpu.monitor.host import pss_bytes  # noqa: E402
 
 APP = ROOT / "examples" / "quickstart-pytorch"
-BIN = Path(sys.executable).parent
-MARKER = "FEDGPU_BENCH_MARKER"
-QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 SERVER_SIDE = ("flower-superlink", "fedgpu.flower.internals", "flwr-serverapp", "bin/flwr ", "fedgpu run", "fedgpu server")
 # What runs under these is server side too (SuperExec, ServerApp); under the launchers, the client nodes are not.
 SERVER_ROOTS = ("flower-superlink", "fedgpu.flower.internals", "flwr-serverapp")
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
-
-
-def marked(marker: str) -> dict[int, str]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if f"{MARKER}={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-    return found
 
 
 def _parent(pid: int) -> int:
@@ -124,11 +107,6 @@ def per_round(starts: dict[int, float], end: float, rounds: int) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:]) if a is not None and b is not None]
 
 
-def _cleanup(marker: str) -> None:
-    for pid in marked(marker):
-        stop_tree(pid, 5.0)
-
-
 def run_deployment(work: Path, nodes: int, rounds: int, marker: str) -> dict:
     """(a) Flower's SuperLink and stock SuperNodes."""
     work.mkdir(parents=True)
@@ -155,7 +133,7 @@ def run_deployment(work: Path, nodes: int, rounds: int, marker: str) -> dict:
         sampler.stop()
         for proc in procs:
             stop_tree(proc.pid, 5.0)
-        _cleanup(marker)
+        stop_marked(marker)
     return {"rounds": per_round(starts, end, rounds), "wall": end - started, "code": code,
             "peak_pss_mib": sampler.peak_all / 2**20, "client_pss_mib": sampler.peak_clients / 2**20}
 
@@ -163,12 +141,7 @@ def run_deployment(work: Path, nodes: int, rounds: int, marker: str) -> dict:
 def run_simulation(work: Path, app: Path, nodes: int, rounds: int, marker: str) -> dict:
     """(b) and (d): the Simulation Engine, one CPU per virtual client."""
     work.mkdir(parents=True)
-    home = work / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    env = {**os.environ, **QUIET, MARKER: marker, "FLWR_HOME": str(home), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("FEDGPU_ZYGOTE", None)
+    env = local_simulation_env(work / "flwr-home", **{MARKER: marker})
     federation = f"num-supernodes={nodes} client-resources-num-cpus=1 client-resources-num-gpus=0.0"
     sampler = MemorySampler(marker)
     sampler.start()
@@ -178,7 +151,7 @@ def run_simulation(work: Path, app: Path, nodes: int, rounds: int, marker: str) 
                                     "--run-config", f"num-server-rounds={rounds}"], env, work / "app.log", 3600)
     finally:
         sampler.stop()
-        _cleanup(marker)  # `:local:` leaves its SuperLink (and Ray) running
+        stop_marked(marker)  # `:local:` leaves its SuperLink (and Ray) running
     return {"rounds": per_round(starts, end, rounds), "wall": end - started, "code": code,
             "peak_pss_mib": sampler.peak_all / 2**20, "client_pss_mib": sampler.peak_clients / 2**20}
 
@@ -195,7 +168,7 @@ def run_fedgpu(work: Path, nodes: int, rounds: int, marker: str) -> dict:
                                     "--run-dir", str(work)], env, work.parent / "fedgpu-app.log", 3600)
     finally:
         sampler.stop()
-        _cleanup(marker)
+        stop_marked(marker)
     return {"rounds": per_round(starts, end, rounds), "wall": end - started, "code": code,
             "peak_pss_mib": sampler.peak_all / 2**20, "client_pss_mib": sampler.peak_clients / 2**20}
 

@@ -18,6 +18,12 @@ from typing import Any, Iterable, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
+BIN = Path(sys.executable).parent
+# Every process of one measured run carries MARKER=<its own value>, inherited from the command started.
+MARKER = "FEDGPU_BENCH_MARKER"
+# Quiet, offline, and running the app in this environment (what runs against Flower's Simulation Engine).
+QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
 def child_pids(pid: int) -> list[int]:
@@ -29,6 +35,41 @@ def child_pids(pid: int) -> list[int]:
     except OSError:
         pass
     return found
+
+
+def marked(marker: str) -> dict[int, str]:
+    """pid -> command line of every process whose environment has MARKER=``marker``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if f"{MARKER}={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return found
+
+
+def stop_marked(marker: str) -> None:
+    """Stop every process of a measured run, with all it started (TERM, then KILL)."""
+    from fedgpu.isolation.procs import stop_tree
+
+    for pid in marked(marker):
+        stop_tree(pid, 5.0)
+
+
+def local_simulation_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of ``flwr run APP local``: a FLWR_HOME (made here) whose default connection is the local
+    Simulation Engine, this environment's Flower first on PATH, and no fedgpu zygote to inherit."""
+    from fedgpu.flower.node import free_port
+
+    home.mkdir(parents=True)
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    env = {**os.environ, **QUIET, **extra, "FLWR_HOME": str(home), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("FEDGPU_ZYGOTE", None)
+    return env
 
 
 def median(values: Iterable[float]) -> float:

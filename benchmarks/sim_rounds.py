@@ -38,34 +38,16 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import median, report, table  # noqa: E402
+from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402
 
-from fedgpu.flower.node import free_port  # noqa: E402
 from fedgpu.flower.server import write_app  # noqa: E402
 from fedgpu.flower.settings import RunSettings  # noqa: E402
-from fedgpu.isolation.procs import stop_tree  # noqa: E402
 from fedgpu.monitor.host import pss_bytes  # noqa: E402
 
 APP = ROOT / "examples" / "quickstart-pytorch"
-BIN = Path(sys.executable).parent
-MARKER = "FEDGPU_BENCH_MARKER"
-QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 APP_ROUND_MARK = "[ROUND "  # Flower's strategy logs it as each round begins (quickstart)
 TASK_ROUND_MARK = "[fedgpu] round "  # fedgpu's ServerApp, as each round ends (digits)
 MIB = 2**20
-
-
-def marked(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if f"{MARKER}={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 class PssSampler(threading.Thread):
@@ -108,11 +90,6 @@ def stream(command: list[str], env: dict[str, str], log: Path, mark: str, timeou
     return marks, time.monotonic(), code
 
 
-def _cleanup(marker: str) -> None:
-    for pid in marked(marker):
-        stop_tree(pid, 5.0)
-
-
 def _metrics_rounds(run_dir: Path) -> list[float]:
     with open(run_dir / "metrics.csv") as handle:
         return [float(row["round_seconds"]) for row in csv.DictReader(handle)]
@@ -133,7 +110,7 @@ def _measured(name: str, work: Path, command: list[str], env: dict[str, str], ro
     finally:
         if memory:
             sampler.stop()
-        _cleanup(marker)
+        stop_marked(marker)
     if code != 0:
         raise RuntimeError(f"{name} failed (exit {code}); see {work / (name + '.log')}")
     if from_metrics is not None:
@@ -150,22 +127,12 @@ def _measured(name: str, work: Path, command: list[str], env: dict[str, str], ro
             "rest_pss_mib": rest}
 
 
-def _local_home(directory: Path) -> dict[str, str]:
-    """A FLWR_HOME whose default connection is the local Simulation Engine (``flwr run APP local``)."""
-    directory.mkdir(parents=True)
-    (directory / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    env = {**os.environ, **QUIET, "FLWR_HOME": str(directory), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("FEDGPU_ZYGOTE", None)
-    return env
-
-
 def ray_digits(work: Path, clients: int, sampled: int, rounds: int, num_cpus: int, *, memory: bool = False) -> dict:
     name = f"ray-digits-{clients}-cpus{num_cpus}-{uuid.uuid4().hex[:6]}"
     run_dir = work / name
     run_dir.mkdir(parents=True)
     write_app(run_dir / "app", RunSettings(num_rounds=rounds, min_clients=clients, sampled=sampled, run_dir=str(run_dir)))
-    env = _local_home(run_dir / "flwr-home")
+    env = local_simulation_env(run_dir / "flwr-home")
     federation = f"num-supernodes={clients} client-resources-num-cpus={num_cpus} client-resources-num-gpus=0.0"
     return _measured(name, work, [str(BIN / "flwr"), "run", str(run_dir / "app"), "local", "--federation-config",
                                   federation, "--stream"], env, rounds, from_metrics=run_dir, memory=memory)
@@ -173,7 +140,7 @@ def ray_digits(work: Path, clients: int, sampled: int, rounds: int, num_cpus: in
 
 def ray_app(work: Path, nodes: int, rounds: int, num_cpus: int) -> dict:
     name = f"ray-quickstart-cpus{num_cpus}-{uuid.uuid4().hex[:6]}"
-    env = _local_home(work / f"{name}-home")
+    env = local_simulation_env(work / f"{name}-home")
     federation = f"num-supernodes={nodes} client-resources-num-cpus={num_cpus} client-resources-num-gpus=0.0"
     return _measured(name, work, [str(BIN / "flwr"), "run", str(APP), "local", "--federation-config", federation,
                                   "--stream", "--run-config", f"num-server-rounds={rounds}"], env, rounds, from_metrics=None,
