@@ -497,7 +497,9 @@ def simulation_workers(federation: Any = None, cpus: int | None = None, gpus: in
     of a GPU each (0.25: four per GPU). Without: one per core.
     """
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from fedgpu.flower.server import usable_cores
+
+        cpus = usable_cores()
     num_cpus = getattr(federation, "num_cpus", None)
     num_gpus = getattr(federation, "num_gpus", None)
     workers = max(1, int(cpus // num_cpus)) if num_cpus else cpus

@@ -485,14 +485,14 @@ def _simulation_settings(options: dict[str, Any]) -> SimulationSettings | None:
 
     node_config = str(options.get("node_config") or "")
     check_node_config(node_config)
-    return SimulationSettings(nodes=nodes, workers=int(options.get("workers") or default_workers()),
+    return SimulationSettings(nodes=nodes, workers=int(options.get("workers") or usable_cores()),
                               isolation=str(options.get("isolation") or "zygote"),
                               timeout=None if options.get("timeout") is None else float(options["timeout"]),
                               node_config=node_config)
 
 
-def default_workers() -> int:
-    """Messages in flight at once in a simulation: one per core this process may use."""
+def usable_cores() -> int:
+    """The cores this process may use; a simulation's default workers, one message each."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
