@@ -196,16 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     say(f"simulation: {args.nodes} virtual nodes, {args.workers} messages at once, each in a {args.isolation} child")
     try:
         run_simulation_runtime(args.app_dir, args.nodes, lambda _config: backend, run_config=overrides)
+        return 0
     except BaseException as err:  # noqa: BLE001 - the ServerApp's failure: its traceback, then exit 1
         log(ERROR, "[fedgpu] the simulation ended with %s", type(err).__name__, exc_info=err)
+        return 1
+    finally:
         isolator.shutdown(GRACE_SECONDS)
         if placer is not None:
             placer.close()
-        return 1
-    isolator.shutdown(GRACE_SECONDS)
-    if placer is not None:
-        placer.close()
-    return 0
 
 
 if __name__ == "__main__":

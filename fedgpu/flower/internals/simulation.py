@@ -141,10 +141,9 @@ def _told_dispatcher(stored: StoredMessages) -> Callable[..., None]:
                 if node_id not in nodes_mapping:
                     continue
                 messages = state.get_message_ins(node_id=node_id, limit=1)
-                if messages:
+                if messages:  # its next one, if any, is asked for once this one's reply is stored (replied)
                     stored.dispatched(node_id)
                     queue.put(messages[0])
-                    stored.stored(node_id)  # asked again once this one's reply is stored
 
     return add_messages_to_queue
 
