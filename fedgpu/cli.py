@@ -336,7 +336,7 @@ def bench_models(**options: Any) -> None:
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
 def zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, run_data: str | None, parent_pid: int | None) -> None:
     """Serve this host's client nodes: fork each message's child from one warm process."""
-    from fedgpu.flower.settings import exec_zygote
+    from fedgpu.flower.zygote_command import exec_zygote
 
     exec_zygote(directory, tasks, app_dir, parent_pid, run_data=run_data)
 

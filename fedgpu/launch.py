@@ -388,7 +388,7 @@ def plan_run(
     from fedgpu.flower.node import free_port, port_free
     from fedgpu.flower.server import check_task_run
     from fedgpu.run_dir import prepare_run_dir
-    from fedgpu.flower.settings import check_node_config
+    from fedgpu.flower.config import check_node_config
     from fedgpu.nvml.placement import check_placement
 
     values = dict(options)

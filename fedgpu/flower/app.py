@@ -299,7 +299,7 @@ def check_app(
     """
     from fedgpu.errors import BadInput
     from fedgpu.flower.internals import build_fab
-    from fedgpu.flower.settings import parse_config_pairs
+    from fedgpu.flower.config import parse_config_pairs
 
     try:
         app = FlowerApp.read(directory)
@@ -340,7 +340,7 @@ def check_app(
 def _check_imports(app: FlowerApp) -> None:
     """Each component imported in a child of its own, as the run will import it; BadInput if it cannot be."""
     from fedgpu.errors import BadInput
-    from fedgpu.flower.settings import app_warm_ups
+    from fedgpu.flower.warm_ups import app_warm_ups
     from fedgpu.isolation import IsolationError, Isolator
     from fedgpu.private_dirs import make_private_dir, remove
 
@@ -398,7 +398,7 @@ def override_problem(app_name: str, key: str, value: Any, default: Any) -> str |
     number fails inside the ServerApp, after everything has started. The type
     must be the default's (a float accepts a whole number too).
     """
-    from fedgpu.flower.settings import toml_value
+    from fedgpu.flower.config import toml_value
 
     # (type, what a value of it is, what a key with a default of it takes); bool before int: True is an int too.
     kinds = ((bool, "a boolean", "true or false"), (int, "a whole number", "a whole number"),

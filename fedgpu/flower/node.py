@@ -29,7 +29,8 @@ from fedgpu.flower.internals import DOORBELLS_ENV, NodePace, guard_supernode_run
 from fedgpu.flower.isolate import IN_ISOLATED_CHILD
 from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
-from fedgpu.flower.settings import toml_value, zygote_warm_ups
+from fedgpu.flower.config import toml_value
+from fedgpu.flower.warm_ups import zygote_warm_ups
 from fedgpu.isolation import Isolator
 from fedgpu.monitor.events import emit
 from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
@@ -93,7 +94,7 @@ class NodePlan:
 
 def plan_node(options: dict[str, Any]) -> NodePlan:
     """Check every option of ``fedgpu client`` before anything starts; BadInput names the first problem."""
-    from fedgpu.flower.settings import check_node_config
+    from fedgpu.flower.config import check_node_config
     from fedgpu.isolation.procs import watch_parent
     from fedgpu.nvml.placement import check_placement
 

@@ -24,7 +24,8 @@ from typing import IO, Any, Callable
 
 from fedgpu.errors import BadInput, FedgpuError
 from fedgpu.flower.probe import wait_for_health
-from fedgpu.flower.settings import RunSettings, parse_task_options, toml_value
+from fedgpu.flower.settings import RunSettings
+from fedgpu.flower.config import parse_task_options, toml_value
 from fedgpu.isolation.procs import set_parent_death_signal, stop_tree
 from fedgpu.output import OutputError, open_output
 from fedgpu.owner_only import RUN_TOKEN_ENV
@@ -481,7 +482,7 @@ def _simulation_settings(options: dict[str, Any]) -> SimulationSettings | None:
     for name in ("ssl_ca_certfile", "auth_public_keys", "wait_nodes"):
         if options.get(name):
             raise BadInput(f"--{name.replace('_', '-')} is for a SuperLink; a simulation has none")
-    from fedgpu.flower.settings import check_node_config
+    from fedgpu.flower.config import check_node_config
 
     node_config = str(options.get("node_config") or "")
     check_node_config(node_config)
@@ -763,7 +764,7 @@ def _write_app_report(plan: ServerPlan, status: str, say: Callable[..., None], *
     from fedgpu.flower.app_report import app_report
     from fedgpu.output import write_json
 
-    from fedgpu.flower.settings import parse_config_pairs
+    from fedgpu.flower.config import parse_config_pairs
 
     overrides: dict[str, Any] = {}
     for text in plan.run_config:

@@ -20,7 +20,8 @@ from fedgpu.flower.children import run_child, wants_placement
 from fedgpu.flower.records import named_record
 from fedgpu.flower.recorder import RunRecorder
 from fedgpu.flower.server import RUN_FAILED_MARK
-from fedgpu.flower.settings import RunSettings, zygote_warm_ups
+from fedgpu.flower.settings import RunSettings
+from fedgpu.flower.warm_ups import zygote_warm_ups
 from fedgpu.flower.strategy import ExactFedAvg, TooFewNodes
 from fedgpu.isolation import IsolationError, Isolator
 from fedgpu.nvml.placement import GpuPlacer, PlacementSettings

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     """The simulation host: ``python -m fedgpu.flower.simulation APP_DIR --nodes N --workers W ...``."""
     from fedgpu.flower.internals import record_app_rounds, watch_node_waits
     from fedgpu.flower.isolate import IN_ISOLATED_CHILD
-    from fedgpu.flower.settings import app_warm_ups, parse_config_pairs, zygote_warm_ups
+    from fedgpu.flower.warm_ups import app_warm_ups, zygote_warm_ups
+    from fedgpu.flower.config import parse_config_pairs
     from fedgpu.isolation.procs import watch_parent
     from fedgpu.nvml.placement import PlacementSettings
 
