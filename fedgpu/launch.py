@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fedgpu.flower.internals.marks import SUPERNODE_REGISTERED_MARK
 from fedgpu.isolation.procs import group_alive, signal_group
 
 GRACE_SECONDS = 5.0
@@ -30,7 +31,6 @@ READY_TIMEOUT_SECONDS = 120.0
 WATCH_SECONDS = 0.5
 WATCH_MARGIN_SECONDS = 30.0  # past --start-timeout, before the launcher itself gives up on unregistered nodes
 WAVE_PER_CORE = 4  # nodes started at once per core, each wave registered before the next
-REGISTERED_MARK = "SuperNode ID"  # Flower's SuperNode logs this once its SuperLink accepted it
 
 
 @dataclass
@@ -248,7 +248,7 @@ class Launcher:
                 self._wait_registered(range(i + 1 - wave, i + 1), time.monotonic() + READY_TIMEOUT_SECONDS)
 
     def registered(self, i: int) -> bool:
-        return REGISTERED_MARK in _read(self.plan.run_dir / f"client-{i}.log")
+        return SUPERNODE_REGISTERED_MARK in _read(self.plan.run_dir / f"client-{i}.log")
 
     def _wait_registered(self, indices: range, deadline: float) -> None:
         for i in indices:

@@ -235,7 +235,8 @@ from fedgpu.flower import internals
 from fedgpu.flower.app_rounds import AppRounds
 assert internals.record_app_rounds(print)
 from flwr.server import History
-rounds = internals._app_rounds = AppRounds({str(tmp_path)!r}, 1, say=print)
+from fedgpu.flower.internals import round_hooks
+rounds = round_hooks._app_rounds = AppRounds({str(tmp_path)!r}, 1, say=print)
 history = History()  # as Server.fit makes it
 assert rounds.history is history
 rounds.begin(1)

@@ -9,7 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import FEDGPU, cleaned_up, events, free_port, kill_leftovers, processes_with_env, read_metrics, read_or_empty, start_run_sh, wait_for
+from helpers import (FEDGPU, cleaned_up, events, free_port, kill_leftovers, pid_alive, processes_with_env, read_metrics,
+                     read_or_empty, start_run_sh, wait_for)
 
 
 def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_path: Path) -> None:
@@ -135,3 +136,32 @@ def test_a_node_that_dies_before_round_1_fails_the_run_after_the_start_timeout(t
         assert proc.returncode == 3, out + err
         assert "[fedgpu] run failed: only 2 of 3 client nodes registered within 20 s" in out, out + err
         assert wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), timeout=15)
+
+
+def test_a_sigkilled_server_leaves_no_superlink_behind(tmp_path: Path) -> None:
+    """The SuperLink dies with its server through --parent-pid (no preexec_fn), even when only the server is killed."""
+    run_dir, port = tmp_path / "run", free_port()
+    run_dir.mkdir()
+    env = {**os.environ, "FEDGPU_RUN_DIR": str(run_dir)}
+    server = subprocess.Popen(
+        [str(FEDGPU), "server", "--rounds", "1", "--min-clients", "1", "--port", str(port), "--run-dir", str(run_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+    def superlinks() -> dict[int, str]:
+        return {pid: cmd for pid, cmd in processes_with_env("FEDGPU_RUN_DIR", str(run_dir)).items()
+                if "fedgpu.flower.internals superlink" in cmd}
+
+    try:
+        assert wait_for(lambda: _listening(port) and superlinks(), timeout=120)
+        [(superlink, command)] = superlinks().items()
+        assert f"--parent-pid {server.pid} " in command, command
+        os.kill(server.pid, signal.SIGKILL)  # the server alone: its process group (and the SuperLink) stays
+        server.wait(timeout=10)
+        assert wait_for(lambda: not pid_alive(superlink), timeout=15), command
+        assert wait_for(lambda: not _listening(port), timeout=15)
+    finally:
+        leftovers = kill_leftovers(run_dir)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert not [cmd for cmd in leftovers if "superlink" in cmd], leftovers

@@ -159,3 +159,10 @@ def test_the_simulation_dispatcher_hands_a_node_one_message_at_a_time() -> None:
     stored.replied(7)  # its reply is stored: its next message may go, and the waiting dispatcher wakes
     waiter.join(5.0)
     assert woken == [[7]]
+
+
+def test_the_installed_flower_has_every_name_the_boundary_uses() -> None:
+    """Every non-public Flower name fedgpu.flower.internals imports (its one list) imports from this Flower."""
+    from fedgpu.flower.internals.contract import missing_flower_names
+
+    assert missing_flower_names() == []

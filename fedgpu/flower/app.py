@@ -188,7 +188,7 @@ def private_copy(directory: str | os.PathLike, parent: str | os.PathLike) -> Pat
     the copy. ``parent`` is the run's private directory. AppError if Flower
     cannot package the app (it changed since it was checked).
     """
-    from fedgpu.flower.internals import build_fab
+    from fedgpu.flower.internals.apps import build_fab
     from fedgpu.private_dirs import subdir
 
     try:
@@ -298,8 +298,8 @@ def check_app(
     child as a zygote needs it: single-threaded, CUDA untouched.
     """
     from fedgpu.errors import BadInput
-    from fedgpu.flower.internals import build_fab
     from fedgpu.flower.config import parse_config_pairs
+    from fedgpu.flower.internals.apps import build_fab
 
     try:
         app = FlowerApp.read(directory)

@@ -16,8 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import Error
-from flwr.common.constant import ErrorCode
-
+from fedgpu.flower.internals.codes import ErrorCode
 from fedgpu.isolation.errors import join_reason
 
 MARK = "fedgpu-failure: "

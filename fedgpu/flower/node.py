@@ -21,11 +21,11 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.supercore import log
-from flwr.supercore.exit import add_exit_handler
+from flwr.common import log
 
 from fedgpu.errors import BadInput
 from fedgpu.flower.internals import DOORBELLS_ENV, NodePace, guard_supernode_runtime, pace_supernode
+from fedgpu.flower.internals.processes import on_flower_exit, run_supernode
 from fedgpu.flower.isolate import IN_ISOLATED_CHILD
 from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
@@ -186,8 +186,6 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
     ``placer`` puts each message's child on a GPU with room for it (children only:
     without isolation the node itself would hold the GPU).
     """
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
     port = settings.runtime_port or free_port()
     # The ClientApp already runs in a child: @isolate inside it must not nest another.
     child_env = {IN_ISOLATED_CHILD: "1"} if settings.isolation != "none" else {}
@@ -199,7 +197,7 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
     runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout, placer=placer,
                         task_stored=pace.task_stored if paced else None, reply_stored=pace.reply_pushed if paced else None)
     emit("node-start", pid=os.getpid(), client=settings.node_config.get("partition-id", ""), isolation=settings.isolation)
-    add_exit_handler(runner.stop)  # Flower's SIGTERM/SIGINT path stops our children too
+    on_flower_exit(runner.stop)  # Flower's SIGTERM/SIGINT path stops our children too
 
     def serve() -> None:
         try:
@@ -215,9 +213,8 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
     threading.Thread(target=serve, name="fedgpu-task-runner", daemon=True).start()
     watch = SuperLinkWatch(settings.superlink, settings.max_wait_time or DEFAULT_PATIENCE_SECONDS)
     watch.start()
-    sys.argv = supernode_argv(settings, port)
     try:
-        flower_supernode()
+        run_supernode(supernode_argv(settings, port))
     finally:
         runner.stop()
         if paced:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
-from flwr.supercore import log
+from flwr.common import log
 
 from fedgpu.flower.client_app import WARNINGS_RECORD
 from fedgpu.flower.failures import Failure, count_by_kind, no_reply

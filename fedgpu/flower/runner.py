@@ -20,23 +20,23 @@ from typing import Any
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ConfigRecord, Context, Message
-from flwr.cli.install import install_from_fab
-from flwr.clientapp.utils import get_load_client_app_fn
-from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore import log
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.common import log
 
 from fedgpu.flower.app_rounds import BAD_REPLY, server_round_of
 from fedgpu.flower.children import placer_for, run_child
 from fedgpu.flower.failures import Failure
-from fedgpu.flower.internals.apps import load_client_app
-from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
+from fedgpu.flower.internals.apps import client_app_from_fab, install_fab, load_client_app
+from fedgpu.flower.internals.identity import TaskIds, adopt_task_identity, task_identity
+from fedgpu.flower.internals.runtime_client import (
+    TASK_COMPLETED,
+    TASK_FAILED,
+    client_app_task_request,
+    pull_task_input,
+    push_message,
+    push_task_output,
+    runtime_client,
+    start_heartbeat,
+)
 from fedgpu.isolation import IsolationError, Isolator, Outcome
 from fedgpu.monitor.events import emit
 from fedgpu.nvml.devices import MIB
@@ -89,8 +89,7 @@ class ClientAppCall:
 def run_client_app(call: ClientAppCall) -> tuple[Message, Context]:
     """Load the run's ClientApp and run it on one message (inside the child)."""
     adopt_task_identity(call.identity)
-    load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-    client_app = load(call.fab_id, call.fab_version, call.fab_hash)
+    client_app = client_app_from_fab(call.fab_id, call.fab_version, call.fab_hash)
     reply = client_app(message=call.message, context=call.context)
     return reply, call.context
 
@@ -151,7 +150,7 @@ class TaskRunner:
 
     def serve_forever(self) -> None:
         client = self._client(component="SuperExec")
-        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+        request = client_app_task_request()
         fastest, slowest = self.poll_interval
         interval = slowest
         try:
@@ -177,22 +176,12 @@ class TaskRunner:
         finally:
             client.close()
 
-    def _client(self, component: str, token: str | None = None) -> RuntimeHttpClient:
-        interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
-        if token is not None:
-            interceptors.append(RuntimeTokenHttpInterceptor(token))
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.runtime_address,
-            insecure=True,  # loopback, inside this process's own host
-            root_certificates=None,
-            interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
+    def _client(self, component: str, token: str | None = None) -> Any:
+        return runtime_client(self.runtime_address, component, token)
 
     def _run_task(self, token: str) -> None:
         client = self._client(component="flwr-clientapp", token=token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
-        heartbeat.start()
+        heartbeat = start_heartbeat(client)
         message: Message | None = None
         context: Context | None = None
         reply: Message | None = None
@@ -204,7 +193,7 @@ class TaskRunner:
             message, context, run, fab = pull_task_input(client)
             who = who_of(message, context)
             base = failure = Failure("ClientApp task failed", client=str(who["client"]), round=who["round"])
-            install_from_fab(fab.content, skip_prompt=True)
+            install_fab(fab.content)
             call = ClientAppCall(
                 run.fab_id,
                 run.fab_version,
@@ -244,9 +233,9 @@ class TaskRunner:
             failure = base.where(kind=f"{type(err).__name__} in the node", detail=str(err).splitlines()[0] if str(err) else "")
             log(ERROR, "[fedgpu] ClientApp task failed: %s", failure.text(), exc_info=err)
         finally:
-            sub_status, details = SubStatus.COMPLETED, ""
+            sub_status, details = TASK_COMPLETED, ""
             if failure is not None:
-                sub_status, details = SubStatus.FAILED, failure.text()
+                sub_status, details = TASK_FAILED, failure.text()
                 if message is not None:
                     reply = Message(failure.to_error(), reply_to=message)
             try:

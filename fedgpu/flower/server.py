@@ -24,15 +24,15 @@ from typing import IO, Any, Callable
 
 from fedgpu.errors import BadInput, FedgpuError
 from fedgpu.flower.probe import wait_for_health
-from fedgpu.flower.settings import RunSettings
 from fedgpu.flower.config import parse_task_options, toml_value
-from fedgpu.isolation.procs import set_parent_death_signal, stop_tree
+from fedgpu.flower.internals.marks import KEY_REGISTERED_MARK, RUN_STARTED_MARK
+from fedgpu.flower.settings import RunSettings
+from fedgpu.isolation.procs import stop_tree
 from fedgpu.output import OutputError, open_output
 from fedgpu.owner_only import RUN_TOKEN_ENV
 
 CONNECTION = "fedgpu"
 ROUND_LINE_MARK = "[fedgpu] "
-RUN_STARTED_MARK = "Successfully started run"  # what `flwr run` prints once the SuperLink accepted the run
 COMPLETED = "finished:completed"
 RUN_FAILED_MARK = "[fedgpu] run failed: "  # how a ServerApp of ours says why, on the launcher's console
 TAIL_LINES = 400  # of the ServerApp's output, kept to show why it failed
@@ -159,8 +159,9 @@ def write_connection(flwr_home: Path, server: ServerSettings) -> None:
 
 
 def superlink_command(server: ServerSettings) -> list[str]:
-    # Flower's SuperLink, started through fedgpu.flower.internals: it rings the doorbells of this host's nodes.
-    command = [sys.executable, "-m", "fedgpu.flower.internals", "superlink", "--host", server.host, "--port", str(server.port), "--disable-runtime-dependency-installation"]
+    # Flower's SuperLink, started through fedgpu.flower.internals: it rings the doorbells of this host's nodes,
+    # and it goes when this process goes (--parent-pid, as every fedgpu process).
+    command = [sys.executable, "-m", "fedgpu.flower.internals", "superlink", "--parent-pid", str(os.getpid()), "--host", server.host, "--port", str(server.port), "--disable-runtime-dependency-installation"]
     if server.tls is None:
         return command + ["--insecure"]
     command += ["--ssl-ca-certfile", server.tls.ca_cert, "--ssl-certfile", server.tls.cert, "--ssl-keyfile", server.tls.key]
@@ -169,8 +170,9 @@ def superlink_command(server: ServerSettings) -> list[str]:
     return command
 
 
-def _die_with_us() -> None:
-    set_parent_death_signal(signal.SIGTERM)
+def flwr_command() -> list[str]:
+    """Flower's ``flwr`` CLI, through fedgpu.flower.internals: it goes when this process goes (--parent-pid)."""
+    return [sys.executable, "-m", "fedgpu.flower.internals", "flwr", "--parent-pid", str(os.getpid())]
 
 
 class Federation:
@@ -187,7 +189,7 @@ class Federation:
     def start_superlink(self) -> None:
         log_file = open_output(self.run_dir / "superlink.log", "ab")
         self.superlink = subprocess.Popen(
-            superlink_command(self.server), env=self.env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_us
+            superlink_command(self.server), env=self.env, stdout=log_file, stderr=subprocess.STDOUT
         )
         log_file.close()
         self._wait_ready()
@@ -197,7 +199,7 @@ class Federation:
         for key in self.server.auth_public_keys:
             done = subprocess.run(["flwr", "supernode", "register", key, CONNECTION], env=self.env,
                                   capture_output=True, text=True, timeout=60)
-            if done.returncode != 0 or "registered successfully" not in done.stdout:
+            if done.returncode != 0 or KEY_REGISTERED_MARK not in done.stdout:
                 last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
                 raise ServerError(f"could not register the SuperNode key {key}: {last[0]}")
 
@@ -252,7 +254,7 @@ class Federation:
         run`'s connection deadline; a submission that never started a run is
         retried (with back-off), one that did is never submitted twice.
         """
-        command = ["flwr", "run", str(self._app_dir()), CONNECTION, "--stream"]
+        command = [*flwr_command(), "run", str(self._app_dir()), CONNECTION, "--stream"]
         for overrides in self.plan.run_config:
             command += ["--run-config", overrides]
         for attempt in range(1, attempts + 1):
@@ -301,7 +303,6 @@ class Federation:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
-                preexec_fn=_die_with_us,
             )
             assert stream.stdout is not None
             try:

@@ -13,7 +13,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore import log
+from flwr.common import log
 
 from fedgpu.flower.checks import CheckedStrategy
 from fedgpu.flower.children import run_child, wants_placement

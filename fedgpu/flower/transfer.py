@@ -2,8 +2,8 @@
 
 A Flower ``Array`` keeps its weights as ``bytes`` plus caches of memoryviews
 (not picklable); it travels here as its four fields with large data out of band.
-Flower's per-process ``TaskIdentity`` does not travel by itself: the parent
-reads it and the child adopts it.
+Flower's per-process task identity does not travel by itself: the parent
+reads it and the child adopts it (``fedgpu.flower.internals.identity``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import pickle
 from typing import Any
 
 from flwr.app import Array
-from flwr.supercore.task_identity import TaskIdentity
 
+from fedgpu.flower.internals.identity import TaskIds, adopt_task_identity, task_identity
 from fedgpu.isolation import wire
+
+__all__ = ["TaskIds", "adopt_task_identity", "task_identity"]  # re-exported: where a child's call is prepared
 
 
 def _rebuild_array(dtype: str, shape: tuple[int, ...], stype: str, data: Any) -> Array:
@@ -29,16 +31,3 @@ def _reduce_array(array: Array) -> tuple[Any, ...]:
 
 
 wire.register_reducer(Array, _reduce_array)
-
-
-TaskIds = tuple[int | None, int | None, int | None]
-
-
-def task_identity() -> TaskIds:
-    """(task id, run id, node id) of the task this process runs; None where unset."""
-    return TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id  # noqa: SLF001
-
-
-def adopt_task_identity(identity: TaskIds) -> None:
-    """Make a child's Flower calls see the parent's task identity."""
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity  # noqa: SLF001

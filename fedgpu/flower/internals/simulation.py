@@ -37,7 +37,7 @@ from typing import Any
 
 from flwr.server.superlink.fleet.vce.backend.backend import Backend  # noqa: F401 - re-exported: fedgpu's backend base
 
-from fedgpu.flower.internals import sleep_contract
+from fedgpu.flower.internals.contract import sleep_contract
 
 RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
 DISPATCH_WAIT_SECONDS = 0.5  # the dispatcher's longest wait, so that it sees the run stop
