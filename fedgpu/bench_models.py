@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-from fedgpu.flower.children import run_child
+from fedgpu.children import run_child
 from fedgpu.isolation import IsolationError, Isolator
 from fedgpu.nvml.devices import MIB
 from fedgpu.nvml.placement import GpuPlacer

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedgpu.flower.internals.marks import SUPERNODE_REGISTERED_MARK
-from fedgpu.isolation.procs import group_alive, signal_group
+from fedgpu.isolation.procs import group_alive, stop_groups, wait_until
 
 GRACE_SECONDS = 5.0
 SERVER_GRACE_SECONDS = 8.0  # the server writes the reports of a stopped run (memory.png too) before it exits
@@ -291,22 +291,15 @@ class Launcher:
         The others get GRACE_SECONDS, the server SERVER_GRACE_SECONDS: it
         writes the stopped run's reports once its SuperLink is gone.
         """
-        for proc in self.groups:
-            signal_group(proc.pid, server_signal if proc is self.server else signal.SIGTERM)
-        started = time.monotonic()
+        leaders = {proc.pid: proc for proc in self.groups}
+        server = () if self.server is None else (self.server.pid,)
 
-        def waiting(proc: subprocess.Popen) -> bool:
+        def exited(pgid: int, timeout: float) -> bool:
             # poll() reaps a leader that exited, so that its group counts only the living.
-            grace = SERVER_GRACE_SECONDS if proc is self.server else GRACE_SECONDS
-            return time.monotonic() - started < grace and (proc.poll() is None or group_alive(proc.pid))
+            return wait_until(lambda: leaders[pgid].poll() is not None and not group_alive(pgid), timeout)
 
-        while any(waiting(proc) for proc in self.groups):
-            for proc in self.groups:
-                if not waiting(proc):
-                    signal_group(proc.pid, signal.SIGKILL)
-            time.sleep(0.05)
-        for proc in self.groups:
-            signal_group(proc.pid, signal.SIGKILL)
+        stop_groups(leaders, GRACE_SECONDS, exited=exited, grace_of=dict.fromkeys(server, SERVER_GRACE_SECONDS),
+                    signal_of=dict.fromkeys(server, server_signal))
         for proc in self.groups:
             try:
                 proc.wait(GRACE_SECONDS)

@@ -1,21 +1,15 @@
-"""One child for one piece of work: placed on a GPU, announced, measured.
+"""Which of a Flower run's children are placed on a GPU; the placing itself is ``fedgpu.children``.
 
-Shared by the client nodes' task runner and the ServerApp's own evaluation:
-reserve a GPU with room (waiting if none has it), start the child there, tell
-the memory monitor which pid does what (``child-start``/``child-end`` events),
-and hand the child's measured GPU peak back to the placer to learn from.
+Shared by the client nodes' task runner, the simulation host and the
+ServerApp's own evaluation.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from typing import Any, Callable
+from fedgpu.children import run_child
+from fedgpu.nvml.placement import GpuPlacer
 
-from fedgpu.isolation import IsolationError, Isolator, Outcome
-from fedgpu.monitor.events import emit
-from fedgpu.nvml.devices import MIB
-from fedgpu.nvml.placement import AdmissionTimedOut, GpuPlacer, Placement
+__all__ = ["placer_for", "run_child", "wants_placement"]
 
 
 def wants_placement(device: object) -> bool:
@@ -25,49 +19,3 @@ def wants_placement(device: object) -> bool:
 
 def placer_for(placer: GpuPlacer | None, device: object) -> GpuPlacer | None:
     return placer if wants_placement(device) else None
-
-
-def run_child(
-    isolator: Isolator,
-    placer: GpuPlacer | None,
-    fn: Callable[..., Any],
-    args: tuple,
-    *,
-    key: str,
-    who: dict[str, Any],
-    role: str,
-    timeout: float | None = None,
-    run_dir: str | None = None,
-) -> tuple[Outcome, Placement | None]:
-    placement = None
-    if placer is not None:
-        asked = time.monotonic()
-        try:
-            placement = placer.acquire(key)
-        except AdmissionTimedOut:
-            emit("admission-wait", run_dir, **who, seconds=time.monotonic() - asked, timed_out=True)
-            raise
-        if placement.waited_seconds:
-            emit("admission-wait", run_dir, **who, seconds=placement.waited_seconds, gpu=placement.gpu)
-
-    def started(pid: int) -> None:
-        if placement is not None:
-            placer.bind(placement, pid)  # type: ignore[union-attr]
-        gpu = None if placement is None else placement.gpu
-        emit("child-start", run_dir, pid=pid, role=role, parent_pid=os.getpid(), gpu=gpu, **who)
-
-    pid, peak, rss_mib = None, 0, 0.0
-    try:
-        env = None if placement is None else placement.env()
-        outcome = isolator.run(fn, args, timeout=timeout, env=env, on_start=started)
-        pid, peak, rss_mib = outcome.pid, outcome.gpu_peak_bytes, outcome.max_rss_kib / 1024
-        return outcome, placement
-    except IsolationError as err:
-        pid = err.pid
-        raise
-    finally:
-        if placement is not None:
-            placer.release(placement, peak)  # type: ignore[union-attr]
-        if pid is not None:
-            # Its own peaks: a child shorter than the monitor's sampling interval is seen here.
-            emit("child-end", run_dir, pid=pid, role=role, gpu_peak_mib=round(peak / MIB, 1), rss_peak_mib=round(rss_mib, 1), **who)

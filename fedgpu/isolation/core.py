@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import select
+import resource
 import signal
 import socket
 import subprocess
@@ -30,18 +30,20 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from fedgpu.isolation import wire
-from fedgpu.isolation.errors import ChildDied, ChildRaised, ChildTimedOut, IsolationError, RemoteTraceback
+from fedgpu.isolation.errors import ChildDied, ChildRaised, ChildTimedOut, RemoteTraceback
+from fedgpu.isolation.exchange import exchange_over_socket
 from fedgpu.isolation.procs import (
+    child_environment,
+    exited_within,
     kill_marked,
     open_sentinel,
-    pythonpath_with_package,
     signal_group,
     stop_group,
-    wait_readable,
+    stop_groups,
 )
 
 DEFAULT_GRACE_SECONDS = 3.0
@@ -58,20 +60,30 @@ class Outcome:
     work_seconds: float  # inside the callable, as the child measured it
     max_rss_kib: int  # the child's peak resident memory
     mode: str
-    gpu_peak_bytes: int = 0  # the child's peak GPU memory, if it was given a GPU to measure (FEDGPU_GPU)
+    facts: Mapping[str, Any] = field(default_factory=dict)  # what registered hooks measured in the child (see facts)
+
+    @property
+    def gpu_peak_bytes(self) -> int:
+        """The child's peak GPU memory, if it was given a GPU to measure: the fact ``fedgpu.nvml.measure`` adds."""
+        return int(self.facts.get("gpu_peak_bytes", 0))
 
 
 class Child(Protocol):
     """A started child, as the Isolator drives it."""
 
     pid: int
-    sock: socket.socket
     max_rss_kib: int  # known once it has exited; 0 if not
     stopped_by: str | None  # why fedgpu stopped it, if it did
 
     @property
     def sentinel(self) -> int | None:
         """A descriptor readable once the child has exited (None: poll ``wait_exit``)."""
+
+    def exchange(self, call: tuple, timeout: float | None) -> Any:
+        """Run ``call`` (fn, args, kwargs): the child's reply ``(status, *body, facts)``, None if it died first.
+
+        Raises ChildTimedOut past ``timeout`` seconds.
+        """
 
     def wait_exit(self, timeout: float | None) -> bool:
         """True once the child has exited (it may stay unreaped)."""
@@ -89,7 +101,7 @@ class Launcher(Protocol):
     name: str
 
     def start(self, env: Mapping[str, str]) -> Child:
-        """A new child with this environment, ready for its call."""
+        """A new child, ready for its call, with ``env`` on top of ours."""
 
     def close(self) -> None:
         """Release what the launcher holds (a private zygote)."""
@@ -113,18 +125,11 @@ class SpawnedChild:
         self.stopped_by: str | None = None
         self.max_rss_kib = 0  # from the kernel once reaped (kept across exec: an upper bound)
 
+    def exchange(self, call: tuple, timeout: float | None) -> Any:
+        return exchange_over_socket(self, call, timeout)
+
     def wait_exit(self, timeout: float | None) -> bool:
-        if self._reaped:
-            return True
-        if self._sentinel is not None:
-            return wait_readable(self._sentinel, timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:  # no pidfd: peek without reaping
-            if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
+        return self._reaped or exited_within(self.pid, self._sentinel, timeout)
 
     def stop(self, grace: float) -> None:
         with self._lock:
@@ -167,7 +172,7 @@ class SpawnLauncher:
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "fedgpu.isolation.child", str(child_sock.fileno()), str(os.getpid())],
-                env=dict(env),
+                env=child_environment(env),
                 pass_fds=(child_sock.fileno(),),
                 start_new_session=True,  # its own group: stoppable with its children
                 stdin=subprocess.DEVNULL,
@@ -178,6 +183,53 @@ class SpawnLauncher:
         finally:
             child_sock.close()
         return SpawnedChild(popen, parent_sock)
+
+
+class InProcessChild:
+    """The calling process standing in for a child (mode ``none``): the call runs here, in this thread.
+
+    Its value comes back as the very object, its exception as it was raised;
+    there is no process of its own to wait for, stop or reap.
+    """
+
+    sentinel = None
+    stopped_by: str | None = None
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.pid = os.getpid()
+        self.max_rss_kib = 0
+        # The call's own variables; a marker would tag what this process starts long after the call.
+        self.env = {name: value for name, value in env.items() if name != CALL_MARKER}
+
+    def exchange(self, call: tuple, timeout: float | None) -> Any:
+        fn, args, kwargs = call
+        os.environ.update(self.env)  # the baseline: whatever the call sets or allocates stays with this process
+        started = time.perf_counter()
+        value = fn(*args, **kwargs)  # no timeout: nothing could stop it
+        work_seconds = time.perf_counter() - started
+        self.max_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return ("ok", value, {"work_seconds": work_seconds, "max_rss_kib": self.max_rss_kib})
+
+    def wait_exit(self, timeout: float | None) -> bool:
+        return True
+
+    def stop(self, grace: float) -> None:
+        pass
+
+    def finish(self) -> int | None:
+        return 0
+
+
+class InProcessLauncher:
+    """``none``: no child at all; each call runs in the calling process (the naive baseline)."""
+
+    name = "none"
+
+    def start(self, env: Mapping[str, str]) -> InProcessChild:
+        return InProcessChild(env)
+
+    def close(self) -> None:
+        pass
 
 
 MODES = ("zygote", "spawn", "none")
@@ -226,13 +278,13 @@ class Isolator:
         self.mode = mode
         self.env = dict(env or {})
         self.grace = grace
-        self._launcher: Launcher | None = None
-        if mode == "spawn":
-            self._launcher = SpawnLauncher()
-        elif mode == "zygote":
+        self._launcher: Launcher
+        if mode == "zygote":
             from fedgpu.isolation.zygote import ZygoteLauncher
 
             self._launcher = ZygoteLauncher(zygote, warm_ups=warm_ups)
+        else:
+            self._launcher = SpawnLauncher() if mode == "spawn" else InProcessLauncher()
         self.reap_in_background = reap_in_background
         self._live: set[Child] = set()
         self._lock = threading.Lock()
@@ -260,14 +312,8 @@ class Isolator:
         kwargs = dict(kwargs or {})
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if self._launcher is None:
-            if self._closed:
-                raise RuntimeError("this Isolator has been shut down")
-            if on_start is not None:
-                on_start(os.getpid())
-            return self._run_in_process(fn, args, kwargs, env)
         marker = uuid.uuid4().hex
-        child = self._start({**os.environ, **self._child_env(), **self.env, **(env or {}), CALL_MARKER: marker})
+        child = self._start({**self.env, **(env or {}), CALL_MARKER: marker})
         clean = reaping = False
         try:
             if on_start is not None:
@@ -304,15 +350,12 @@ class Isolator:
         with self._lock:
             self._closed = True
             children = list(self._live)
-        for child in children:
-            if not child.wait_exit(0):
-                child.stopped_by = child.stopped_by or "shutting down"
-                signal_group(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + (self.grace if grace is None else grace)
-        for child in children:
-            child.stop(max(0.0, deadline - time.monotonic()))
-        if self._launcher is not None:
-            self._launcher.close()  # a private zygote goes with us
+        running = {child.pid: child for child in children if not child.wait_exit(0)}
+        for child in running.values():
+            child.stopped_by = child.stopped_by or "shutting down"
+        stop_groups(running, self.grace if grace is None else grace,
+                    exited=lambda pid, timeout: running[pid].wait_exit(timeout))
+        self._launcher.close()  # a private zygote goes with us
 
     def __enter__(self) -> "Isolator":
         return self
@@ -321,10 +364,6 @@ class Isolator:
         self.shutdown()
 
     # -- internals -------------------------------------------------------
-
-    def _child_env(self) -> dict[str, str]:
-        # The bootstrap module must import even from a source checkout.
-        return {"PYTHONPATH": pythonpath_with_package()}
 
     def _stop(self, child: Child, why: str) -> None:
         """Stop a child on fedgpu's own account: its death is then ours, not a crash."""
@@ -336,7 +375,6 @@ class Isolator:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this Isolator has been shut down")
-            assert self._launcher is not None
             child = self._launcher.start(env)
             self._live.add(child)
             return child
@@ -344,16 +382,7 @@ class Isolator:
     def _call(self, child: Child, fn: Callable, args: tuple, kwargs: dict, timeout: float | None, *,
               wait_exit: bool = True) -> Outcome:
         started = time.perf_counter()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            child.sock.settimeout(timeout)
-            wire.send_object(child.sock, list(sys.path))
-            wire.send_object(child.sock, (fn, args, kwargs))
-        except socket.timeout:
-            raise ChildTimedOut(timeout, pid=child.pid) from None
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it died before reading everything: the wait below says how
-        reply = self._await_reply(child, deadline, timeout)
+        reply = child.exchange((fn, args, kwargs), timeout)
         seconds = time.perf_counter() - started
         if reply is None:
             returncode = child.finish()
@@ -363,48 +392,11 @@ class Isolator:
             child.wait_exit(self.grace)  # let it exit by itself before `run` stops its group
         status, *body, facts = reply
         if status == "ok":
-            return Outcome(
-                body[0], child.pid, seconds, facts["work_seconds"], facts["max_rss_kib"], self.mode, facts.get("gpu_peak_bytes", 0)
-            )
+            work_seconds, max_rss_kib = facts.pop("work_seconds"), facts.pop("max_rss_kib")
+            return Outcome(body[0], child.pid, seconds, work_seconds, max_rss_kib, self.mode, facts)
         type_name, message, text, pickled = body
         original = _load_exception(pickled)
         error = ChildRaised(type_name, message, text, pid=child.pid, original=original)
         if original is not None:
             original.__cause__ = RemoteTraceback(text)
         raise error from original
-
-    def _await_reply(self, child: Child, deadline: float | None, timeout: float | None) -> Any:
-        """The child's reply, or None if it exited without one."""
-        poller = select.poll()
-        poller.register(child.sock.fileno(), select.POLLIN)
-        sentinel = child.sentinel
-        if sentinel is not None:
-            poller.register(sentinel, select.POLLIN)
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise ChildTimedOut(timeout, pid=child.pid)
-            events = dict(poller.poll(None if remaining is None else int(remaining * 1000) + 1))
-            if child.sock.fileno() in events:
-                try:
-                    child.sock.settimeout(remaining)
-                    return wire.recv_object(child.sock)
-                except socket.timeout:
-                    raise ChildTimedOut(timeout, pid=child.pid) from None
-                except (EOFError, ConnectionResetError):
-                    return None
-                except Exception as err:  # noqa: BLE001 - e.g. a result of a class we cannot import
-                    raise IsolationError(f"cannot load the result of child (pid {child.pid}): {err!r}", pid=child.pid) from err
-            elif sentinel is not None and sentinel in events:
-                return None
-
-    def _run_in_process(self, fn: Callable, args: tuple, kwargs: dict, env: Mapping[str, str] | None) -> Outcome:
-        # The baseline: whatever the call allocates stays with this process.
-        os.environ.update({**self.env, **(env or {})})
-        started = time.perf_counter()
-        value = fn(*args, **kwargs)
-        seconds = time.perf_counter() - started
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return Outcome(value, os.getpid(), seconds, seconds, rss, "none")

@@ -12,6 +12,7 @@ import select
 import signal
 import sys
 import time
+from typing import Callable, Iterable, Mapping
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -23,6 +24,14 @@ def pythonpath_with_package() -> str:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.environ.get("PYTHONPATH", "")
     return root + (os.pathsep + path if path else "")
+
+
+def child_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """Our environment with ``env`` on top, for a child that runs ``python -m fedgpu...``.
+
+    Its bootstrap module must import even from a source checkout (``PYTHONPATH``).
+    """
+    return {**os.environ, "PYTHONPATH": pythonpath_with_package(), **env}
 
 
 def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
@@ -175,22 +184,79 @@ def group_alive(pgid: int) -> bool:
     return signal_group(pgid, 0)
 
 
-def stop_group(pgid: int, grace: float, exited=None) -> None:
-    """SIGTERM the group, wait up to ``grace`` seconds, then SIGKILL what is left.
+def exited_within(pid: int, sentinel: int | None, timeout: float | None) -> bool:
+    """True once our child ``pid`` has exited, within ``timeout`` seconds; it stays unreaped.
 
-    ``exited(timeout) -> bool`` waits for the group leader; without it the group
+    ``sentinel``: its pidfd (``open_sentinel``), waited on; without one the
+    child is peeked at without reaping.
+    """
+    if sentinel is not None:
+        return wait_readable(sentinel, timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def wait_until(done: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``done()`` until it is true or ``timeout`` seconds have passed; its last answer."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def stop_groups(
+    pgids: Iterable[int],
+    grace: float,
+    *,
+    exited: Callable[[int, float], object] | None = None,
+    grace_of: Mapping[int, float] | None = None,
+    signal_of: Mapping[int, int] | None = None,
+) -> None:
+    """Stop process groups together: TERM them all, wait up to ``grace``, then KILL what is left.
+
+    The one way fedgpu stops what it started (children, its zygote's children,
+    the processes of a run). Every group gets its TERM at once and its grace
+    from then, so stopping many costs the longest grace, not their sum; each
+    is KILLed once its wait ends, so nothing a group's leader started outlives
+    it. A group that is already empty is left alone.
+
+    ``exited(pgid, timeout)`` waits for a group's leader (e.g. on its pidfd);
+    without it the group itself is polled until empty. ``grace_of`` and
+    ``signal_of`` give a group its own grace and first signal (a server that
+    writes its reports as it stops gets longer, and may get the INT it was
+    sent). ``grace`` is the rest's.
+    """
+    started = time.monotonic()
+    deadlines: dict[int, float] = {}
+    for pgid in pgids:
+        if not signal_group(pgid, (signal_of or {}).get(pgid, signal.SIGTERM)):
+            continue
+        signal_group(pgid, signal.SIGCONT)  # a stopped process acts on TERM only once it runs again
+        deadlines[pgid] = started + (grace_of or {}).get(pgid, grace)
+    # Soonest deadline first (in the order given among equals): each is KILLed when its own grace is up.
+    for pgid in sorted(deadlines, key=deadlines.__getitem__):
+        remaining = max(0.0, deadlines[pgid] - time.monotonic())
+        if exited is not None:
+            exited(pgid, remaining)
+        else:
+            wait_until(lambda: not group_alive(pgid), remaining)  # noqa: B023 - called before the loop moves on
+        signal_group(pgid, signal.SIGKILL)
+
+
+def stop_group(pgid: int, grace: float, exited: Callable[[float], object] | None = None) -> None:
+    """``stop_groups`` for one group: SIGTERM, wait up to ``grace`` seconds, SIGKILL what is left.
+
+    ``exited(timeout)`` waits for the group leader; without it the group
     itself is polled.
     """
-    if not signal_group(pgid, signal.SIGTERM):
-        return
-    signal_group(pgid, signal.SIGCONT)  # a stopped process acts on TERM only once it runs again
-    deadline = time.monotonic() + grace
-    if exited is not None:
-        exited(grace)
-    else:
-        while group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    signal_group(pgid, signal.SIGKILL)
+    stop_groups([pgid], grace, exited=None if exited is None else lambda _pgid, timeout: exited(timeout))
 
 
 def stop_tree(pid: int, grace: float) -> None:

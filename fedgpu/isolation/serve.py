@@ -14,15 +14,15 @@ from typing import Any
 from multiprocess.reduction import ForkingPickler
 
 from fedgpu.isolation import wire
+from fedgpu.isolation.facts import gather_facts
 from fedgpu.isolation.procs import kill_descendants
-from fedgpu.nvml.measure import gpu_peak_bytes
 
 
 def serve_one_call(sock: socket.socket) -> None:
-    """Receive (sys.path, call), run it, send the outcome, and exit the process."""
+    """Receive (sys.path, call), run it, send the outcome with its facts, and exit the process."""
     try:
         sys.path[:] = wire.recv_object(sock)  # before unpickling: modules by reference
-        fn, args, kwargs = wire.recv_object(sock)
+        fn, args, kwargs, fact_hooks = wire.recv_object(sock)
     except EOFError:
         os._exit(70)  # the parent went away before sending a call
     started = time.perf_counter()
@@ -31,7 +31,8 @@ def serve_one_call(sock: socket.socket) -> None:
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent
         reply = _error_reply(exc)
     work_seconds = time.perf_counter() - started
-    facts = {"work_seconds": work_seconds, "max_rss_kib": _max_rss_kib(), "gpu_peak_bytes": gpu_peak_bytes()}
+    facts = {"work_seconds": work_seconds, "max_rss_kib": _max_rss_kib()}  # the RSS before a hook loads anything
+    facts = {**gather_facts(fact_hooks), **facts}
     try:
         wire.send_object(sock, (*reply, facts))
     except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result

@@ -15,10 +15,18 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from fedgpu.private_dirs import make_private_dir
-from fedgpu.isolation.procs import open_sentinel, pythonpath_with_package, signal_group, stop_group, wait_readable
+from fedgpu.isolation.exchange import exchange_over_socket
+from fedgpu.isolation.procs import (
+    child_environment,
+    open_sentinel,
+    pythonpath_with_package,
+    signal_group,
+    stop_group,
+    wait_readable,
+)
 from fedgpu.isolation.zygote.protocol import (
     ACCEPTED,
     CHALLENGE_BYTES,
@@ -133,6 +141,9 @@ class ZygoteChild:
             self._returncode = None
         return True
 
+    def exchange(self, call: tuple, timeout: float | None) -> Any:
+        return exchange_over_socket(self, call, timeout)
+
     def stop(self, grace: float) -> None:
         with self._lock:
             if not self.wait_exit(0):
@@ -223,7 +234,7 @@ class ZygoteLauncher:
         parent_sock, child_sock = wire.socketpair()
         try:
             socket.send_fds(control, [FDS_MARK], [child_sock.fileno(), sys.stdout.fileno(), sys.stderr.fileno()])
-            control.sendall(encode_frame({"env": dict(env), "cwd": os.getcwd()}))
+            control.sendall(encode_frame({"env": child_environment(env), "cwd": os.getcwd()}))
             reply = recv_frame(control)
         except BaseException as err:
             parent_sock.close()

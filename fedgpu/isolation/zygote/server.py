@@ -34,11 +34,12 @@ from typing import Any, Mapping, Sequence
 from fedgpu.isolation.procs import (
     children_of,
     die_with_parent,
+    exited_within,
     kill_orphan,
     open_sentinel,
     set_child_subreaper,
     signal_group,
-    wait_readable,
+    stop_groups,
 )
 from fedgpu.isolation.zygote.protocol import (
     ACCEPTED,
@@ -616,14 +617,9 @@ class ZygoteServer:
         for spare in self.spares:
             self._discard_spare(*spare)
         self.spares = []
-        pids = list(self.children)
-        for pid in pids:
-            signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace
-        for pid in pids:
-            _, pidfd = self.children[pid]
-            if pidfd is not None:
-                wait_readable(pidfd, max(0.0, deadline - time.monotonic()))
+        stop_groups(self.children, self.grace,
+                    exited=lambda pid, timeout: exited_within(pid, self.children[pid][1], timeout))
+        for pid in list(self.children):
             self._reap(pid)
         self._sweep_orphans()
         for pid in list(self.orphans):
