@@ -41,11 +41,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402
-
 from fedgpu.flower.server import write_app  # noqa: E402
 from fedgpu.flower.settings import RunSettings  # noqa: E402
 from fedgpu.monitor.host import pss_bytes  # noqa: E402
+
+from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402
 
 APP = ROOT / "examples" / "quickstart-pytorch"
 APP_ROUND_MARK = "[ROUND "  # Flower's strategy logs it as each round begins (quickstart)

@@ -50,7 +50,7 @@ class Allocation:
     gpus_per_node: int  # 0: none requested
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Allocation":
+    def from_env(cls, env: dict[str, str] | None = None) -> Allocation:
         env = dict(os.environ if env is None else env)
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not env.get("SLURM_JOB_ID") or not nodelist:

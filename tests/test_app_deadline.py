@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 
 from fedgpu.flower.runner import APP_MESSAGE_SECONDS, message_deadline
+
 from helpers import FEDGPU, ROOT, cleaned_up, events, pid_alive, processes_with_env, wait_for
 
 HANG_APP = ROOT / "tests" / "apps" / "small_hang"

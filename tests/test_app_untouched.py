@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FEDGPU, ROOT, RUN_SH, run_federation_command
-
 from fedgpu.flower.app import FlowerApp, private_copy
+
+from helpers import FEDGPU, ROOT, RUN_SH, run_federation_command
 
 APP = ROOT / "tests" / "apps" / "untouched_numpy"
 NAME = "untouched-numpy"

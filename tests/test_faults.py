@@ -15,7 +15,6 @@ import pytest
 from helpers import PLUGINS, pid_alive, read_metrics, run_federation
 
 
-
 @pytest.fixture
 def faulty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def plan(faults: str) -> str:

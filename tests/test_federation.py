@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from fedgpu.tasks.digits import DigitsTask
+
 from helpers import pid_alive, read_metrics, run_federation
 
 

@@ -9,7 +9,18 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import FEDGPU, cleaned_up, events, free_port, kill_leftovers, processes_with_env, read_metrics, read_or_empty, start_run_sh, wait_for
+from helpers import (
+    FEDGPU,
+    cleaned_up,
+    events,
+    free_port,
+    kill_leftovers,
+    processes_with_env,
+    read_metrics,
+    read_or_empty,
+    start_run_sh,
+    wait_for,
+)
 
 
 def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_path: Path) -> None:

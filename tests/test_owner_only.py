@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from fedgpu.owner_only import OwnerOnly, refusal, tcp_peer_uid
+
 from helpers import FEDGPU, free_port, kill_leftovers, processes_with_env, read_metrics, read_or_empty, wait_for
 from other_uid import OtherUser, other_user
 
@@ -147,7 +148,7 @@ def test_a_guarded_server_answers_its_owner_with_the_run_token(tmp_path: Path) -
 
     import uvicorn
 
-    async def app(scope, receive, send):  # noqa: ANN001, ANN202 - a minimal ASGI app
+    async def app(scope, receive, send):  # a minimal ASGI app
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedgpu.slurm import Allocation, NotInAllocation, deal_clients, expand_hostlist
+
 from helpers import ROOT, free_port, kill_leftovers, processes_with_env, read_metrics
 
 RUN_JOB = ROOT / "launchers" / "slurm" / "run-job.sh"

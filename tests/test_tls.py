@@ -10,8 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from helpers import (
+    FEDGPU,
+    ROOT,
+    cleaned_up,
+    free_port,
+    processes_with_env,
+    read_metrics,
+    read_or_empty,
+    start_run_sh,
+    wait_for,
+)
 from other_uid import other_user
-from helpers import FEDGPU, ROOT, cleaned_up, free_port, processes_with_env, read_metrics, read_or_empty, start_run_sh, wait_for
 
 MAKE_CERTS = ROOT / "launchers" / "make-certs.sh"
 

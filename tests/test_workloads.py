@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-import workload_data
-from helpers import FEDGPU, ROOT, read_metrics, run_federation
-
 from fedgpu.tasks import data_problem, installed_tasks, load_task, resolve_task
 from fedgpu.tasks.vit_flowers import WEIGHTS_URL, VitFlowersTask
+
+import workload_data
+from helpers import FEDGPU, ROOT, read_metrics, run_federation
 
 torch.set_num_threads(2)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import FEDGPU, parent_pid, pid_alive, read_or_empty
-
 from fedgpu.isolation import Isolator
 from fedgpu.isolation.zygote import KEY_NAME, READY_NAME, SOCKET_NAME, ZygoteUntrusted, connect, read_key
+
+from helpers import FEDGPU, parent_pid, pid_alive, read_or_empty
 
 SCRIPTS_DIR = Path(__file__).resolve().parent / "isolation_scripts"
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fedgpu.isolation import IsolationError, Isolator, Outcome
 from fedgpu.monitor.events import emit

@@ -205,7 +205,7 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
             wait_for_health(f"http://127.0.0.1:{port}/health")
             log(INFO, "[fedgpu] task runner ready (isolation=%s, node pid %d)", settings.isolation, os.getpid())
             runner.serve_forever()
-        except BaseException as err:  # a node that cannot serve must not linger
+        except BaseException as err:  # noqa: BLE001 - a node that cannot serve must not linger
             log(ERROR, "[fedgpu] task runner stopped: %r; stopping the node", err, exc_info=err)
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -17,8 +17,8 @@ from flwr.supercore import log
 
 from fedgpu.flower.checks import CheckedStrategy
 from fedgpu.flower.children import run_child, wants_placement
-from fedgpu.flower.records import named_record
 from fedgpu.flower.recorder import RunRecorder
+from fedgpu.flower.records import named_record
 from fedgpu.flower.server import RUN_FAILED_MARK
 from fedgpu.flower.settings import RunSettings, zygote_warm_ups
 from fedgpu.flower.strategy import ExactFedAvg, TooFewNodes

@@ -37,7 +37,7 @@ from fedgpu.flower.app_rounds import BAD_REPLY
 from fedgpu.flower.children import placer_for, run_child
 from fedgpu.flower.failures import Failure
 from fedgpu.flower.internals.simulation import Backend, app_components, in_memory_grid_class, run_simulation_runtime
-from fedgpu.flower.runner import VirtualClientCall, stamp_reply, who_of, message_deadline, run_virtual_client
+from fedgpu.flower.runner import VirtualClientCall, message_deadline, run_virtual_client, stamp_reply, who_of
 from fedgpu.flower.transfer import task_identity
 from fedgpu.isolation import ChildRaised, IsolationError, Isolator
 from fedgpu.monitor.events import emit

@@ -30,8 +30,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from fedgpu.isolation import wire
 from fedgpu.isolation.errors import ChildDied, ChildRaised, ChildTimedOut, IsolationError, RemoteTraceback
@@ -314,7 +315,7 @@ class Isolator:
         if self._launcher is not None:
             self._launcher.close()  # a private zygote goes with us
 
-    def __enter__(self) -> "Isolator":
+    def __enter__(self) -> Isolator:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -349,7 +350,7 @@ class Isolator:
             child.sock.settimeout(timeout)
             wire.send_object(child.sock, list(sys.path))
             wire.send_object(child.sock, (fn, args, kwargs))
-        except socket.timeout:
+        except TimeoutError:
             raise ChildTimedOut(timeout, pid=child.pid) from None
         except (BrokenPipeError, ConnectionResetError):
             pass  # it died before reading everything: the wait below says how
@@ -389,11 +390,11 @@ class Isolator:
                 try:
                     child.sock.settimeout(remaining)
                     return wire.recv_object(child.sock)
-                except socket.timeout:
+                except TimeoutError:
                     raise ChildTimedOut(timeout, pid=child.pid) from None
                 except (EOFError, ConnectionResetError):
                     return None
-                except Exception as err:  # noqa: BLE001 - e.g. a result of a class we cannot import
+                except Exception as err:  # e.g. a result of a class we cannot import
                     raise IsolationError(f"cannot load the result of child (pid {child.pid}): {err!r}", pid=child.pid) from err
             elif sentinel is not None and sentinel in events:
                 return None

@@ -214,7 +214,7 @@ class _LoopClock:
         self._pace = pace
 
     def sleep(self, seconds: float) -> None:
-        caller = sys._getframe(1)  # noqa: SLF001 - which of the loop's three waits this is
+        caller = sys._getframe(1)  # which of the loop's three waits this is
         where = caller.f_code.co_name
         if where == "start_client_internal":
             node_id = caller.f_locals.get("node_id")
@@ -259,7 +259,7 @@ class _GridClock:
         self._wait = REPLY_PULL_SECONDS[0]
 
     def sleep(self, seconds: float) -> None:
-        caller = sys._getframe(1)  # noqa: SLF001
+        caller = sys._getframe(1)
         if caller.f_code.co_name != "send_and_receive":
             time.sleep(seconds)
             return
@@ -298,7 +298,7 @@ def _ring_after_push(grid_class: type, doorbells: str) -> None:
     bells = Doorbells(doorbells)
     push_messages = grid_class.push_messages
 
-    def push_and_ring(self, messages):  # noqa: ANN001, ANN202 - Flower's signature
+    def push_and_ring(self, messages):  # Flower's signature
         messages = list(messages)
         ids = push_messages(self, messages)
         for node_id in {message.metadata.dst_node_id for message in messages}:
@@ -363,7 +363,7 @@ def guard_app_factory(module: ModuleType, remote_paths: tuple[str, ...], token: 
     if not callable(create_app):
         raise RuntimeError(f"{module.__name__}.create_app is gone: fedgpu cannot guard this Flower version's API")
 
-    def guarded_create_app(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - Flower's signature
+    def guarded_create_app(*args, **kwargs):  # Flower's signature
         app = create_app(*args, **kwargs)
         app.add_middleware(OwnerOnly, remote_paths=remote_paths, token=token)  # outermost: before Flower's own
         return app
@@ -571,7 +571,7 @@ def _record_server_app(server_app_class: type, run_dir: str, log: Callable[[str]
 
     call = server_app_class.__call__
 
-    def call_and_record(self, grid, context):  # noqa: ANN001, ANN202 - Flower's signature
+    def call_and_record(self, grid, context):  # Flower's signature
         global _app_rounds
         ours = sys.modules.get("fedgpu.flower.server_app")
         if _app_rounds is not None or (ours is not None and self is getattr(ours, "app", None)):
@@ -594,7 +594,7 @@ def _watch_grid(grid: Any, rounds: Any, log: Callable[[str], None]) -> None:
 
     push, pull = grid.push_messages, grid.pull_messages
 
-    def push_and_count(messages):  # noqa: ANN001, ANN202 - Flower's signature
+    def push_and_count(messages):  # Flower's signature
         messages = list(messages)
         numbers = [n for n in (server_round_of(m) for m in messages) if n is not None and n >= 1]
         if numbers:
@@ -603,7 +603,7 @@ def _watch_grid(grid: Any, rounds: Any, log: Callable[[str], None]) -> None:
         _tell(log, rounds.pushed, messages, ids)
         return ids
 
-    def pull_and_count(message_ids):  # noqa: ANN001, ANN202
+    def pull_and_count(message_ids):
         replies = list(pull(message_ids))
         _tell(log, rounds.pulled, replies)
         return replies
@@ -618,7 +618,7 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
     start = strategy_class.start
     signature = inspect.signature(start)
 
-    def start_and_record(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def start_and_record(self, *args, **kwargs):
         rounds = _app_rounds
         if rounds is None or rounds.in_strategy:
             return start(self, *args, **kwargs)  # not a user's app, or a strategy started inside another's start
@@ -629,7 +629,7 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
             rounds.num_rounds = num_rounds
         model: dict[int, Any] = {}
 
-        def configure_train(server_round, arrays, config, grid):  # noqa: ANN001, ANN202
+        def configure_train(server_round, arrays, config, grid):
             _tell(log, rounds.begin, server_round)
             model[server_round] = arrays
             return strategy_call("configure_train", server_round, arrays, config, grid)
@@ -642,24 +642,24 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
                 _tell(log, name_bad_replies, kind, name, server_round, replies, model.get(server_round), err)
                 raise
 
-        def aggregate_train(server_round, replies):  # noqa: ANN001, ANN202
+        def aggregate_train(server_round, replies):
             arrays, metrics = aggregate("train", "aggregate_train", server_round, replies)
             _tell(log, rounds.aggregated, server_round, "train", metrics)
             return arrays, metrics
 
-        def aggregate_evaluate(server_round, replies):  # noqa: ANN001, ANN202
+        def aggregate_evaluate(server_round, replies):
             metrics = aggregate("evaluate", "aggregate_evaluate", server_round, replies)
             _tell(log, rounds.aggregated, server_round, "evaluate", metrics)
             return metrics
 
-        def evaluate_and_record(server_round, arrays):  # noqa: ANN001, ANN202
+        def evaluate_and_record(server_round, arrays):
             metrics = evaluate_fn(server_round, arrays)
             _tell(log, rounds.aggregated, server_round, "server", metrics)
             if server_round >= 1 and rounds.current is not None and rounds.current.number == server_round:
                 _tell(log, rounds.end)  # the round's last step in Flower's loop
             return metrics
 
-        def name_bad_replies(kind, name, server_round, replies, arrays, err):  # noqa: ANN001, ANN202
+        def name_bad_replies(kind, name, server_round, replies, arrays, err):
             weighted_by = getattr(self, "weighted_by_key", "num-examples")
             bad = diagnose_replies(replies, arrays if kind == "train" else None, weighted_by)
             for reply, problem in bad:
@@ -710,7 +710,7 @@ def _record_legacy_workflow(workflow_class: type, log: Callable[[str], None]) ->
 
     call = workflow_class.__call__
 
-    def call_and_record(self, grid, context):  # noqa: ANN001, ANN202 - Flower's signature
+    def call_and_record(self, grid, context):  # Flower's signature
         rounds = _app_rounds
         if rounds is None:
             return call(self, grid, context)
@@ -720,7 +720,7 @@ def _record_legacy_workflow(workflow_class: type, log: Callable[[str], None]) ->
             rounds.num_rounds = planned
         evaluate_workflow = self.evaluate_workflow
 
-        def evaluate_then_end(grid, context):  # noqa: ANN001, ANN202 - Flower's Workflow
+        def evaluate_then_end(grid, context):  # Flower's Workflow
             evaluate_workflow(grid, context)
             _tell(log, rounds.end)  # a legacy round's last step: its History is complete
 
@@ -741,7 +741,7 @@ def _record_legacy_history(history_class: type) -> None:
     ``Server.fit`` makes for itself: the first one made while a user's app runs is the one read."""
     make = history_class.__init__
 
-    def make_and_record(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def make_and_record(self, *args, **kwargs):
         make(self, *args, **kwargs)
         rounds = _app_rounds
         if rounds is not None and rounds.history is None:
@@ -826,7 +826,7 @@ def watch_node_waits(log: Callable[[str], None], grid_class: type | None = None)
     watch = NodeWaitWatch(float(limit))
     get_node_ids, push_messages = grid_class.get_node_ids, grid_class.push_messages
 
-    def watched_get_node_ids(self):  # noqa: ANN001, ANN202 - Flower's signature
+    def watched_get_node_ids(self):  # Flower's signature
         node_ids = list(get_node_ids(self))
         try:
             watch.polled(len(node_ids))
@@ -836,7 +836,7 @@ def watch_node_waits(log: Callable[[str], None], grid_class: type | None = None)
             raise
         return node_ids
 
-    def watched_push_messages(self, messages):  # noqa: ANN001, ANN202
+    def watched_push_messages(self, messages):
         watch.sent()
         return push_messages(self, messages)
 

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-from fedgpu.private_dirs import make_private_dir
+from fedgpu.isolation import wire
 from fedgpu.isolation.procs import open_sentinel, pythonpath_with_package, signal_group, stop_group, wait_readable
 from fedgpu.isolation.zygote.protocol import (
     ACCEPTED,
@@ -41,7 +41,7 @@ from fedgpu.isolation.zygote.protocol import (
     same,
     zygote_proof,
 )
-from fedgpu.isolation import wire
+from fedgpu.private_dirs import make_private_dir
 
 
 def read_key(directory: str) -> bytes:
