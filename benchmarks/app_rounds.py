@@ -68,7 +68,7 @@ class MemorySampler(threading.Thread):
             server = {pid for pid, cmd in processes.items() if any(name in cmd for name in SERVER_SIDE)}
             roots = {pid for pid, cmd in processes.items() if any(name in cmd for name in SERVER_ROOTS)}
             total = clients = 0
-            for pid, cmd in processes.items():
+            for pid in processes:
                 size = pss_bytes(pid) or 0
                 total += size
                 ancestor, hops = pid, 0
@@ -195,7 +195,7 @@ def main() -> None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise SystemExit("app_rounds: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'")
+        raise SystemExit("app_rounds: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'") from None
     work = Path(tempfile.mkdtemp(prefix="fedgpu-bench-app-"))
     setups = {
         "(a) Flower deployment, stock SuperNodes": lambda m: run_deployment(work / "deployment", args.nodes, args.rounds, m),

@@ -166,7 +166,7 @@ def flower_run(mode: str, messages: int, weights: Path, work_dir: Path) -> list[
     write_connection(home, server)
     env_server = {**env, "FLWR_HOME": str(home)}
     processes: list[subprocess.Popen] = []
-    log = open(work_dir / f"{slug}.log", "w")  # noqa: SIM115
+    log = open(work_dir / f"{slug}.log", "w")
     zygote_dir = None
     try:
         processes.append(subprocess.Popen(superlink_command(server), env=env_server, stdout=log, stderr=subprocess.STDOUT))

@@ -115,7 +115,7 @@ def run_simulation(run_dir: Path, clients: int, sampled: int, rounds: int, task:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise SystemExit("round_time: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'")
+        raise SystemExit("round_time: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'") from None
     run_dir.mkdir(parents=True)
     home = run_dir / "flwr-home"
     home.mkdir()

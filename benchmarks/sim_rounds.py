@@ -214,7 +214,7 @@ def main() -> None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise SystemExit("sim_rounds: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'")
+        raise SystemExit("sim_rounds: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'") from None
     parts = args.only or ["a", "b", "c"]
     cores = len(os.sched_getaffinity(0))
     ours = f"fedgpu --simulation --workers {cores}"

@@ -38,7 +38,7 @@ def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_pa
             subprocess.Popen(
                 [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}",
                  "--partition-id", str(i), "--num-partitions", "3", "--max-wait-time", "6"],
-                env=env, stdout=open(logs[i], "w"), stderr=subprocess.STDOUT,
+                env=env, stdout=open(logs[i], "w"), stderr=subprocess.STDOUT,  # noqa: SIM115 - lives as long as the node
             )
             for i in range(2)
         ]
