@@ -1,6 +1,6 @@
 """A fedgpu federation laid out over a Slurm allocation: which command runs where.
 
-``fedgpu slurm-plan`` reads the allocation from the SLURM_* variables and prints
+``python -m fedgpu.slurm`` reads the allocation from the SLURM_* variables and prints
 one ``srun`` command per line: the server on the allocation's first node, then
 one per node that starts that node's zygote and its share of the client nodes
 (``launchers/slurm/node.sh``). ``launchers/slurm/run-job.sh`` runs them. Client

@@ -312,12 +312,6 @@ def write_summary(run_dir: str, timeline: Timeline | None = None) -> dict[str, A
     return summary
 
 
-def load_summary(run_dir: str) -> dict[str, Any]:
-    """memory.json, derived again from the timeline if it is missing."""
-    summary, _ = load_summary_checked(run_dir)
-    return summary or summarise(run_dir)
-
-
 def load_summary_checked(
     run_dir: str, check: Callable[[dict[str, Any]], str | None] | None = None
 ) -> tuple[dict[str, Any] | None, list[str]]:
