@@ -47,6 +47,8 @@ def tree_digest(directory: Path) -> str:
 # -- two runs, the app unchanged --------------------------------------------------------------
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_two_runs_leave_the_app_directory_as_it_was_and_both_read_its_federation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

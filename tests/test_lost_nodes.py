@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import (
     FEDGPU,
     cleaned_up,
@@ -21,6 +23,8 @@ from helpers import (
     start_run_sh,
     wait_for,
 )
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # each waits out a start timeout or a lost node
 
 
 def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_path: Path) -> None:

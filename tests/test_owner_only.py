@@ -49,6 +49,8 @@ def start(run_dir: Path, port: int, rounds: int, env: dict[str, str]) -> subproc
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> None:
     """Another uid's `flwr run`, task acquisition and Fleet calls are refused and cost the run nothing;
     of two runs started at once on one port one runs and the other exits 2; nothing is left in the temporary

@@ -9,6 +9,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+import pytest
+
 from fedgpu.flower.internals import (
     Doorbells,
     NodePace,
@@ -96,6 +98,8 @@ def test_awaiting_a_reply_wakes_the_runner_and_returns_when_the_reply_is_stored(
     assert not waiting.is_alive() and not pace.reply_stored.is_set()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_run_wakes_its_nodes_through_their_doorbells(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     try:
@@ -115,6 +119,8 @@ def test_a_run_wakes_its_nodes_through_their_doorbells(tmp_path: Path) -> None:
     assert "Traceback" not in superlink, superlink[-2000:]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_flowers_pace_is_kept_when_asked(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = {**os.environ, "FEDGPU_NODE_PACE": "flower"}

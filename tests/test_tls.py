@@ -26,6 +26,8 @@ from other_uid import other_user
 MAKE_CERTS = ROOT / "launchers" / "make-certs.sh"
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Nodes without a registered key or without TLS are refused; as root, so is another uid's `flwr run`
     even with the CA in hand, and its raw requests with certificates unchecked."""

@@ -171,6 +171,8 @@ FEDERATED_ROUNDS = {
 
 
 @pytest.mark.parametrize("task", list(FEDERATED_ROUNDS))
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_one_federated_round_on_cpu(task: str, data: dict[str, Path], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output, _ = run_federation(run_dir, "2", "2", "2", "1", "--task", task, "--local-epochs", "1",
