@@ -33,12 +33,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402
-
 from fedgpu.flower.node import free_port  # noqa: E402
 from fedgpu.flower.probe import wait_for_health  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402
 from fedgpu.monitor.host import pss_bytes  # noqa: E402
+
+from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402
 
 APP = ROOT / "examples" / "quickstart-pytorch"
 SERVER_SIDE = ("flower-superlink", "fedgpu.flower.internals", "flwr-serverapp", "bin/flwr ", "fedgpu run", "fedgpu server")
@@ -68,7 +68,7 @@ class MemorySampler(threading.Thread):
             server = {pid for pid, cmd in processes.items() if any(name in cmd for name in SERVER_SIDE)}
             roots = {pid for pid, cmd in processes.items() if any(name in cmd for name in SERVER_ROOTS)}
             total = clients = 0
-            for pid, cmd in processes.items():
+            for pid in processes:
                 size = pss_bytes(pid) or 0
                 total += size
                 ancestor, hops = pid, 0
@@ -195,7 +195,7 @@ def main() -> None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise SystemExit("app_rounds: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'")
+        raise SystemExit("app_rounds: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'") from None
     work = Path(tempfile.mkdtemp(prefix="fedgpu-bench-app-"))
     setups = {
         "(a) Flower deployment, stock SuperNodes": lambda m: run_deployment(work / "deployment", args.nodes, args.rounds, m),

@@ -13,8 +13,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024

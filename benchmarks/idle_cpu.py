@@ -24,13 +24,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import child_pids, report, table  # noqa: E402
-
 from fedgpu.flower.internals import DOORBELLS_ENV, PACE_ENV  # noqa: E402
 from fedgpu.flower.node import free_port  # noqa: E402
 from fedgpu.flower.probe import wait_for_health  # noqa: E402
 from fedgpu.flower.server import ServerSettings, superlink_command  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402
+
+from common import child_pids, report, table  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -58,7 +58,7 @@ def measure(nodes: int, window: float, pace: str, work: Path) -> dict[str, float
     if pace:
         env[PACE_ENV] = pace
     port = free_port()
-    log = open(work / f"{pace or 'paced'}-{nodes}.log", "w")  # noqa: SIM115
+    log = open(work / f"{pace or 'paced'}-{nodes}.log", "w")
     procs: list[subprocess.Popen] = []
     zygote_dir = tempfile.mkdtemp(prefix="fedgpu-bench-zygote-")
     zygote = subprocess.Popen([str(BIN / "fedgpu"), "zygote", "--dir", zygote_dir], env=env, stdout=log,
@@ -79,7 +79,7 @@ def measure(nodes: int, window: float, pace: str, work: Path) -> dict[str, float
             procs.append(subprocess.Popen(
                 [str(BIN / "fedgpu"), "client", "--mp", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(i),
                  "--num-partitions", str(nodes), "--zygote", zygote_dir],
-                env=env, stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
+                env=env, stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT, start_new_session=True,
             ))
             if i % 8 == 7:  # in waves, as the launcher starts them
                 time.sleep(2.0)

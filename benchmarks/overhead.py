@@ -42,8 +42,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import child_pids, median, report, table  # noqa: E402
-
 from fedgpu.flower.internals import DOORBELLS_ENV, PACE_ENV  # noqa: E402
 from fedgpu.flower.node import free_port  # noqa: E402
 from fedgpu.flower.probe import wait_for_health  # noqa: E402
@@ -52,6 +50,8 @@ from fedgpu.flower.warm_ups import zygote_warm_ups  # noqa: E402
 from fedgpu.isolation import Isolator  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402
 from fedgpu.tasks.work import WorkSettings, initial_arrays, train_partition  # noqa: E402
+
+from common import child_pids, median, report, table  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -166,7 +166,7 @@ def flower_run(mode: str, messages: int, weights: Path, work_dir: Path) -> list[
     write_connection(home, server)
     env_server = {**env, "FLWR_HOME": str(home)}
     processes: list[subprocess.Popen] = []
-    log = open(work_dir / f"{slug}.log", "w")  # noqa: SIM115
+    log = open(work_dir / f"{slug}.log", "w")
     zygote_dir = None
     try:
         processes.append(subprocess.Popen(superlink_command(server), env=env_server, stdout=log, stderr=subprocess.STDOUT))

@@ -33,12 +33,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT / "tests")]
-from common import median, report, table  # noqa: E402
-
 from fedgpu.flower.node import free_port  # noqa: E402
 from fedgpu.flower.server import write_app  # noqa: E402
 from fedgpu.flower.settings import RunSettings  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402
+
+from common import median, report, table  # noqa: E402
 
 BIN = Path(sys.executable).parent
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -115,7 +115,7 @@ def run_simulation(run_dir: Path, clients: int, sampled: int, rounds: int, task:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise SystemExit("round_time: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'")
+        raise SystemExit("round_time: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'") from None
     run_dir.mkdir(parents=True)
     home = run_dir / "flwr-home"
     home.mkdir()

@@ -41,11 +41,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402
-
 from fedgpu.flower.server import write_app  # noqa: E402
 from fedgpu.flower.settings import RunSettings  # noqa: E402
 from fedgpu.monitor.host import pss_bytes  # noqa: E402
+
+from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402
 
 APP = ROOT / "examples" / "quickstart-pytorch"
 APP_ROUND_MARK = "[ROUND "  # Flower's strategy logs it as each round begins (quickstart)
@@ -214,7 +214,7 @@ def main() -> None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise SystemExit("sim_rounds: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'")
+        raise SystemExit("sim_rounds: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'") from None
     parts = args.only or ["a", "b", "c"]
     cores = len(os.sched_getaffinity(0))
     ours = f"fedgpu --simulation --workers {cores}"

@@ -22,9 +22,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT / "tests")]
-from common import median, report, table  # noqa: E402
-
 import workload_data  # noqa: E402
+from common import median, report, table  # noqa: E402
 
 # task -> (options for ./run.sh given the data directory, training examples per client, what travels)
 TASKS = {

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, report, table  # noqa: E402
+from fedgpu.isolation import Isolator, wire
 
-from fedgpu.isolation import Isolator, wire  # noqa: E402
+from common import median, report, table
 
 LAYER_MB = 25  # weights come as a list of layers, not one blob
 

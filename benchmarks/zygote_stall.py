@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import median, report, table  # noqa: E402
+from benchmarks.common import median, report, table
 
 IDLE = 50
 GOAL_SECONDS = 0.2

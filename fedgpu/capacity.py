@@ -1,14 +1,11 @@
 """Will this host hold N client nodes? An estimate from measured figures, against MemAvailable.
 
-``python -m fedgpu.capacity CLIENTS SAMPLED [--no-mp]`` prints one line and
-exits 2 when the estimate exceeds the memory this host has available (the
-launchers call it before they start anything; ``--force`` skips it there).
+``too_many`` says in one line why the host cannot hold the federation when the
+estimate exceeds the memory it has available; ``fedgpu run`` checks it before it
+starts anything (``--force`` skips it).
 """
 
 from __future__ import annotations
-
-import argparse
-import sys
 
 # Measured on a 2-core, 24 GiB host (benchmarks/idle_memory.py, at_rest.py, README):
 NODE_MIB = 135  # an idle client node with --mp: Flower's SuperNode and our runner, never torch
@@ -46,19 +43,3 @@ def too_many(clients: int, sampled: int, mp: bool = True) -> str | None:
         f"{clients} client nodes need about {need / 1024:.1f} GiB ({each}, {SERVER_MIB} MiB for the server), "
         f"but this host has {available / 1024:.1f} GiB available; start fewer, or give --force to try anyway"
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedgpu.capacity", description=__doc__.splitlines()[0])
-    parser.add_argument("clients", type=int)
-    parser.add_argument("sampled", type=int)
-    parser.add_argument("--no-mp", action="store_true")
-    args = parser.parse_args(argv)
-    line = too_many(args.clients, args.sampled, mp=not args.no_mp)
-    if line:
-        print(line, file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fedgpu.isolation import IsolationError, Isolator, Outcome
 from fedgpu.monitor.events import emit
@@ -70,4 +71,5 @@ def run_child(
             placer.release(placement, peak)  # type: ignore[union-attr]
         if pid is not None:
             # Its own peaks: a child shorter than the monitor's sampling interval is seen here.
-            emit("child-end", run_dir, pid=pid, role=role, gpu_peak_mib=round(peak / MIB, 1), rss_peak_mib=round(rss_mib, 1), **who)
+            emit("child-end", run_dir, pid=pid, role=role, gpu_peak_mib=round(peak / MIB, 1),
+                 rss_peak_mib=round(rss_mib, 1), **who)

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedgpu.flower.internals.marks import SUPERNODE_REGISTERED_MARK
 from fedgpu.isolation.procs import group_alive, stop_groups, wait_until
@@ -167,7 +168,7 @@ class Launcher:
         self.groups.append(proc)
         return proc
 
-    def _log(self, name: str):  # noqa: ANN202 - an open file, closed once the child has it
+    def _log(self, name: str):
         from fedgpu.output import OutputError, open_output
 
         try:
@@ -210,9 +211,8 @@ class Launcher:
             self.server = self._spawn(argv, stdout=None, stderr=log)  # its rounds and summary on our console
         if plan.simulated:
             return  # no SuperLink to wait for: the server hosts the simulation
-        from fedgpu.flower.probe import wait_for_health
-
         from fedgpu.flower.internals import EXIT_PORT_TAKEN
+        from fedgpu.flower.probe import wait_for_health
         from fedgpu.owner_only import RUN_TOKEN_ENV
 
         scheme = "https" if self.certs is not None else "http"
@@ -378,11 +378,11 @@ def plan_run(
     """
     from fedgpu.capacity import too_many
     from fedgpu.errors import BadInput
+    from fedgpu.flower.config import check_node_config
     from fedgpu.flower.node import free_port, port_free
     from fedgpu.flower.server import check_task_run
-    from fedgpu.run_dir import prepare_run_dir
-    from fedgpu.flower.config import check_node_config
     from fedgpu.nvml.placement import check_placement
+    from fedgpu.run_dir import prepare_run_dir
 
     values = dict(options)
     _read_positional(values, given, numbers_only=prog != "fedgpu")

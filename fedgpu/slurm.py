@@ -1,6 +1,6 @@
 """A fedgpu federation laid out over a Slurm allocation: which command runs where.
 
-``fedgpu slurm-plan`` reads the allocation from the SLURM_* variables and prints
+``python -m fedgpu.slurm`` reads the allocation from the SLURM_* variables and prints
 one ``srun`` command per line: the server on the allocation's first node, then
 one per node that starts that node's zygote and its share of the client nodes
 (``launchers/slurm/node.sh``). ``launchers/slurm/run-job.sh`` runs them. Client
@@ -50,7 +50,7 @@ class Allocation:
     gpus_per_node: int  # 0: none requested
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Allocation":
+    def from_env(cls, env: dict[str, str] | None = None) -> Allocation:
         env = dict(os.environ if env is None else env)
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not env.get("SLURM_JOB_ID") or not nodelist:

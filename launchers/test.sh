@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: launchers/test.sh [pytest arguments]. Creates .venv first when missing.
+# The test suite: launchers/test.sh [pytest arguments]. Creates .venv first when missing,
+# runs ruff, then pytest.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=launchers/env.sh
@@ -8,4 +9,6 @@ fedgpu_ensure_env "$ROOT" "test,text"  # text: the text-imdb task's tests need t
 cd "$ROOT"
 # Offline and quiet: the tests make their own data and need no hub.
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# Lint first: a ruff finding fails the run, with ruff's own lines (config in pyproject.toml).
+"$ROOT/.venv/bin/ruff" check "$ROOT"
 exec "$ROOT/.venv/bin/python" -m pytest "$@"

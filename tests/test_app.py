@@ -44,6 +44,8 @@ def app_copy(tmp_path: Path, name: str = "app") -> Path:
     return target
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_flowers_quickstart_runs_unchanged_every_message_isolated(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output, sampler = fedgpu_run(run_dir, str(APP), "--nodes", "3", "--run-config", "num-server-rounds=2")
@@ -88,6 +90,7 @@ def test_flowers_quickstart_runs_unchanged_every_message_isolated(tmp_path: Path
     assert "pytorchexample.client_app" in (run_dir / "zygote.log").read_text()
 
 
+@pytest.mark.e2e
 def test_a_client_app_that_raises_on_one_node_costs_that_message_only(tmp_path: Path) -> None:
     app = app_copy(tmp_path)
     client = app / "pytorchexample" / "client_app.py"
@@ -108,6 +111,7 @@ def test_a_client_app_that_raises_on_one_node_costs_that_message_only(tmp_path: 
     assert f"raised ValueError x1: round 1 train client 1 ({run_dir / 'client-1.log'})" in output, output
 
 
+@pytest.mark.e2e
 def test_ctrl_c_mid_run_of_an_app_leaves_nothing_behind(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
@@ -193,6 +197,7 @@ def test_a_bad_app_is_one_line_and_exit_2_before_anything_starts(tmp_path: Path,
     assert not run_dir.exists()
 
 
+@pytest.mark.e2e
 def test_a_server_app_that_fails_at_once_shows_its_last_lines(tmp_path: Path) -> None:
     app = app_copy(tmp_path)
     server = app / "pytorchexample" / "server_app.py"
@@ -215,6 +220,8 @@ def _recipe() -> str:
     return after.split("```bash\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_the_manual_recipe_in_the_readme_runs_as_written(tmp_path: Path) -> None:
     """fedgpu client --mp nodes under a SuperLink started by hand, the app submitted with flwr run."""
     marker = f"recipe-{os.getpid()}-{tmp_path.name}"

@@ -10,9 +10,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from flwr.app import Context, Message, RecordDict
 
 from fedgpu.flower.runner import APP_MESSAGE_SECONDS, message_deadline
+
 from helpers import FEDGPU, ROOT, cleaned_up, events, pid_alive, processes_with_env, wait_for
 
 HANG_APP = ROOT / "tests" / "apps" / "small_hang"
@@ -43,6 +45,7 @@ def _flwr(flwr_home: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(FEDGPU.parent / "flwr"), *args], capture_output=True, text=True, timeout=120, env=env)
 
 
+@pytest.mark.e2e
 def test_a_hung_client_app_is_stopped_at_its_deadline_and_costs_one_message(tmp_path: Path) -> None:
     """Client 0's ClientApp never returns. While it hangs, Flower's CLI reaches the run as the console says;
     at the node's --timeout its child is stopped, and the round aggregates client 1's reply."""

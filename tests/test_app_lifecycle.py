@@ -45,6 +45,8 @@ def console_lines(output: str, start: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith(start)]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_ten_nodes_are_all_up_before_round_1_and_one_failing_node_is_said_in_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output = fedgpu_run(run_dir, "--nodes", "10", "--run-config", "fail-partition=3")
@@ -59,6 +61,7 @@ def test_ten_nodes_are_all_up_before_round_1_and_one_failing_node_is_said_in_one
     assert "fedgpu-failure:" in (run_dir / "serverapp.log").read_text()
 
 
+@pytest.mark.e2e
 def test_a_server_whose_nodes_never_register_submits_nothing_and_exits_3(tmp_path: Path) -> None:
     """`fedgpu server --wait-nodes 2` with no node at all: one line after --start-timeout, no run submitted."""
     run_dir, port = tmp_path / "run", free_port()
@@ -76,6 +79,7 @@ def test_a_server_whose_nodes_never_register_submits_nothing_and_exits_3(tmp_pat
     assert not left, left
 
 
+@pytest.mark.e2e
 def test_a_run_whose_every_message_failed_exits_4_with_the_summary(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output = fedgpu_run(run_dir, "--nodes", "2", "--run-config", "fail-partition=-2 num-server-rounds=1")
@@ -89,6 +93,7 @@ def test_a_run_whose_every_message_failed_exits_4_with_the_summary(tmp_path: Pat
     assert report["status"] == "failed" and report["failure"]["exit_code"] == 4, report
 
 
+@pytest.mark.e2e
 def test_one_node_for_a_strategy_that_waits_for_two_ends_the_run_with_exit_3(tmp_path: Path) -> None:
     """FedAvg's default minimum is 2 nodes; with one started, Flower would wait for ever."""
     run_dir = tmp_path / "run"
@@ -101,6 +106,7 @@ def test_one_node_for_a_strategy_that_waits_for_two_ends_the_run_with_exit_3(tmp
     assert report["status"] == "failed" and line.endswith(report["failure"]["detail"]), report
 
 
+@pytest.mark.e2e
 def test_term_mid_run_leaves_a_complete_report_of_the_rounds_that_ran(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
     proc = subprocess.Popen(
@@ -122,6 +128,7 @@ def test_term_mid_run_leaves_a_complete_report_of_the_rounds_that_ran(tmp_path: 
     assert (run_dir / "memory.png").stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_a_server_app_that_raises_leaves_its_error_in_report_json(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output = fedgpu_run(run_dir, "--nodes", "1", "--run-config", 'server-mode="raise"')
@@ -132,6 +139,7 @@ def test_a_server_app_that_raises_leaves_its_error_in_report_json(tmp_path: Path
                                  "detail": "RuntimeError: injected: the ServerApp cannot start"}, report
 
 
+@pytest.mark.e2e
 def test_a_server_app_that_never_returns_is_ended_by_the_run_timeout(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output = fedgpu_run(run_dir, "--nodes", "1", "--run-timeout", "10", "--run-config", 'server-mode="hang"',
@@ -148,6 +156,7 @@ def _small_files() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (15_000, 15_000))
 
 
+@pytest.mark.e2e
 def test_a_run_directory_that_cannot_grow_is_named_on_the_console(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     try:

@@ -149,6 +149,8 @@ def test_the_flower_hooked_is_the_one_installed_and_hooking_it_imports_no_torch(
 # -- Flower's secure-aggregation pattern: a legacy workflow, several stages per round ----------
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_secagg_rounds_hold_their_messages(secagg: tuple[int, str, Path]) -> None:
     code, output, run_dir = secagg
     assert code == 0, output
@@ -162,6 +164,8 @@ def test_secagg_rounds_hold_their_messages(secagg: tuple[int, str, Path]) -> Non
     assert [entry["round"] for entry in memory["rounds"]] == [1, 2, 3]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_secagg_rounds_get_their_history_in_metrics_csv_and_on_the_console(secagg: tuple[int, str, Path]) -> None:
     code, output, run_dir = secagg
     assert code == 0, output
@@ -185,6 +189,8 @@ def test_secagg_rounds_get_their_history_in_metrics_csv_and_on_the_console(secag
 # -- a ServerApp of its own loop: several messages per round -------------------------------
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_several_messages_per_round_land_in_their_round(multi: tuple[int, str, Path]) -> None:
     code, output, run_dir = multi
     assert code == 0, output
@@ -202,6 +208,7 @@ def test_several_messages_per_round_land_in_their_round(multi: tuple[int, str, P
 # -- red team H1: a bad reply under the app's own FedAvg ------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_bad_reply_under_stock_fedavg_is_named_with_its_client_and_reason(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FEDGPU, ROOT, RUN_SH, run_federation_command
-
 from fedgpu.flower.app import FlowerApp, private_copy
+
+from helpers import FEDGPU, ROOT, RUN_SH, run_federation_command
 
 APP = ROOT / "tests" / "apps" / "untouched_numpy"
 NAME = "untouched-numpy"
@@ -47,6 +47,8 @@ def tree_digest(directory: Path) -> str:
 # -- two runs, the app unchanged --------------------------------------------------------------
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_two_runs_leave_the_app_directory_as_it_was_and_both_read_its_federation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedgpu.flower import CheckedStrategy
 from fedgpu.flower.failures import Failure
+
 from helpers import FEDGPU
 
 MODEL = {"conv1.weight": np.zeros((4, 1, 3, 3), np.float32), "fc.bias": np.zeros(10, np.float32)}

@@ -118,6 +118,8 @@ print(json.dumps({"host": os.getpid(), "torch": "torch" in sys.modules, "replies
     assert len(ready) == 1 and ready[0].endswith(f"(warm-ups: {facts['module']})"), done.stdout
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_example_runs_on_flower_deployment_runtime(tmp_path: Path) -> None:
     marker = f"fedgpu-test-{uuid.uuid4()}"
     started = time.monotonic()
@@ -160,6 +162,7 @@ def test_example_runs_on_flower_deployment_runtime(tmp_path: Path) -> None:
     assert result["evaluate_metrics_clientapp"]["2"]["accuracy"] > 0.5
 
 
+@pytest.mark.e2e
 def test_example_stops_everything_on_sigterm(tmp_path: Path) -> None:
     """TERM while a client's isolated child is training: nothing may outlive run.sh."""
     marker = f"fedgpu-test-{uuid.uuid4()}"
@@ -188,6 +191,8 @@ def test_example_stops_everything_on_sigterm(tmp_path: Path) -> None:
         kill_processes_with_env("EXAMPLE_MARKER", marker)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_example_runs_in_the_simulation_engine_every_call_in_a_child(tmp_path: Path) -> None:
     """Flower's Simulation Engine (Ray actors): @isolate() forks each call from the actor's zygote."""
     marker = f"fedgpu-test-{uuid.uuid4()}"

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import PLUGINS, pid_alive, read_metrics, run_federation
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole runs
 
 
 @pytest.fixture

@@ -8,8 +8,13 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from fedgpu.tasks.digits import DigitsTask
+
 from helpers import pid_alive, read_metrics, run_federation
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole runs: 106 s for the spawn one here
 
 
 def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ def flower_imports(source: str) -> list[tuple[int, str, str | None]]:
             found += [(node.lineno, alias.name, None) for alias in node.names if _is_flower(alias.name)]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _is_flower(node.module):
             found += [(node.lineno, node.module, alias.name) for alias in node.names]
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+        elif (isinstance(node, ast.Call)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
               and node.args and isinstance(node.args[0], ast.Constant) and _is_flower(str(node.args[0].value))):
             found.append((node.lineno, str(node.args[0].value), None))
     return found

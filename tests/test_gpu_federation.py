@@ -13,7 +13,11 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from helpers import FAKE_GPU_DIR, FEDGPU, read_metrics, run_federation
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole runs
 
 TASK = "fake_gpu_task:FakeGpuDigits"
 

@@ -358,9 +358,8 @@ def test_wire_send_recv_over_socketpair():
 
 
 def test_child_exception_carries_remote_traceback(make_isolator):
-    with make_isolator() as iso:
-        with pytest.raises(ChildRaised) as info:
-            iso.run(_raise_deep, (42,), timeout=30)
+    with make_isolator() as iso, pytest.raises(ChildRaised) as info:
+        iso.run(_raise_deep, (42,), timeout=30)
     err = info.value
     child_pid = int(str(err.original).rsplit(" ", 1)[1])
     assert err.pid == child_pid != os.getpid()
@@ -386,9 +385,8 @@ def test_child_exception_from_unimported_module_is_not_imported(monkeypatch, mak
     assert importlib.util.find_spec(PROBE_MODULE) is not None  # found, not imported
     assert PROBE_MODULE not in sys.modules
 
-    with make_isolator() as iso:
-        with pytest.raises(ChildRaised) as info:
-            iso.run(_raise_probe_error, (str(SCRIPTS_DIR), "probe failure 7"), timeout=30)
+    with make_isolator() as iso, pytest.raises(ChildRaised) as info:
+        iso.run(_raise_probe_error, (str(SCRIPTS_DIR), "probe failure 7"), timeout=30)
     err = info.value
     assert err.original is None
     assert err.__cause__ is None
@@ -399,9 +397,8 @@ def test_child_exception_from_unimported_module_is_not_imported(monkeypatch, mak
 
 
 def test_child_exception_from_imported_module_is_rebuilt(make_isolator):
-    with make_isolator() as iso:
-        with pytest.raises(ChildRaised) as info:
-            iso.run(_raise_called_process_error, timeout=30)
+    with make_isolator() as iso, pytest.raises(ChildRaised) as info:
+        iso.run(_raise_called_process_error, timeout=30)
     original = info.value.original
     assert isinstance(original, subprocess.CalledProcessError)
     assert original.returncode == 5 and original.cmd == ["fake-cmd"]
@@ -422,9 +419,8 @@ def test_child_exception_from_imported_module_is_rebuilt(make_isolator):
     ids=["sigkill", "segfault", "exit3"],
 )
 def test_child_death_is_named(fn, returncode, signal_name, words, make_isolator):
-    with make_isolator() as iso:
-        with pytest.raises(ChildDied) as info:
-            iso.run(fn, timeout=30)
+    with make_isolator() as iso, pytest.raises(ChildDied) as info:
+        iso.run(fn, timeout=30)
     err = info.value
     assert err.returncode == returncode
     assert err.signal_name == signal_name
@@ -683,7 +679,7 @@ def test_unpicklable_argument_leaks_no_descriptor_or_child(make_isolator):
         iso.run(_process_ids, timeout=30)  # warm up lazy imports and fds
         gc.collect()
         before = _open_fds()
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 - whichever error pickle raises for a generator
             iso.run(len, ((x for x in ()),), timeout=30)  # generators do not pickle
         gc.collect()
         time.sleep(0.2)
@@ -693,9 +689,8 @@ def test_unpicklable_argument_leaks_no_descriptor_or_child(make_isolator):
 
 def test_unloadable_result_still_stops_the_group(tmp_path, reap, make_isolator):
     pidfile = tmp_path / "pids"
-    with make_isolator() as iso:
-        with pytest.raises(IsolationError):
-            iso.run(_grandchild_and_unloadable_result, (str(SCRIPTS_DIR), str(pidfile)), timeout=30)
+    with make_isolator() as iso, pytest.raises(IsolationError):
+        iso.run(_grandchild_and_unloadable_result, (str(SCRIPTS_DIR), str(pidfile)), timeout=30)
     (grandchild,) = _wait_pids(pidfile, 0)
     reap.append(grandchild)
     assert PROBE_MODULE not in sys.modules
@@ -750,9 +745,8 @@ def _allocate_then_sigkill_self() -> None:
 
 def test_a_death_names_the_childs_peak_memory(make_isolator):
     """For an OOM kill, the peak RSS is the first thing a reader wants to know."""
-    with make_isolator() as iso:
-        with pytest.raises(ChildDied) as info:
-            iso.run(_allocate_then_sigkill_self, timeout=30)
+    with make_isolator() as iso, pytest.raises(ChildDied) as info:
+        iso.run(_allocate_then_sigkill_self, timeout=30)
     assert info.value.signal_name == "SIGKILL"
     peak_mib = int(str(info.value).split("peak RSS was ")[1].split(" MiB")[0])
     assert 300 <= peak_mib < 2000, str(info.value)
@@ -774,9 +768,8 @@ def _setsid_grandchild(pidfile: str, then: str) -> int:
 @pytest.mark.parametrize("then", ["return", "raise", "crash"])
 def test_a_grandchild_in_its_own_session_does_not_outlive_the_call(tmp_path, reap, then, make_isolator):
     pidfile = tmp_path / "pids"
-    with make_isolator() as iso:
-        with pytest.raises(IsolationError) if then != "return" else _no_error():
-            iso.run(_setsid_grandchild, (str(pidfile), then), timeout=30)
+    with make_isolator() as iso, pytest.raises(IsolationError) if then != "return" else _no_error():
+        iso.run(_setsid_grandchild, (str(pidfile), then), timeout=30)
     (grandchild,) = _wait_pids(pidfile, 0)
     reap.append(grandchild)
     assert os.getsid(grandchild) == grandchild if not _gone(grandchild) else True
@@ -796,9 +789,8 @@ def _sigstop_self() -> None:
 
 
 def test_a_stopped_child_is_ended_by_its_deadline_and_fedgpu_says_it_did(make_isolator):
-    with make_isolator(grace=0.5) as iso:
-        with pytest.raises(ChildTimedOut) as info:
-            iso.run(_sigstop_self, timeout=2)
+    with make_isolator(grace=0.5) as iso, pytest.raises(ChildTimedOut) as info:
+        iso.run(_sigstop_self, timeout=2)
     assert info.value.kind == "stopped by fedgpu after 2 s" and info.value.reason == "stopped by fedgpu after 2 s"
     assert _wait_gone([info.value.pid], 5.0) == []
 
@@ -815,9 +807,8 @@ def test_a_child_whose_zygote_died_has_an_unknown_exit_status(tmp_path):
             zygote.kill()
 
         threading.Thread(target=kill_zygote, daemon=True).start()
-        with Isolator("zygote", zygote=str(directory)) as iso:
-            with pytest.raises(ChildDied) as info:
-                iso.run(_pid_then_sleep, (str(pidfile),), timeout=30)
+        with Isolator("zygote", zygote=str(directory)) as iso, pytest.raises(ChildDied) as info:
+            iso.run(_pid_then_sleep, (str(pidfile),), timeout=30)
     finally:
         zygote.kill()
         zygote.wait(10)

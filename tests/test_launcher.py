@@ -17,8 +17,8 @@ from helpers import (
     call_children,
     free_port,
     kill_leftovers,
-    processes_with_env,
     private_temp,
+    processes_with_env,
     start_run_sh,
     stop_and_check,
     wait_for,
@@ -194,6 +194,7 @@ def test_fedgpu_server_unwritable_run_dir(tmp_path: Path) -> None:
     assert len(lines) == 1 and "is not writable" in lines[0], done.stderr
 
 
+@pytest.mark.e2e
 def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
     temp, env = private_temp(tmp_path)
@@ -216,6 +217,7 @@ def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
     stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True, temp=temp)
 
 
+@pytest.mark.e2e
 def test_sigterm_before_round_one_stops_everything(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
     # min 3 of 3 clients, so round 1 cannot start before all connect: stop while it waits.

@@ -87,7 +87,9 @@ def test_the_scan_sees_nested_and_relative_imports() -> None:
         "        import flwr.app\n"
     )
     names = [name for _, name in imports_of(source, "fedgpu.isolation.core")]
-    assert names == ["os", "fedgpu.isolation.wire", "fedgpu.nvml.measure.gpu_peak_bytes", "fedgpu.flower.children", "flwr.app"]
+    assert names == [
+        "os", "fedgpu.isolation.wire", "fedgpu.nvml.measure.gpu_peak_bytes", "fedgpu.flower.children", "flwr.app",
+    ]
     assert [name for _, name in imports_of("from .zygote import caller\n", "fedgpu.isolation", True)] == [
         "fedgpu.isolation.zygote.caller"
     ]
@@ -119,5 +121,6 @@ def test_layers_below_flower_never_import_it(layer: str) -> None:
 
 
 def test_the_server_app_never_imports_the_launcher_side() -> None:
-    bad = offences(("fedgpu.flower.server_app",), lambda name: within(name, "fedgpu.launch") or within(name, "fedgpu.cli"))
+    bad = offences(("fedgpu.flower.server_app",),
+                   lambda name: within(name, "fedgpu.launch") or within(name, "fedgpu.cli"))
     assert not bad, "the ServerApp runs under Flower, not under fedgpu's launcher:\n" + "\n".join(bad)

@@ -9,8 +9,23 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import (FEDGPU, cleaned_up, events, free_port, kill_leftovers, pid_alive, processes_with_env, read_metrics,
-                     read_or_empty, start_run_sh, wait_for)
+import pytest
+
+from helpers import (
+    FEDGPU,
+    cleaned_up,
+    events,
+    free_port,
+    kill_leftovers,
+    pid_alive,
+    processes_with_env,
+    read_metrics,
+    read_or_empty,
+    start_run_sh,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # each waits out a start timeout or a lost node
 
 
 def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_path: Path) -> None:
@@ -28,7 +43,7 @@ def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_pa
             subprocess.Popen(
                 [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}",
                  "--partition-id", str(i), "--num-partitions", "3", "--max-wait-time", "6"],
-                env=env, stdout=open(logs[i], "w"), stderr=subprocess.STDOUT,
+                env=env, stdout=open(logs[i], "w"), stderr=subprocess.STDOUT,  # noqa: SIM115 - lives as long as the node
             )
             for i in range(2)
         ]

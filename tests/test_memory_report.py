@@ -23,6 +23,7 @@ from fedgpu.monitor.memory import COLUMNS, MemoryMonitor
 from fedgpu.monitor.plot import write_plot
 from fedgpu.monitor.summary import read_timeline, summarise, write_summary
 from fedgpu.nvml.devices import Nvml
+
 from helpers import FEDGPU
 
 HOLDER = (

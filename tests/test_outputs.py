@@ -12,6 +12,8 @@ import pytest
 
 from helpers import cleaned_up, processes_with_env, start_run_sh, wait_for
 
+pytestmark = pytest.mark.e2e
+
 
 def _temp_files(run_dir: Path) -> list[str]:
     return [str(path) for path in run_dir.rglob("*.tmp")]

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from fedgpu.owner_only import OwnerOnly, refusal, tcp_peer_uid
+
 from helpers import FEDGPU, free_port, kill_leftovers, processes_with_env, read_metrics, read_or_empty, wait_for
 from other_uid import OtherUser, other_user
 
@@ -48,6 +49,8 @@ def start(run_dir: Path, port: int, rounds: int, env: dict[str, str]) -> subproc
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> None:
     """Another uid's `flwr run`, task acquisition and Fleet calls are refused and cost the run nothing;
     of two runs started at once on one port one runs and the other exits 2; nothing is left in the temporary
@@ -147,7 +150,7 @@ def test_a_guarded_server_answers_its_owner_with_the_run_token(tmp_path: Path) -
 
     import uvicorn
 
-    async def app(scope, receive, send):  # noqa: ANN001, ANN202 - a minimal ASGI app
+    async def app(scope, receive, send):  # a minimal ASGI app
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import re
 import os
+import re
 import subprocess
 import threading
 from pathlib import Path
 
-from helpers import FEDGPU, kill_leftovers, read_or_empty
+import pytest
 
 from fedgpu.flower.internals import (
     Doorbells,
@@ -19,6 +19,8 @@ from fedgpu.flower.internals import (
     object_pull_contract,
     sleep_contract,
 )
+
+from helpers import FEDGPU, kill_leftovers, read_or_empty
 
 
 def test_the_installed_flower_has_the_loops_fedgpu_paces() -> None:
@@ -31,7 +33,7 @@ def test_the_installed_flower_has_the_loops_fedgpu_paces() -> None:
     assert object_pull_contract() == []
 
 
-def _module_from(path: Path, source: str):  # noqa: ANN202
+def _module_from(path: Path, source: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
@@ -63,10 +65,10 @@ def test_without_a_doorbell_the_idle_interval_starts_fast_and_backs_off() -> Non
     after = []
     for _ in range(3):
         assert pace.idle(0.4, node_id=42) is False
-        after.append(pace._idle_wait)  # noqa: SLF001
+        after.append(pace._idle_wait)
     assert after == [0.2, 0.4, 0.4], after  # 0.1 s, then twice the last, up to Flower's interval
     pace.awaiting_reply(0.01)  # a message: the next idle pull is fast again
-    assert pace._idle_wait == 0.1  # noqa: SLF001
+    assert pace._idle_wait == 0.1
 
 
 def test_a_ring_ends_an_idle_wait_and_the_bell_goes_with_the_node(tmp_path: Path) -> None:
@@ -96,6 +98,8 @@ def test_awaiting_a_reply_wakes_the_runner_and_returns_when_the_reply_is_stored(
     assert not waiting.is_alive() and not pace.reply_stored.is_set()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_run_wakes_its_nodes_through_their_doorbells(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     try:
@@ -115,6 +119,8 @@ def test_a_run_wakes_its_nodes_through_their_doorbells(tmp_path: Path) -> None:
     assert "Traceback" not in superlink, superlink[-2000:]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_flowers_pace_is_kept_when_asked(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = {**os.environ, "FEDGPU_NODE_PACE": "flower"}

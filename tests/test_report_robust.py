@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FEDGPU
-
 from fedgpu.monitor.memory import COLUMNS
 from fedgpu.monitor.summary import summarise
+
+from helpers import FEDGPU
 
 T0 = 1_700_000_000.0
 NESTED = "[" * 100_000  # far deeper than any parser's recursion limit

@@ -13,6 +13,7 @@ import pytest
 from fedgpu.errors import BadInput
 from fedgpu.output import OutputError, append_line, open_output, write_atomic
 from fedgpu.run_dir import prepare_run_dir
+
 from helpers import FEDGPU
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make files of another uid (CI runs as root)")

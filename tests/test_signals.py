@@ -12,6 +12,8 @@ import pytest
 
 from helpers import ROOT, events, free_port, kill_leftovers, start_run_sh, stop_and_check, wait_for
 
+pytestmark = pytest.mark.e2e
+
 
 def _start(run_dir: Path, port: int, *args: str):
     return start_run_sh([*args, "--port", str(port), "--run-dir", str(run_dir)])

@@ -26,9 +26,9 @@ from helpers import (
     PLUGINS,
     ROOT,
     RUN_SH,
+    ProcessSampler,
     events,
     free_port,
-    ProcessSampler,
     kill_leftovers,
     maps_torch,
     pid_alive,
@@ -102,6 +102,8 @@ def big_run(tmp_path_factory: pytest.TempPathFactory):
     return run_dir, proc.returncode, output, sampler, launcher
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_200_virtual_clients_complete_every_message_in_its_own_child(big_run) -> None:
     run_dir, code, output, *_ = big_run
     assert code == 0, output
@@ -136,6 +138,8 @@ def test_200_virtual_clients_complete_every_message_in_its_own_child(big_run) ->
     assert "serverapp.log (the ServerApp and the virtual clients)" in output, output
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_no_torch_in_the_launcher_the_server_or_the_simulation_host(big_run) -> None:
     """fedgpu's own ServerApp never imports torch: only the zygote and its children map it."""
     run_dir, code, output, sampler, launcher = big_run
@@ -162,6 +166,7 @@ def test_no_torch_in_the_launcher_the_server_or_the_simulation_host(big_run) -> 
     assert any(pid in sampler.torch_pids for pid in seen_children)
 
 
+@pytest.mark.e2e
 def test_an_app_waiting_for_more_nodes_than_the_simulation_has_exits_3_in_one_line(tmp_path: Path) -> None:
     """The app's FedAvg wants 4 nodes; a simulation of 3 never gets more: exit 3 within seconds, not --start-timeout."""
     run_dir = tmp_path / "run"
@@ -182,6 +187,7 @@ def stateful_run(tmp_path_factory: pytest.TempPathFactory):
     return run_dir, code, output
 
 
+@pytest.mark.e2e
 def test_a_stateful_client_app_counts_its_calls_across_children(stateful_run) -> None:
     """Each call counts itself in context.state: 1..6 per node (train and evaluate, 3 rounds), each in a new child."""
     run_dir, code, output = stateful_run
@@ -241,6 +247,8 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory):
     return base, run_dir, code, output
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_each_fault_kind_costs_one_message_and_the_next_round_is_normal(fault_run) -> None:
     _, run_dir, code, output = fault_run
     assert code == 0, output
@@ -279,6 +287,7 @@ def test_each_fault_kind_costs_one_message_and_the_next_round_is_normal(fault_ru
     assert "Traceback" not in output.split("[fedgpu] failures:")[0], "a task's console shows its round lines only"
 
 
+@pytest.mark.e2e
 def test_a_setsid_grandchild_does_not_survive_its_call(fault_run) -> None:
     base, run_dir, code, output = fault_run
     assert code == 0, output
@@ -292,6 +301,7 @@ def test_a_setsid_grandchild_does_not_survive_its_call(fault_run) -> None:
 # -- Ctrl-C ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_ctrl_c_mid_round_stops_everything_and_reports_the_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGINT to the foreground group while client 0's child hangs in round 1: exit 130, nothing left."""
     monkeypatch.setenv("FEDGPU_FAULTS", "0=hang")
@@ -320,6 +330,8 @@ def test_ctrl_c_mid_round_stops_everything_and_reports_the_signal(tmp_path: Path
 # -- Flower's own quickstart-pytorch ---------------------------------------------------
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_flowers_quickstart_pytorch_under_simulation(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output, sampler = fedgpu_run(run_dir, str(QUICKSTART), "--simulation", "--nodes", "3",
@@ -381,6 +393,7 @@ def test_bad_simulation_options_are_one_line_and_exit_2(tmp_path: Path, args: li
 # -- GPUs: placement and admission decide, as for client nodes ------------------------
 
 
+@pytest.mark.e2e
 def test_gpu_placement_and_admission_decide_in_a_simulation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake NVML (tests/fake_gpu), one 1000 MiB GPU, children of 400 MiB, 4 workers: two fit, the others wait."""
     from helpers import FAKE_GPU_DIR

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedgpu.slurm import Allocation, NotInAllocation, deal_clients, expand_hostlist
+
 from helpers import ROOT, free_port, kill_leftovers, processes_with_env, read_metrics
 
 RUN_JOB = ROOT / "launchers" / "slurm" / "run-job.sh"
@@ -78,6 +79,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], env: 
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
 
 
+@pytest.mark.e2e
 def test_a_job_runs_on_a_fake_two_node_allocation(tmp_path: Path) -> None:
     """Two "nodes" (localhost and 127.0.0.1: both this machine), srun faked to run each step here."""
     run_dir, port = tmp_path / "r", free_port()
@@ -108,6 +110,8 @@ def _option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_job_whose_node_step_died_ends_after_the_start_timeout(tmp_path: Path) -> None:
     """One node's step dies before its client nodes register: the job fails with exit 3 instead of
     waiting for the allocation's time limit, and stops the other steps."""

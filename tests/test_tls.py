@@ -10,12 +10,24 @@ from pathlib import Path
 
 import pytest
 
+from helpers import (
+    FEDGPU,
+    ROOT,
+    cleaned_up,
+    free_port,
+    processes_with_env,
+    read_metrics,
+    read_or_empty,
+    start_run_sh,
+    wait_for,
+)
 from other_uid import other_user
-from helpers import FEDGPU, ROOT, cleaned_up, free_port, processes_with_env, read_metrics, read_or_empty, start_run_sh, wait_for
 
 MAKE_CERTS = ROOT / "launchers" / "make-certs.sh"
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Nodes without a registered key or without TLS are refused; as root, so is another uid's `flwr run`
     even with the CA in hand, and its raw requests with certificates unchecked."""

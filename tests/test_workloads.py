@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-import workload_data
-from helpers import FEDGPU, ROOT, read_metrics, run_federation
-
 from fedgpu.tasks import data_problem, installed_tasks, load_task, resolve_task
 from fedgpu.tasks.vit_flowers import WEIGHTS_URL, VitFlowersTask
+
+import workload_data
+from helpers import FEDGPU, ROOT, read_metrics, run_federation
 
 torch.set_num_threads(2)
 
@@ -171,6 +171,8 @@ FEDERATED_ROUNDS = {
 
 
 @pytest.mark.parametrize("task", list(FEDERATED_ROUNDS))
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_one_federated_round_on_cpu(task: str, data: dict[str, Path], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, output, _ = run_federation(run_dir, "2", "2", "2", "1", "--task", task, "--local-epochs", "1",

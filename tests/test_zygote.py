@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import FEDGPU, parent_pid, pid_alive, read_or_empty
-
 from fedgpu.isolation import Isolator
 from fedgpu.isolation.zygote import KEY_NAME, READY_NAME, SOCKET_NAME, ZygoteUntrusted, connect, read_key
+
+from helpers import FEDGPU, parent_pid, pid_alive, read_or_empty
 
 SCRIPTS_DIR = Path(__file__).resolve().parent / "isolation_scripts"
 
@@ -143,9 +143,11 @@ class Impostor(threading.Thread):
 def test_a_caller_sends_nothing_to_a_zygote_that_cannot_prove_it_knows_the_key(tmp_path):
     impostor = Impostor(tmp_path / "z")
     impostor.start()
-    with pytest.raises(ZygoteUntrusted, match="does not know the zygote's key: it is not our zygote"):
-        with Isolator("zygote", zygote=str(tmp_path / "z"), env={"SECRET_TOKEN": "hunter2"}) as iso:
-            iso.run(os.getpid, timeout=30)
+    with (
+        pytest.raises(ZygoteUntrusted, match="does not know the zygote's key: it is not our zygote"),
+        Isolator("zygote", zygote=str(tmp_path / "z"), env={"SECRET_TOKEN": "hunter2"}) as iso,
+    ):
+        iso.run(os.getpid, timeout=30)
     impostor.join(10)
     # Only the hello (magic and our nonce): no proof of ours, no environment, nothing to unpickle.
     assert len(impostor.received) == 36 and impostor.received.startswith(b"FGZ1"), impostor.received
@@ -162,9 +164,11 @@ def test_a_zygote_directory_or_key_open_to_others_is_refused(zygote, tmp_path):
     key = directory / KEY_NAME
     os.chmod(key, 0o644)
     try:
-        with pytest.raises(ZygoteUntrusted, match="is open to group or others .mode 0644.; it must be a private file"):
-            with Isolator("zygote", zygote=str(directory)) as iso:
-                iso.run(os.getpid, timeout=30)
+        with (
+            pytest.raises(ZygoteUntrusted, match="is open to group or others .mode 0644.; it must be a private file"),
+            Isolator("zygote", zygote=str(directory)) as iso,
+        ):
+            iso.run(os.getpid, timeout=30)
     finally:
         os.chmod(key, 0o600)
 

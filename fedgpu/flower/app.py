@@ -54,7 +54,7 @@ class FederationSettings:
     source: str = ""  # where they were read: "pyproject.toml [tool.flwr.federations.NAME]", ...
 
     @classmethod
-    def from_options(cls, options: Any, source: str) -> "FederationSettings":
+    def from_options(cls, options: Any, source: str) -> FederationSettings:
         """From a federation's or a connection's ``options`` table; values that cannot be right are left out."""
         if not isinstance(options, dict):
             return cls(source=source)
@@ -105,7 +105,7 @@ class FlowerApp:
         return self.federation.num_supernodes
 
     @classmethod
-    def read(cls, directory: str | os.PathLike, flwr_home: str | os.PathLike | None = None) -> "FlowerApp":
+    def read(cls, directory: str | os.PathLike, flwr_home: str | os.PathLike | None = None) -> FlowerApp:
         """The app in ``directory`` (read only); its federation from there, else from ``flwr_home``'s
         default connection (default ``$FLWR_HOME``, else ``~/.flwr``)."""
         path = Path(directory).expanduser()

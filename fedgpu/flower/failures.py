@@ -11,11 +11,12 @@ about a failure is formatted here.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from flwr.app import Error
+
 from fedgpu.flower.internals.codes import ErrorCode
 from fedgpu.isolation.errors import join_reason
 
@@ -60,11 +61,11 @@ class Failure:
     def to_error(self, code: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION) -> Error:
         return Error(code=code, reason=self.to_reason())
 
-    def where(self, **changes: Any) -> "Failure":
+    def where(self, **changes: Any) -> Failure:
         return replace(self, **changes)
 
     @classmethod
-    def from_error(cls, error: Error) -> "Failure":
+    def from_error(cls, error: Error) -> Failure:
         """The Failure a reply's Error carries; Flower's own errors classified by code."""
         reason = error.reason or ""
         for line in reason.splitlines():

@@ -29,7 +29,8 @@ import atexit
 import functools
 import importlib
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from flwr.app import Context, Message
 

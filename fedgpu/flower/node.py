@@ -24,12 +24,12 @@ from typing import Any
 from flwr.common import log
 
 from fedgpu.errors import BadInput
+from fedgpu.flower.config import toml_value
 from fedgpu.flower.internals import DOORBELLS_ENV, NodePace, guard_supernode_runtime, pace_supernode
 from fedgpu.flower.internals.processes import on_flower_exit, run_supernode
 from fedgpu.flower.isolate import IN_ISOLATED_CHILD
 from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
-from fedgpu.flower.config import toml_value
 from fedgpu.flower.warm_ups import zygote_warm_ups
 from fedgpu.isolation import Isolator
 from fedgpu.monitor.events import emit
@@ -204,7 +204,7 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
             wait_for_health(f"http://127.0.0.1:{port}/health")
             log(INFO, "[fedgpu] task runner ready (isolation=%s, node pid %d)", settings.isolation, os.getpid())
             runner.serve_forever()
-        except BaseException as err:  # a node that cannot serve must not linger
+        except BaseException as err:  # noqa: BLE001 - a node that cannot serve must not linger
             log(ERROR, "[fedgpu] task runner stopped: %r; stopping the node", err, exc_info=err)
             os.kill(os.getpid(), signal.SIGTERM)
 

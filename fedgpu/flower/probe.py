@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 import time
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 from fedgpu.owner_only import RUN_TOKEN_HEADER
 

@@ -14,10 +14,10 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict, dataclass
 from logging import ERROR, INFO, WARNING
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common import log

@@ -18,14 +18,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from fedgpu.errors import BadInput, FedgpuError
-from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.config import parse_task_options, toml_value
 from fedgpu.flower.internals.marks import KEY_REGISTERED_MARK, RUN_STARTED_MARK
+from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.settings import RunSettings
 from fedgpu.isolation.procs import stop_tree
 from fedgpu.output import OutputError, open_output
@@ -763,9 +764,8 @@ def _write_app_report(plan: ServerPlan, status: str, say: Callable[..., None], *
                       failure_kind: str = "run failed", stopped_by: str = "") -> None:
     """report.json of a user's app: Flower's status, why it failed or what stopped it, what became of every message."""
     from fedgpu.flower.app_report import app_report
-    from fedgpu.output import write_json
-
     from fedgpu.flower.config import parse_config_pairs
+    from fedgpu.output import write_json
 
     overrides: dict[str, Any] = {}
     for text in plan.run_config:

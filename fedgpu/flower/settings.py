@@ -38,7 +38,7 @@ class RunSettings:
         return {name.replace("_", "-"): value for name, value in asdict(self).items()}
 
     @classmethod
-    def from_run_config(cls, config: dict[str, Any]) -> "RunSettings":
+    def from_run_config(cls, config: dict[str, Any]) -> RunSettings:
         kinds = {f.name: type(getattr(cls(), f.name)) for f in fields(cls)}
         values = {}
         for key, value in config.items():

@@ -37,7 +37,7 @@ from fedgpu.flower.app_rounds import BAD_REPLY
 from fedgpu.flower.children import placer_for, run_child
 from fedgpu.flower.failures import Failure
 from fedgpu.flower.internals.simulation import Backend, app_components, in_memory_grid_class, run_simulation_runtime
-from fedgpu.flower.runner import VirtualClientCall, stamp_reply, who_of, message_deadline, run_virtual_client
+from fedgpu.flower.runner import VirtualClientCall, message_deadline, run_virtual_client, stamp_reply, who_of
 from fedgpu.flower.transfer import task_identity
 from fedgpu.isolation import ChildRaised, IsolationError, Isolator
 from fedgpu.monitor.events import emit
@@ -141,10 +141,10 @@ class ZygoteBackend(Backend):
 
 def main(argv: list[str] | None = None) -> int:
     """The simulation host: ``python -m fedgpu.flower.simulation APP_DIR --nodes N --workers W ...``."""
+    from fedgpu.flower.config import parse_config_pairs
     from fedgpu.flower.internals import record_app_rounds, watch_node_waits
     from fedgpu.flower.isolate import IN_ISOLATED_CHILD
     from fedgpu.flower.warm_ups import app_warm_ups, zygote_warm_ups
-    from fedgpu.flower.config import parse_config_pairs
     from fedgpu.isolation.procs import watch_parent
     from fedgpu.nvml.placement import PlacementSettings
 

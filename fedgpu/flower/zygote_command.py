@@ -50,7 +50,9 @@ def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, par
                 if wanted.get("task") not in (tasks or ("digits",)) or int(wanted["partitions"]) < 1:
                     raise ValueError
             except (ValueError, TypeError, KeyError, AttributeError):
-                raise BadInput('--run-data: expected {"task": one of --task, "options": {...}, "partitions": N >= 1}') from None
+                raise BadInput(
+                    '--run-data: expected {"task": one of --task, "options": {...}, "partitions": N >= 1}'
+                ) from None
             warm_ups.append(f"fedgpu.tasks.work:warm_up_run={json.dumps(wanted)}")
     try:  # the zygote checks again; here a bad path is one line before anything is imported
         prepare_directory(directory)

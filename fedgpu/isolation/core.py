@@ -30,8 +30,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from fedgpu.isolation import wire
 from fedgpu.isolation.errors import ChildDied, ChildRaised, ChildTimedOut, RemoteTraceback
@@ -357,7 +358,7 @@ class Isolator:
                     exited=lambda pid, timeout: running[pid].wait_exit(timeout))
         self._launcher.close()  # a private zygote goes with us
 
-    def __enter__(self) -> "Isolator":
+    def __enter__(self) -> Isolator:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,7 +9,6 @@ sentinel (or the socket's end) tells.
 from __future__ import annotations
 
 import select
-import socket
 import sys
 import time
 from typing import Any
@@ -20,7 +19,9 @@ from fedgpu.isolation.facts import registered_facts
 
 
 def exchange_over_socket(child: Any, call: tuple, timeout: float | None) -> Any:
-    """Send ``(fn, args, kwargs)`` to ``child`` (its ``sock``, ``pid``, ``sentinel``); its reply, or None if it exited without one.
+    """Send ``(fn, args, kwargs)`` to ``child`` (its ``sock``, ``pid``, ``sentinel``).
+
+    Returns its reply, or None if it exited without one.
 
     Raises ChildTimedOut past ``timeout`` seconds.
     """
@@ -29,7 +30,7 @@ def exchange_over_socket(child: Any, call: tuple, timeout: float | None) -> Any:
         child.sock.settimeout(timeout)
         wire.send_object(child.sock, list(sys.path))  # first: the call's modules are found by reference
         wire.send_object(child.sock, (*call, registered_facts()))
-    except socket.timeout:
+    except TimeoutError:
         raise ChildTimedOut(timeout, pid=child.pid) from None
     except (BrokenPipeError, ConnectionResetError):
         pass  # it died before reading everything: the wait below says how
@@ -52,11 +53,13 @@ def _await_reply(child: Any, deadline: float | None, timeout: float | None) -> A
             try:
                 child.sock.settimeout(remaining)
                 return wire.recv_object(child.sock)
-            except socket.timeout:
+            except TimeoutError:
                 raise ChildTimedOut(timeout, pid=child.pid) from None
             except (EOFError, ConnectionResetError):
                 return None
-            except Exception as err:  # noqa: BLE001 - e.g. a result of a class we cannot import
-                raise IsolationError(f"cannot load the result of child (pid {child.pid}): {err!r}", pid=child.pid) from err
+            except Exception as err:  # e.g. a result of a class we cannot import
+                raise IsolationError(
+                    f"cannot load the result of child (pid {child.pid}): {err!r}", pid=child.pid
+                ) from err
         elif sentinel is not None and sentinel in events:
             return None

@@ -12,7 +12,8 @@ whatever it imported itself; hooks the child registered itself run too.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 ChildFact = Callable[[], Any]
 

@@ -14,7 +14,8 @@ import pickle
 import socket
 import struct
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from multiprocess.reduction import ForkingPickler
 
@@ -40,7 +41,7 @@ def _bytes_from_buffer(buffer: Any) -> bytes:
 
 
 class _Pickler(ForkingPickler):
-    def reducer_override(self, obj: Any) -> Any:  # noqa: D102 - pickle hook
+    def reducer_override(self, obj: Any) -> Any:  # pickle hook
         kind = type(obj)
         reducer = _extra_reducers.get(kind)
         if reducer is not None:

@@ -15,8 +15,9 @@ import csv
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -119,7 +120,7 @@ class MemoryMonitor:
             raise OutputError(self.path, err) from None
         self._host_total_mib = _mib(psutil.virtual_memory().total)  # fixed for the run: read once
 
-    def start(self) -> "MemoryMonitor":
+    def start(self) -> MemoryMonitor:
         gpus = []
         if self.nvml is not None:
             gpus = [{"index": g.index, "uuid": g.uuid, "name": g.name, "total_mib": round(g.total / MIB, 1)} for g in self.nvml.sample()]

@@ -12,7 +12,8 @@ import errno
 import json
 import os
 import stat
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 # What is read of a run's files: a summary of thousands of rounds is a few MiB, a
 # day's timeline some hundreds; no line of ours comes near a MiB.

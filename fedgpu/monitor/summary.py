@@ -18,8 +18,9 @@ import math
 import os
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fedgpu.monitor.events import read_events
 from fedgpu.monitor.memory import TIMELINE_FILE
@@ -58,7 +59,7 @@ class Moment:
             if used > 0:
                 self.client_holders.add(client)
 
-    def without_children_after(self, server_round: int) -> "Moment":
+    def without_children_after(self, server_round: int) -> Moment:
         """This moment less the message children of rounds after ``server_round``."""
         def later(process: tuple[str, int | None, str, float]) -> bool:
             role, number, _, _ = process
@@ -159,7 +160,7 @@ class Timeline:
     events: list[dict[str, Any]]
 
     @classmethod
-    def load(cls, run_dir: str) -> "Timeline":
+    def load(cls, run_dir: str) -> Timeline:
         gpu, host = read_timeline(run_dir)
         return cls(gpu, host, read_events(run_dir))
 
@@ -309,12 +310,6 @@ def write_summary(run_dir: str, timeline: Timeline | None = None) -> dict[str, A
     summary = summarise(run_dir, timeline)
     write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
     return summary
-
-
-def load_summary(run_dir: str) -> dict[str, Any]:
-    """memory.json, derived again from the timeline if it is missing."""
-    summary, _ = load_summary_checked(run_dir)
-    return summary or summarise(run_dir)
 
 
 def load_summary_checked(

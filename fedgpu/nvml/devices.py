@@ -45,7 +45,7 @@ class Nvml:
         self.names = [_text(module.nvmlDeviceGetName(handle)) for handle in self._handles]
 
     @classmethod
-    def open(cls) -> "Nvml":
+    def open(cls) -> Nvml:
         try:
             import pynvml
         except ImportError as err:

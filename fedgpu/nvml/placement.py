@@ -20,9 +20,10 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
 
@@ -102,7 +103,7 @@ class PlacementSettings:
     ledger_dir: str | None = None  # None: default_ledger_dir()
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "PlacementSettings":
+    def from_env(cls, env: dict[str, str] | None = None) -> PlacementSettings:
         env = dict(os.environ if env is None else env)
         return cls(
             gpus=parse_gpus(env[ENV_GPUS]) if env.get(ENV_GPUS) else None,
@@ -262,7 +263,7 @@ class GpuPlacer:
         self._me = (os.getpid(), psutil.Process().create_time())
 
     @classmethod
-    def from_settings(cls, settings: PlacementSettings, *, log: Callable[[str], None] = lambda line: None) -> "GpuPlacer | None":
+    def from_settings(cls, settings: PlacementSettings, *, log: Callable[[str], None] = lambda line: None) -> GpuPlacer | None:
         """A placer, or None where NVML sees no GPU (children then run on CPU)."""
         nvml, why = open_nvml()
         if nvml is None:

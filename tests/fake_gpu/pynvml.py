@@ -26,7 +26,7 @@ class NVMLError(Exception):
         self.value = value
 
 
-class NVMLError_LibraryNotFound(NVMLError):  # noqa: N801 - the real module's name
+class NVMLError_LibraryNotFound(NVMLError):  # the real module's name
     pass
 
 
@@ -68,13 +68,13 @@ def held() -> dict[int, dict[int, int]]:
     return result
 
 
-def nvmlInit() -> None:  # noqa: N802
+def nvmlInit() -> None:
     global _initialised
     _dir()
     _initialised += 1
 
 
-def nvmlShutdown() -> None:  # noqa: N802
+def nvmlShutdown() -> None:
     global _initialised
     _initialised = max(0, _initialised - 1)
 
@@ -84,36 +84,36 @@ def _check() -> None:
         raise NVMLError(1, "Uninitialized")
 
 
-def nvmlDeviceGetCount() -> int:  # noqa: N802
+def nvmlDeviceGetCount() -> int:
     _check()
     return len(_gpus())
 
 
-def nvmlDeviceGetHandleByIndex(index: int) -> int:  # noqa: N802
+def nvmlDeviceGetHandleByIndex(index: int) -> int:
     _check()
     if not 0 <= index < len(_gpus()):
         raise NVMLError(2, "Invalid Argument")
     return index
 
 
-def nvmlDeviceGetUUID(handle: int) -> str:  # noqa: N802
+def nvmlDeviceGetUUID(handle: int) -> str:
     return f"GPU-fake-{handle}"
 
 
-def nvmlDeviceGetName(handle: int) -> str:  # noqa: N802
+def nvmlDeviceGetName(handle: int) -> str:
     return _gpus()[handle].get("name", "Fake GPU")
 
 
-def nvmlDeviceGetMemoryInfo(handle: int) -> SimpleNamespace:  # noqa: N802
+def nvmlDeviceGetMemoryInfo(handle: int) -> SimpleNamespace:
     gpu = _gpus()[handle]
     used = (sum(held().get(handle, {}).values()) + gpu.get("other_mib", 0)) * MIB
     total = gpu["total_mib"] * MIB
     return SimpleNamespace(total=total, used=used, free=max(0, total - used))
 
 
-def nvmlDeviceGetUtilizationRates(handle: int) -> SimpleNamespace:  # noqa: N802
+def nvmlDeviceGetUtilizationRates(handle: int) -> SimpleNamespace:
     return SimpleNamespace(gpu=50 if held().get(handle) else 0, memory=0)
 
 
-def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[SimpleNamespace]:  # noqa: N802
+def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[SimpleNamespace]:
     return [SimpleNamespace(pid=pid, usedGpuMemory=mib * MIB) for pid, mib in sorted(held().get(handle, {}).items())]

@@ -104,7 +104,9 @@ def missing_flower_names(names: tuple[tuple[str, str | None], ...] = FLOWER_NAME
     return missing
 
 
-def sleep_contract(module: ModuleType, expected: tuple[tuple[str, float], ...], time_uses: set[str] | None = None) -> list[str]:
+def sleep_contract(
+    module: ModuleType, expected: tuple[tuple[str, float], ...], time_uses: set[str] | None = None
+) -> list[str]:
     """How ``module``'s use of ``time`` differs from ``expected``; [] when it is the one paced here.
 
     ``expected``: (enclosing function, seconds) of every ``time.sleep`` call, in
@@ -120,7 +122,8 @@ def sleep_contract(module: ModuleType, expected: tuple[tuple[str, float], ...], 
             if isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and child.value.id == "time":
                 if child.attr == "sleep" and isinstance(node, ast.Call) and node.func is child:
                     arg = node.args[0] if node.args else None
-                    sleeps.append((function, arg.value if isinstance(arg, ast.Constant) else ast.unparse(arg) if arg else None))
+                    value = arg.value if isinstance(arg, ast.Constant) else ast.unparse(arg) if arg else None
+                    sleeps.append((function, value))
                 elif child.attr not in (time_uses or set()):
                     other_uses.add(f"time.{child.attr}")
             visit(child, inner)

@@ -6,7 +6,6 @@ import socket
 import sys
 from types import ModuleType
 
-
 # What other hosts may ask of a run's SuperLink: the Fleet API (TLS and SuperNode
 # authentication protect it) and the health probe. Control and ServerAppIo answer
 # only the owner's processes on the SuperLink's own host.
@@ -27,7 +26,7 @@ def guard_app_factory(module: ModuleType, remote_paths: tuple[str, ...], token: 
     if not callable(create_app):
         raise RuntimeError(f"{module.__name__}.create_app is gone: fedgpu cannot guard this Flower version's API")
 
-    def guarded_create_app(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - Flower's signature
+    def guarded_create_app(*args, **kwargs):  # Flower's signature
         app = create_app(*args, **kwargs)
         app.add_middleware(OwnerOnly, remote_paths=remote_paths, token=token)  # outermost: before Flower's own
         return app

@@ -14,9 +14,9 @@ TaskIds = tuple[int | None, int | None, int | None]
 
 def task_identity() -> TaskIds:
     """(task id, run id, node id) of the task this process runs; None where unset."""
-    return TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id  # noqa: SLF001
+    return TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
 
 
 def adopt_task_identity(identity: TaskIds) -> None:
     """Make a child's Flower calls see the parent's task identity."""
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity  # noqa: SLF001
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity

@@ -82,7 +82,7 @@ def watch_node_waits(log: Callable[[str], None], grid_class: type | None = None)
     watch = NodeWaitWatch(float(limit))
     get_node_ids, push_messages = grid_class.get_node_ids, grid_class.push_messages
 
-    def watched_get_node_ids(self):  # noqa: ANN001, ANN202 - Flower's signature
+    def watched_get_node_ids(self):  # Flower's signature
         node_ids = list(get_node_ids(self))
         try:
             watch.polled(len(node_ids))
@@ -92,7 +92,7 @@ def watch_node_waits(log: Callable[[str], None], grid_class: type | None = None)
             raise
         return node_ids
 
-    def watched_push_messages(self, messages):  # noqa: ANN001, ANN202
+    def watched_push_messages(self, messages):
         watch.sent()
         return push_messages(self, messages)
 

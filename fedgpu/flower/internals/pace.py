@@ -89,7 +89,8 @@ def _object_pullers() -> list[Callable]:
 def object_pull_contract() -> list[str]:
     """What differs in Flower's object pulls from those :func:`_quicken_object_pulls` changes."""
     flowers, _ = OBJECT_PULL_BACKOFF
-    return [f"{fn.__name__} has initial_backoff {(fn.__kwdefaults__ or {}).get('initial_backoff')!r}, expected {flowers}"
+    return [f"{fn.__name__} has initial_backoff {(fn.__kwdefaults__ or {}).get('initial_backoff')!r}, "
+            f"expected {flowers}"
             for fn in _object_pullers() if (fn.__kwdefaults__ or {}).get("initial_backoff") != flowers]
 
 
@@ -185,7 +186,7 @@ class _LoopClock:
         self._pace = pace
 
     def sleep(self, seconds: float) -> None:
-        caller = sys._getframe(1)  # noqa: SLF001 - which of the loop's three waits this is
+        caller = sys._getframe(1)  # which of the loop's three waits this is
         where = caller.f_code.co_name
         if where == "start_client_internal":
             node_id = caller.f_locals.get("node_id")
@@ -230,7 +231,7 @@ class _GridClock:
         self._wait = REPLY_PULL_SECONDS[0]
 
     def sleep(self, seconds: float) -> None:
-        caller = sys._getframe(1)  # noqa: SLF001
+        caller = sys._getframe(1)  # which of the loop's three waits this is
         if caller.f_code.co_name != "send_and_receive":
             time.sleep(seconds)
             return
@@ -269,7 +270,7 @@ def _ring_after_push(grid_class: type, doorbells: str) -> None:
     bells = Doorbells(doorbells)
     push_messages = grid_class.push_messages
 
-    def push_and_ring(self, messages):  # noqa: ANN001, ANN202 - Flower's signature
+    def push_and_ring(self, messages):  # Flower's signature
         messages = list(messages)
         ids = push_messages(self, messages)
         for node_id in {message.metadata.dst_node_id for message in messages}:

@@ -89,7 +89,7 @@ def _record_server_app(server_app_class: type, run_dir: str, log: Callable[[str]
 
     call = server_app_class.__call__
 
-    def call_and_record(self, grid, context):  # noqa: ANN001, ANN202 - Flower's signature
+    def call_and_record(self, grid, context):  # Flower's signature
         global _app_rounds
         ours = sys.modules.get("fedgpu.flower.server_app")
         if _app_rounds is not None or (ours is not None and self is getattr(ours, "app", None)):
@@ -112,7 +112,7 @@ def _watch_grid(grid: Any, rounds: Any, log: Callable[[str], None]) -> None:
 
     push, pull = grid.push_messages, grid.pull_messages
 
-    def push_and_count(messages):  # noqa: ANN001, ANN202 - Flower's signature
+    def push_and_count(messages):  # Flower's signature
         messages = list(messages)
         numbers = [n for n in (server_round_of(m) for m in messages) if n is not None and n >= 1]
         if numbers:
@@ -121,7 +121,7 @@ def _watch_grid(grid: Any, rounds: Any, log: Callable[[str], None]) -> None:
         _tell(log, rounds.pushed, messages, ids)
         return ids
 
-    def pull_and_count(message_ids):  # noqa: ANN001, ANN202
+    def pull_and_count(message_ids):
         replies = list(pull(message_ids))
         _tell(log, rounds.pulled, replies)
         return replies
@@ -136,7 +136,7 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
     start = strategy_class.start
     signature = inspect.signature(start)
 
-    def start_and_record(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def start_and_record(self, *args, **kwargs):
         rounds = _app_rounds
         if rounds is None or rounds.in_strategy:
             return start(self, *args, **kwargs)  # not a user's app, or a strategy started inside another's start
@@ -147,7 +147,7 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
             rounds.num_rounds = num_rounds
         model: dict[int, Any] = {}
 
-        def configure_train(server_round, arrays, config, grid):  # noqa: ANN001, ANN202
+        def configure_train(server_round, arrays, config, grid):
             _tell(log, rounds.begin, server_round)
             model[server_round] = arrays
             return strategy_call("configure_train", server_round, arrays, config, grid)
@@ -160,24 +160,24 @@ def _record_strategy(strategy_class: type, log: Callable[[str], None]) -> None:
                 _tell(log, name_bad_replies, kind, name, server_round, replies, model.get(server_round), err)
                 raise
 
-        def aggregate_train(server_round, replies):  # noqa: ANN001, ANN202
+        def aggregate_train(server_round, replies):
             arrays, metrics = aggregate("train", "aggregate_train", server_round, replies)
             _tell(log, rounds.aggregated, server_round, "train", metrics)
             return arrays, metrics
 
-        def aggregate_evaluate(server_round, replies):  # noqa: ANN001, ANN202
+        def aggregate_evaluate(server_round, replies):
             metrics = aggregate("evaluate", "aggregate_evaluate", server_round, replies)
             _tell(log, rounds.aggregated, server_round, "evaluate", metrics)
             return metrics
 
-        def evaluate_and_record(server_round, arrays):  # noqa: ANN001, ANN202
+        def evaluate_and_record(server_round, arrays):
             metrics = evaluate_fn(server_round, arrays)
             _tell(log, rounds.aggregated, server_round, "server", metrics)
             if server_round >= 1 and rounds.current is not None and rounds.current.number == server_round:
                 _tell(log, rounds.end)  # the round's last step in Flower's loop
             return metrics
 
-        def name_bad_replies(kind, name, server_round, replies, arrays, err):  # noqa: ANN001, ANN202
+        def name_bad_replies(kind, name, server_round, replies, arrays, err):
             weighted_by = getattr(self, "weighted_by_key", "num-examples")
             bad = diagnose_replies(replies, arrays if kind == "train" else None, weighted_by)
             for reply, problem in bad:
@@ -228,7 +228,7 @@ def _record_legacy_workflow(workflow_class: type, log: Callable[[str], None]) ->
 
     call = workflow_class.__call__
 
-    def call_and_record(self, grid, context):  # noqa: ANN001, ANN202 - Flower's signature
+    def call_and_record(self, grid, context):  # Flower's signature
         rounds = _app_rounds
         if rounds is None:
             return call(self, grid, context)
@@ -238,7 +238,7 @@ def _record_legacy_workflow(workflow_class: type, log: Callable[[str], None]) ->
             rounds.num_rounds = planned
         evaluate_workflow = self.evaluate_workflow
 
-        def evaluate_then_end(grid, context):  # noqa: ANN001, ANN202 - Flower's Workflow
+        def evaluate_then_end(grid, context):  # Flower's Workflow
             evaluate_workflow(grid, context)
             _tell(log, rounds.end)  # a legacy round's last step: its History is complete
 
@@ -259,7 +259,7 @@ def _record_legacy_history(history_class: type) -> None:
     ``Server.fit`` makes for itself: the first one made while a user's app runs is the one read."""
     make = history_class.__init__
 
-    def make_and_record(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def make_and_record(self, *args, **kwargs):
         make(self, *args, **kwargs)
         rounds = _app_rounds
         if rounds is not None and rounds.history is None:

@@ -45,10 +45,11 @@ DISPATCH_WAIT_SECONDS = 0.5  # the dispatcher's longest wait, so that it sees th
 
 def simulation_contract() -> list[str]:
     """What differs in Flower's Simulation Runtime from what :func:`run_simulation_runtime` changes."""
+    import importlib
+
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.fleet.vce.backend import backend as backend_module
     from flwr.server.superlink.linkstate import InMemoryLinkState
-    import importlib
     from flwr.superlink.grid import inmemory_grid
 
     # The module: flwr.simulation exports a function of the same name.
@@ -151,13 +152,13 @@ def _told_dispatcher(stored: StoredMessages) -> Callable[..., None]:
 def _tell_on_store(linkstate_class: type, stored: StoredMessages, clock: _ReplyClock) -> None:
     store_ins, store_res = linkstate_class.store_message_ins, linkstate_class.store_message_res
 
-    def store_message_ins(self, message):  # noqa: ANN001, ANN202 - Flower's signature
+    def store_message_ins(self, message):  # Flower's signature
         message_id = store_ins(self, message)
         if message_id:
             stored.stored(message.metadata.dst_node_id)
         return message_id
 
-    def store_message_res(self, message):  # noqa: ANN001, ANN202
+    def store_message_res(self, message):
         try:
             return store_res(self, message)
         finally:  # stored or refused, the node's message is done with

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fedgpu.isolation.zygote.protocol import ZygoteError
 from fedgpu.isolation.zygote.server import SINGLE_THREADED_ENV, serve

@@ -15,9 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from fedgpu.private_dirs import make_private_dir
+from fedgpu.isolation import wire
 from fedgpu.isolation.exchange import exchange_over_socket
 from fedgpu.isolation.procs import (
     child_environment,
@@ -49,7 +50,7 @@ from fedgpu.isolation.zygote.protocol import (
     same,
     zygote_proof,
 )
-from fedgpu.isolation import wire
+from fedgpu.private_dirs import make_private_dir
 
 
 def read_key(directory: str) -> bytes:
