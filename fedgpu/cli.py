@@ -16,12 +16,9 @@ import click
 
 from fedgpu.errors import BadInput
 from fedgpu.flower.settings import ISOLATION_MODES, RunSettings
+from fedgpu.names import FLOWER_DEFAULTS, PROG_ENV, ZYGOTE_ENV
 
 EXIT_USAGE = 2
-PROG_ENV = "FEDGPU_PROG"  # how errors name us: run.sh sets "run.sh"
-
-# Quiet and predictable Flower processes everywhere below us.
-_FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 positive = click.IntRange(min=1)
 MAX_SECONDS = 30 * 24 * 3600.0
@@ -88,7 +85,8 @@ def _options(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _placement_options() -> list[Callable[[Any], Any]]:
-    from fedgpu.nvml.placement import ENV_ESTIMATE, ENV_GPUS, ENV_POLICY, ENV_TIMEOUT, POLICIES
+    from fedgpu.names import ENV_ESTIMATE, ENV_GPUS, ENV_POLICY, ENV_TIMEOUT
+    from fedgpu.nvml.placement import POLICIES
 
     return [
         click.option("--gpus", envvar=ENV_GPUS, default=None, help="GPU indices children may use, e.g. 0,2 [default: every GPU visible]."),
@@ -173,7 +171,7 @@ umask_option = click.option(
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Flower federations whose clients hold GPU memory only while they train."""
-    for key, value in _FLOWER_ENV.items():
+    for key, value in FLOWER_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # Flower starts its own helpers (flower-superexec, flwr-serverapp) by name:
     # make those of the environment running us win, whatever PATH the caller had.
@@ -277,7 +275,7 @@ def server(**options: Any) -> None:
 @click.option("--mp/--no-mp", default=False, help="Run each message in a short-lived child (--mp) or in this process.")
 @click.option("--isolation", type=click.Choice([m for m in ISOLATION_MODES if m != "none"]), default="zygote", show_default=True,
               help="Child mode with --mp.")
-@click.option("--zygote", "zygote_dir", envvar="FEDGPU_ZYGOTE", type=click.Path(), default=None,
+@click.option("--zygote", "zygote_dir", envvar=ZYGOTE_ENV, type=click.Path(), default=None,
               help="Directory of the host's shared zygote (`fedgpu zygote`) [default: $FEDGPU_ZYGOTE, else a private one].")
 @click.option("--task", default=None, help="Refuse runs of any other task.")
 @node_options

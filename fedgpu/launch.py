@@ -25,6 +25,7 @@ from typing import Any
 
 from fedgpu.flower.internals.marks import SUPERNODE_REGISTERED_MARK
 from fedgpu.isolation.procs import group_alive, stop_groups, wait_until
+from fedgpu.names import APP_CHECKED_ENV, FLOWER_DEFAULTS, RUN_DIR_ENV, ZYGOTE_ENV
 
 GRACE_SECONDS = 5.0
 SERVER_GRACE_SECONDS = 8.0  # the server writes the reports of a stopped run (memory.png too) before it exits
@@ -129,12 +130,11 @@ class Launcher:
         raise Stopping(signum)
 
     def _run(self) -> int:
-        from fedgpu.flower.internals import DOORBELLS_ENV
-        from fedgpu.owner_only import RUN_TOKEN_ENV
-        from fedgpu.private_dirs import PRIVATE_DIR_ENV, make_private_dir, subdir, sweep_dead
+        from fedgpu.names import DOORBELLS_ENV, PRIVATE_DIR_ENV, RUN_TOKEN_ENV
+        from fedgpu.private_dirs import make_private_dir, subdir, sweep_dead
 
         plan = self.plan
-        os.environ.update(FEDGPU_RUN_DIR=str(plan.run_dir), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+        os.environ.update({RUN_DIR_ENV: str(plan.run_dir), **FLOWER_DEFAULTS})
         # Every answer of our SuperLink carries this token: a probe answered by another run's is not ours.
         os.environ[RUN_TOKEN_ENV] = secrets.token_hex(16)
         sweep_dead()  # what runs killed with SIGKILL left in the temporary folder
@@ -188,11 +188,11 @@ class Launcher:
         # evaluation) forks its children from it. It warms up while the rest start.
         assert self.private_dir is not None
         self.zygote_dir = os.path.join(self.private_dir, "zygote")  # the zygote makes it, 0700
-        os.environ["FEDGPU_ZYGOTE"] = self.zygote_dir
-        from fedgpu.isolation.zygote.server import SPARES_ENV
+        os.environ[ZYGOTE_ENV] = self.zygote_dir
+        from fedgpu.names import ZYGOTE_SPARES_ENV
 
         # A simulation's workers ask at once: as many primed spares as workers.
-        spares = {SPARES_ENV: str(self.plan.workers)} if self.plan.simulated else None
+        spares = {ZYGOTE_SPARES_ENV: str(self.plan.workers)} if self.plan.simulated else None
         with self._log("zygote.log") as log:
             self.zygote = self._spawn(
                 [*fedgpu_command(), "zygote", "--dir", self.zygote_dir, *self.plan.zygote_args, "--parent-pid", str(os.getpid())],
@@ -213,7 +213,7 @@ class Launcher:
             return  # no SuperLink to wait for: the server hosts the simulation
         from fedgpu.flower.internals import EXIT_PORT_TAKEN
         from fedgpu.flower.probe import wait_for_health
-        from fedgpu.owner_only import RUN_TOKEN_ENV
+        from fedgpu.names import RUN_TOKEN_ENV
 
         scheme = "https" if self.certs is not None else "http"
         ca = str(self.certs / "ca.crt") if self.certs is not None else None
@@ -402,7 +402,7 @@ def plan_run(
         needed, sampled, what = 1, nodes, app.name
         server_values = {"app_dir": str(app.directory), "run_config": overrides}
         zygote_args = ["--app", str(app.directory)]
-        os.environ["FEDGPU_APP_CHECKED"] = str(app.directory)
+        os.environ[APP_CHECKED_ENV] = str(app.directory)
     else:
         if values["run_config"]:
             raise BadInput("--run-config is for a Flower app (give APP_DIR); fedgpu's tasks take their own options")

@@ -32,7 +32,6 @@ from typing import Any
 # Every answer of a guarded server carries this header: a probe knows it reached
 # its own run's server, not another run's on the same port.
 RUN_TOKEN_HEADER = b"x-fedgpu-run"
-RUN_TOKEN_ENV = "FEDGPU_RUN_TOKEN"
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]

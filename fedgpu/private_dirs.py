@@ -16,7 +16,6 @@ import shutil
 import stat
 import tempfile
 
-PRIVATE_DIR_ENV = "FEDGPU_PRIVATE_DIR"  # the run's directory, inherited by everything the run starts
 PREFIX = "fedgpu-"
 OWNER_FILE = "owner"
 

@@ -15,8 +15,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedgpu"
 
-# Below the isolation core: modules that import nothing of fedgpu themselves (checked below).
-LEAVES = ("fedgpu.errors", "fedgpu.private_dirs")
+# Below the isolation core: modules that import nothing of fedgpu but each other (checked below).
+LEAVES = ("fedgpu.errors", "fedgpu.names", "fedgpu.private_dirs")
 HEAVY = ("flwr", "torch", "torchvision", "pynvml")  # third-party packages the isolation core never imports
 
 
@@ -109,9 +109,29 @@ def test_the_isolation_core_imports_only_itself_and_the_leaves() -> None:
         f" (and none of {', '.join(HEAVY)}):\n" + "\n".join(bad)
 
 
-def test_the_leaves_below_the_core_import_nothing_of_fedgpu() -> None:
-    bad = offences(LEAVES, lambda name: within(name, "fedgpu"))
-    assert not bad, "a module the isolation core may import must import nothing of fedgpu:\n" + "\n".join(bad)
+def test_the_leaves_below_the_core_import_nothing_of_fedgpu_but_each_other() -> None:
+    bad = offences(LEAVES, lambda name: within(name, "fedgpu") and not any(within(name, leaf) for leaf in LEAVES))
+    assert not bad, "a module the isolation core may import must import nothing else of fedgpu:\n" + "\n".join(bad)
+    assert not offences(("fedgpu.names",), lambda name: True), "fedgpu.names imports nothing at all"
+
+
+def test_every_environment_name_lives_in_fedgpu_names() -> None:
+    """A FEDGPU_* or FLWR_* name written as a string anywhere else in fedgpu is a second home for it."""
+    stray = [
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value!r}"
+        for path in sorted(PACKAGE.rglob("*.py")) if path.name != "names.py" or path.parent != PACKAGE
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        and (node.value.startswith("FEDGPU_") or node.value.startswith("FLWR_"))
+    ]
+    assert not stray, "environment names belong in fedgpu/names.py:\n" + "\n".join(stray)
+    keywords = [  # os.environ.update(FEDGPU_X=...) spells a name without a string
+        f"{path.relative_to(PACKAGE.parent)}:{node.value.lineno} {node.arg}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.keyword) and node.arg and node.arg.startswith(("FEDGPU_", "FLWR_"))
+    ]
+    assert not keywords, "environment names belong in fedgpu/names.py:\n" + "\n".join(keywords)
 
 
 @pytest.mark.parametrize("layer", ["fedgpu.nvml", "fedgpu.monitor", "fedgpu.tasks", "fedgpu.bench_models"])

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgpu.errors import FedgpuError
+from fedgpu.names import FLWR_HOME_ENV
 
 try:
     import tomllib
@@ -31,7 +32,6 @@ except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 PYPROJECT = "pyproject.toml"
-APP_CHECKED_ENV = "FEDGPU_APP_CHECKED"  # set by the launcher for its server: this app directory is checked
 
 
 class AppError(FedgpuError):
@@ -164,7 +164,7 @@ def table_federation(federations: dict[str, Any]) -> FederationSettings:
 
 def connection_federation(flwr_home: str | os.PathLike | None = None) -> FederationSettings:
     """The ``options`` of the default connection in a Flower config (Flower 1.42's form), if any."""
-    home = Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    home = Path(flwr_home or os.environ.get(FLWR_HOME_ENV) or Path.home() / ".flwr")
     try:
         data = tomllib.loads((home / "config.toml").read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):

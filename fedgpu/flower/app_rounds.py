@@ -312,7 +312,7 @@ def _error_kind(reply: Message) -> str:
 
 def client_of(reply: Message) -> str:
     """The partition id fedgpu's nodes stamp on a reply they computed, "" for other replies."""
-    from fedgpu.flower.runner import FEDGPU_RECORD  # the node's module: only where a reply is diagnosed
+    from fedgpu.names import FEDGPU_RECORD  # the node's module: only where a reply is diagnosed
 
     stamp = reply.content.config_records.get(FEDGPU_RECORD) if reply.has_content() else None
     client = stamp.get("client") if stamp is not None else None

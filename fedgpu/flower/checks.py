@@ -181,7 +181,7 @@ class CheckedStrategy(Strategy):
 
 def _client_of(reply: Message) -> str:
     """The partition id fedgpu's nodes stamp on their replies, "" for other nodes."""
-    from fedgpu.flower.runner import FEDGPU_RECORD
+    from fedgpu.names import FEDGPU_RECORD
 
     stamp = reply.content.config_records.get(FEDGPU_RECORD) if reply.has_content() else None
     client = stamp.get("client") if stamp is not None else None

@@ -36,10 +36,10 @@ from flwr.app import Context, Message
 
 from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
 from fedgpu.isolation import Isolator
+from fedgpu.names import IN_ISOLATED_CHILD
 
 # Set in every child that runs ClientApp code (here and in `fedgpu client --mp`):
 # there a decorated function runs directly instead of starting a nested child.
-IN_ISOLATED_CHILD = "FEDGPU_ISOLATED_CALL"
 ClientAppFunction = Callable[[Message, Context], Message]
 
 

@@ -25,14 +25,14 @@ from flwr.common import log
 
 from fedgpu.errors import BadInput
 from fedgpu.flower.config import toml_value
-from fedgpu.flower.internals import DOORBELLS_ENV, NodePace, guard_supernode_runtime, pace_supernode
+from fedgpu.flower.internals import NodePace, guard_supernode_runtime, pace_supernode
 from fedgpu.flower.internals.processes import on_flower_exit, run_supernode
-from fedgpu.flower.isolate import IN_ISOLATED_CHILD
 from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
 from fedgpu.flower.warm_ups import zygote_warm_ups
 from fedgpu.isolation import Isolator
 from fedgpu.monitor.events import emit
+from fedgpu.names import DOORBELLS_ENV, FLWR_HOME_ENV, IN_ISOLATED_CHILD
 from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
 
 
@@ -163,14 +163,15 @@ def run_planned_node(plan: NodePlan) -> None:
         time.sleep(0.5)
     # A private Flower home: nodes on one host must not install FABs into the same directory at once.
     # In the run's private directory under `fedgpu run`; alone, in one of its own.
-    from fedgpu.private_dirs import PRIVATE_DIR_ENV, make_private_dir, sweep_dead
+    from fedgpu.names import PRIVATE_DIR_ENV
+    from fedgpu.private_dirs import make_private_dir, sweep_dead
 
     if os.environ.get(PRIVATE_DIR_ENV):
         flwr_home = tempfile.mkdtemp(prefix="node-", dir=os.environ[PRIVATE_DIR_ENV])
     else:
         sweep_dead()
         flwr_home = make_private_dir("node")
-    os.environ["FLWR_HOME"] = flwr_home
+    os.environ[FLWR_HOME_ENV] = flwr_home
     placer = None
     if plan.placement is not None:  # only children are placed: without --mp the node itself would hold the GPU
         placer = GpuPlacer.from_settings(plan.placement, log=lambda line: print(f"[fedgpu] {line}", file=sys.stderr, flush=True))

@@ -22,8 +22,8 @@ from flwr.common import log
 
 from fedgpu.flower.client_app import WARNINGS_RECORD
 from fedgpu.flower.failures import Failure, count_by_kind, no_reply
-from fedgpu.flower.runner import FEDGPU_RECORD
 from fedgpu.monitor.events import emit
+from fedgpu.names import FEDGPU_RECORD
 from fedgpu.output import OutputError, append_line, csv_line, write_atomic, write_json
 
 METRICS_COLUMNS = (

@@ -39,11 +39,11 @@ from fedgpu.flower.internals.runtime_client import (
 )
 from fedgpu.isolation import IsolationError, Isolator, Outcome
 from fedgpu.monitor.events import emit
+from fedgpu.names import FEDGPU_RECORD
 from fedgpu.nvml.devices import MIB
 from fedgpu.nvml.placement import GpuPlacer, Placement
 
 # Key of the ConfigRecord the runner adds to every reply: how it was isolated.
-FEDGPU_RECORD = "fedgpu"
 # A failure reply must still reach the server before it stops waiting for the message:
 # a tenth of the time, at least enough to stop the child (TERM, grace, KILL) and push.
 REPLY_MARGIN_SECONDS = (5.0, 30.0)

@@ -29,8 +29,8 @@ from fedgpu.flower.internals.marks import KEY_REGISTERED_MARK, RUN_STARTED_MARK
 from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.settings import RunSettings
 from fedgpu.isolation.procs import stop_tree
+from fedgpu.names import FLWR_HOME_ENV, RUN_TOKEN_ENV
 from fedgpu.output import OutputError, open_output
-from fedgpu.owner_only import RUN_TOKEN_ENV
 
 CONNECTION = "fedgpu"
 ROUND_LINE_MARK = "[fedgpu] "
@@ -214,7 +214,7 @@ class Federation:
         """
         from fedgpu.flower.internals import RegisteredNodes
 
-        nodes = RegisteredNodes(self.env["FLWR_HOME"], CONNECTION)
+        nodes = RegisteredNodes(self.env[FLWR_HOME_ENV], CONNECTION)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -275,7 +275,7 @@ class Federation:
             return app_dir
         assert self.plan.app_dir is not None
         from fedgpu.flower.app import AppError, private_copy
-        from fedgpu.private_dirs import PRIVATE_DIR_ENV
+        from fedgpu.names import PRIVATE_DIR_ENV
 
         # What is submitted: the app as `flwr run` packages it, unpacked in the run's private directory.
         # Run on the user's own directory, Flower would rewrite its pyproject.toml (its migration).
@@ -448,7 +448,8 @@ def plan_server(options: dict[str, Any]) -> ServerPlan:
     run_dir = Path(options["run_dir"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()
     server = ServerSettings(host=host, port=port, tls=tls, auth_public_keys=auth_keys)
     if options.get("app_dir"):
-        from fedgpu.flower.app import APP_CHECKED_ENV, check_app, describe
+        from fedgpu.flower.app import check_app, describe
+        from fedgpu.names import APP_CHECKED_ENV
 
         # The launcher checked the app already (it imports torch in a child: seconds saved).
         checked = os.environ.get(APP_CHECKED_ENV) == str(Path(str(options["app_dir"])).resolve())
@@ -462,7 +463,7 @@ def plan_server(options: dict[str, Any]) -> ServerPlan:
     plan = replace(plan, wait_nodes=int(options.get("wait_nodes") or 0), start_timeout=float(options["start_timeout"]),
                    run_timeout=None if run_timeout is None else float(run_timeout), simulation=simulation)
     if not options["check"]:
-        from fedgpu.monitor.events import RUN_DIR_ENV
+        from fedgpu.names import RUN_DIR_ENV
         from fedgpu.run_dir import prepare_run_dir
 
         # Under `fedgpu run` the launcher prepared the directory and its logs are there already.
@@ -561,9 +562,8 @@ def run_federation(plan: ServerPlan, say: Callable[..., None]) -> int:
     128 + the signal that stopped the run. Every process started here is
     stopped before this returns, whatever ended the run.
     """
-    from fedgpu.flower.internals import NODES_WAIT_ENV
-    from fedgpu.monitor.events import RUN_DIR_ENV
-    from fedgpu.private_dirs import PRIVATE_DIR_ENV, make_private_dir, remove, sweep_dead
+    from fedgpu.names import NODES_WAIT_ENV, PRIVATE_DIR_ENV, RUN_DIR_ENV
+    from fedgpu.private_dirs import make_private_dir, remove, sweep_dead
 
     run_dir = plan.run_dir
     flwr_home = run_dir / "flwr-home"
@@ -576,7 +576,7 @@ def run_federation(plan: ServerPlan, say: Callable[..., None]) -> int:
     if not os.environ.get(PRIVATE_DIR_ENV):
         sweep_dead()
         own_private_dir = os.environ[PRIVATE_DIR_ENV] = make_private_dir("server")
-    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+    env = {**os.environ, FLWR_HOME_ENV: str(flwr_home)}
     if plan.run is None:  # a user's ServerApp: how long it may wait for more nodes than there are
         # A simulation's nodes are all there within seconds and no more come: waiting is over sooner.
         wait = plan.start_timeout if plan.simulation is None else min(plan.start_timeout, SIMULATION_NODES_WAIT_SECONDS)
@@ -592,8 +592,8 @@ def run_federation(plan: ServerPlan, say: Callable[..., None]) -> int:
 
 
 def _run_federation(plan: ServerPlan, say: Callable[..., None], federation: Federation) -> int:
-    from fedgpu.monitor.events import RUN_DIR_ENV
     from fedgpu.monitor.memory import MemoryMonitor
+    from fedgpu.names import RUN_DIR_ENV
     from fedgpu.nvml.devices import open_nvml
 
     run_dir = plan.run_dir

@@ -41,6 +41,7 @@ from fedgpu.flower.runner import VirtualClientCall, message_deadline, run_virtua
 from fedgpu.flower.transfer import task_identity
 from fedgpu.isolation import ChildRaised, IsolationError, Isolator
 from fedgpu.monitor.events import emit
+from fedgpu.names import ZYGOTE_ENV
 from fedgpu.nvml.placement import GpuPlacer
 
 GRACE_SECONDS = 5.0  # a stopped run's children: TERM, then KILL after this
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     """The simulation host: ``python -m fedgpu.flower.simulation APP_DIR --nodes N --workers W ...``."""
     from fedgpu.flower.config import parse_config_pairs
     from fedgpu.flower.internals import record_app_rounds, watch_node_waits
-    from fedgpu.flower.isolate import IN_ISOLATED_CHILD
     from fedgpu.flower.warm_ups import app_warm_ups, zygote_warm_ups
     from fedgpu.isolation.procs import watch_parent
+    from fedgpu.names import IN_ISOLATED_CHILD
     from fedgpu.nvml.placement import PlacementSettings
 
     parser = argparse.ArgumentParser(prog="fedgpu-simulation")
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only for a private zygote (no $FEDGPU_ZYGOTE: `fedgpu server --simulation-nodes` alone). The app's module is
     # optional there: that zygote does not have the app on its path; each child imports it from the app's directory.
     warm_ups = zygote_warm_ups(args.task) if args.task else [*app_warm_ups(client_module)[:-1], f"?{client_module}"]
-    isolator = Isolator(args.isolation, env={IN_ISOLATED_CHILD: "1"}, zygote=os.environ.get("FEDGPU_ZYGOTE") or None,
+    isolator = Isolator(args.isolation, env={IN_ISOLATED_CHILD: "1"}, zygote=os.environ.get(ZYGOTE_ENV) or None,
                         warm_ups=warm_ups, reap_in_background=True)  # a child's exit is off the message's path
     # Children are placed on GPUs with room, where there are GPUs (the server exported the settings it checked).
     placer = GpuPlacer.from_settings(PlacementSettings.from_env(), log=say)

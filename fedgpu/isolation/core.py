@@ -46,9 +46,9 @@ from fedgpu.isolation.procs import (
     stop_group,
     stop_groups,
 )
+from fedgpu.names import CALL_MARKER
 
 DEFAULT_GRACE_SECONDS = 3.0
-CALL_MARKER = "FEDGPU_CALL"  # in every call child's environment, inherited by all it starts
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ import os
 import time
 from typing import Any
 
+from fedgpu.names import RUN_DIR_ENV
+
 EVENTS_FILE = "events.jsonl"
-RUN_DIR_ENV = "FEDGPU_RUN_DIR"
 
 
 def emit(event: str, run_dir: str | None = None, **fields: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from fedgpu.monitor.events import RUN_DIR_ENV as MARKER  # one name for the run's marker
+from fedgpu.names import RUN_DIR_ENV as MARKER  # one name for the run's marker
 from fedgpu.nvml.devices import MIB
 from fedgpu.output import write_json
 

@@ -14,8 +14,8 @@ import os
 import sys
 
 from fedgpu.isolation.facts import register_child_fact
+from fedgpu.names import FEDGPU_GPU
 
-FEDGPU_GPU = "FEDGPU_GPU"  # the NVML index placement gave this child
 # Where NVML cannot see our pid (a container's own pid namespace): what a CUDA
 # context typically costs on top of what torch's allocator reserves.
 CONTEXT_ALLOWANCE_BYTES = 512 * 1024 * 1024

@@ -28,8 +28,8 @@ from typing import Any
 import psutil
 
 from fedgpu.errors import FedgpuError
+from fedgpu.names import ENV_ESTIMATE, ENV_GPUS, ENV_LEDGER, ENV_POLICY, ENV_TIMEOUT, FEDGPU_GPU
 from fedgpu.nvml.devices import MIB, GpuState, Nvml, open_nvml
-from fedgpu.nvml.measure import FEDGPU_GPU
 from fedgpu.output import write_atomic
 
 POLICIES = ("free", "round-robin")
@@ -40,11 +40,6 @@ POLL_SECONDS = 0.25
 
 # Settings travel as environment variables too, so that every process of a run
 # (client nodes, the ServerApp's evaluation) places its children the same way.
-ENV_GPUS = "FEDGPU_GPUS"
-ENV_POLICY = "FEDGPU_PLACEMENT"
-ENV_ESTIMATE = "FEDGPU_GPU_MEM_MIB"
-ENV_TIMEOUT = "FEDGPU_ADMISSION_TIMEOUT"
-ENV_LEDGER = "FEDGPU_LEDGER"
 
 
 class PlacementError(FedgpuError):

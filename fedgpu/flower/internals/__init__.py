@@ -28,7 +28,6 @@ from fedgpu.flower.internals.control import RegisteredNodes
 from fedgpu.flower.internals.guard import FLEET_PATHS, bind_listener, guard_app_factory, guard_supernode_runtime
 from fedgpu.flower.internals.node_waits import (
     NODES_POLL_GAP_SECONDS,
-    NODES_WAIT_ENV,
     TOO_FEW_NODES_MARK,
     NodeWaitWatch,
     WaitingForNodes,
@@ -36,8 +35,6 @@ from fedgpu.flower.internals.node_waits import (
     watch_node_waits,
 )
 from fedgpu.flower.internals.pace import (
-    DOORBELLS_ENV,
-    PACE_ENV,
     Doorbells,
     NodePace,
     grid_contract,
@@ -50,7 +47,7 @@ from fedgpu.flower.internals.processes import EXIT_PORT_TAKEN, serverapp_main, s
 from fedgpu.flower.internals.round_hooks import app_rounds_contract, record_app_rounds
 
 __all__ = [
-    "DOORBELLS_ENV", "EXIT_PORT_TAKEN", "FLEET_PATHS", "NODES_POLL_GAP_SECONDS", "NODES_WAIT_ENV", "PACE_ENV",
+    "EXIT_PORT_TAKEN", "FLEET_PATHS", "NODES_POLL_GAP_SECONDS",
     "TOO_FEW_NODES_MARK", "Doorbells", "NodePace", "NodeWaitWatch", "RegisteredNodes", "WaitingForNodes",
     "app_rounds_contract", "bind_listener", "grid_contract", "guard_app_factory", "guard_supernode_runtime",
     "loop_contract", "node_wait_contract", "object_pull_contract", "pace_grid", "pace_supernode",

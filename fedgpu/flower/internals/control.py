@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from fedgpu.names import FLWR_HOME_ENV
+
 
 class RegisteredNodes:
     """Counts the client nodes online on a SuperLink, asking its Control API as `flwr supernode list` does.
@@ -35,16 +37,16 @@ class RegisteredNodes:
         from flwr.cli.flower_config import read_superlink_connection
         from flwr.cli.utils import init_http_client_from_connection
 
-        saved = os.environ.get("FLWR_HOME")
-        os.environ["FLWR_HOME"] = self.flwr_home  # where Flower's CLI code reads its connections
+        saved = os.environ.get(FLWR_HOME_ENV)
+        os.environ[FLWR_HOME_ENV] = self.flwr_home  # where Flower's CLI code reads its connections
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # its "Using SuperLink: ..." line
                 return init_http_client_from_connection(read_superlink_connection(self.connection))
         finally:
             if saved is None:
-                os.environ.pop("FLWR_HOME", None)
+                os.environ.pop(FLWR_HOME_ENV, None)
             else:
-                os.environ["FLWR_HOME"] = saved
+                os.environ[FLWR_HOME_ENV] = saved
 
     def close(self) -> None:
         if self._client is not None:

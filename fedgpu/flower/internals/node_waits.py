@@ -8,7 +8,8 @@ import sys
 import time
 from collections.abc import Callable
 
-NODES_WAIT_ENV = "FEDGPU_NODES_WAIT_SECONDS"  # `fedgpu server` sets it for a user's app: its --start-timeout
+from fedgpu.names import NODES_WAIT_ENV
+
 TOO_FEW_NODES_MARK = "[fedgpu] run failed: too few nodes: "  # the server ends the run when a ServerApp says this
 NODES_POLL_GAP_SECONDS = 10.0  # get_node_ids calls further apart than this are not one waiting loop
 

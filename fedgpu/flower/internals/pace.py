@@ -41,11 +41,10 @@ from pathlib import Path
 from types import ModuleType
 
 from fedgpu.flower.internals.contract import sleep_contract
+from fedgpu.names import PACE_ENV
 
 # Where the doorbells of one host's nodes live (a private directory the launcher makes).
-DOORBELLS_ENV = "FEDGPU_DOORBELLS"
 # Set to "flower" to keep Flower's own pace (the benchmarks' "before").
-PACE_ENV = "FEDGPU_NODE_PACE"
 
 FAST_PULL_SECONDS = 0.1  # the first idle pull after a message; doubles up to Flower's own interval
 CONTENT_POLL_SECONDS = 0.02  # a reply's content not yet in the object store (rare)

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from fedgpu.flower.internals.guard import FLEET_PATHS, BoundUvicorn, bind_listener, guard_app_factory
 from fedgpu.flower.internals.node_waits import watch_node_waits
-from fedgpu.flower.internals.pace import DOORBELLS_ENV, PACE_ENV, pace_grid
+from fedgpu.flower.internals.pace import pace_grid
 from fedgpu.flower.internals.round_hooks import record_app_rounds
+from fedgpu.names import DOORBELLS_ENV, PACE_ENV
 
 EXIT_PORT_TAKEN = 2  # the SuperLink could not bind its port: another run (or program) has it
 PARENT_PID_OPTION = "--parent-pid"  # fedgpu's own option of the superlink entry; Flower never sees it
@@ -51,7 +52,8 @@ def serverapp_main(argv: list[str]) -> None:
 
 def private_bin_dir() -> str:
     """Where the ServerApp wrapper goes: the run's private directory (made here when run alone)."""
-    from fedgpu.private_dirs import PRIVATE_DIR_ENV, make_private_dir, subdir
+    from fedgpu.names import PRIVATE_DIR_ENV
+    from fedgpu.private_dirs import make_private_dir, subdir
 
     if not os.environ.get(PRIVATE_DIR_ENV):
         os.environ[PRIVATE_DIR_ENV] = make_private_dir("superlink")  # swept by the next run once we are gone
@@ -85,7 +87,7 @@ def superlink_main(argv: list[str]) -> None:
 
     from flwr.superlink import main as superlink_app
 
-    from fedgpu.owner_only import RUN_TOKEN_ENV
+    from fedgpu.names import RUN_TOKEN_ENV
 
     host, port = _option(argv, "--host", "0.0.0.0"), int(_option(argv, "--port", "8000"))
     try:

@@ -48,7 +48,7 @@ def record_app_rounds(log: Callable[[str], None]) -> bool:
     one hooked here: the app then runs without them. fedgpu's own ServerApp
     records its rounds itself and is left alone.
     """
-    from fedgpu.monitor.events import RUN_DIR_ENV
+    from fedgpu.names import RUN_DIR_ENV
 
     run_dir = os.environ.get(RUN_DIR_ENV)
     if not run_dir:

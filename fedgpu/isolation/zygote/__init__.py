@@ -7,7 +7,6 @@ Run one with ``python -m fedgpu.isolation.zygote --dir DIR [warm-ups...]``.
 
 from fedgpu.isolation.zygote.caller import ZygoteChild, ZygoteLauncher, connect, read_key
 from fedgpu.isolation.zygote.protocol import (
-    ENV_VAR,
     KEY_NAME,
     READY_NAME,
     SOCKET_NAME,
@@ -16,7 +15,6 @@ from fedgpu.isolation.zygote.protocol import (
 )
 
 __all__ = [
-    "ENV_VAR",
     "KEY_NAME",
     "READY_NAME",
     "SOCKET_NAME",

@@ -31,7 +31,6 @@ from fedgpu.isolation.procs import (
 from fedgpu.isolation.zygote.protocol import (
     ACCEPTED,
     CHALLENGE_BYTES,
-    ENV_VAR,
     FDS_MARK,
     KEY_NAME,
     MAGIC,
@@ -50,6 +49,7 @@ from fedgpu.isolation.zygote.protocol import (
     same,
     zygote_proof,
 )
+from fedgpu.names import ZYGOTE_ENV
 from fedgpu.private_dirs import make_private_dir
 
 
@@ -178,7 +178,7 @@ class ZygoteLauncher:
         self._private_parent: str | None = None
         self._key: bytes | None = None
         self._lock = threading.Lock()
-        directory = directory or os.environ.get(ENV_VAR) or None
+        directory = directory or os.environ.get(ZYGOTE_ENV) or None
         if directory is None:
             # In a 0700 directory of ours that a later fedgpu process sweeps if we are killed
             # (the zygote removes only its own directory when it goes).

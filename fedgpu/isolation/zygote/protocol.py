@@ -32,7 +32,6 @@ from fedgpu.isolation.errors import IsolationError
 SOCKET_NAME = "zygote.sock"
 KEY_NAME = "key"
 READY_NAME = "ready"  # written (atomically) once warm; holds the zygote's pid
-ENV_VAR = "FEDGPU_ZYGOTE"  # a shared zygote's directory, for Isolator("zygote")
 
 MAGIC = b"FGZ1"
 NONCE_BYTES = 32

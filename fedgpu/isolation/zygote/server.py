@@ -63,10 +63,10 @@ from fedgpu.isolation.zygote.protocol import (
     same,
     zygote_proof,
 )
+from fedgpu.names import ZYGOTE_SPARES_ENV
 
 HANDSHAKE_SECONDS = 2.0  # accept -> complete request; a real caller needs milliseconds
 MAX_DESCRIPTORS = 65536  # the soft RLIMIT_NOFILE the zygote raises itself to (at most its hard limit)
-SPARES_ENV = "FEDGPU_ZYGOTE_SPARES"
 MAX_SPARES = 64  # each is a primed process: its private pages count
 DESCRIPTOR_HEADROOM = 128  # for the listener, the selector, the spare, stdio, imported libraries
 # Connections the kernel queues for accept (capped by net.core.somaxconn): a caller that
@@ -654,7 +654,7 @@ def _try_send(conn: socket.socket, message: dict[str, Any]) -> bool:
 def spares_wanted() -> int:
     """Spare children to keep primed: $FEDGPU_ZYGOTE_SPARES (a simulation sets its workers), else one."""
     try:
-        return max(0, min(MAX_SPARES, int(os.environ.get(SPARES_ENV) or 1)))
+        return max(0, min(MAX_SPARES, int(os.environ.get(ZYGOTE_SPARES_ENV) or 1)))
     except ValueError:
         return 1
 
@@ -726,7 +726,7 @@ def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> No
     _write_private(os.path.join(directory, KEY_NAME), key)
     primers = [spec for spec in warm_ups if ":" in spec.lstrip("?").partition("=")[0]]
     server = ZygoteServer(directory, key, primers=primers, spares=spares_wanted(),
-                          unprimed_spares=bool(os.environ.get(SPARES_ENV)))
+                          unprimed_spares=bool(os.environ.get(ZYGOTE_SPARES_ENV)))
     try:
         ready = os.path.join(directory, READY_NAME)
         _write_private(ready + ".tmp", str(os.getpid()).encode())
