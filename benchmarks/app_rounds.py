@@ -33,10 +33,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from fedgpu.flower.node import free_port  # noqa: E402
-from fedgpu.flower.probe import wait_for_health  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402
 from fedgpu.monitor.host import pss_bytes  # noqa: E402
+from fedgpu.net import free_port, wait_for_health  # noqa: E402
 
 from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402
 

@@ -63,7 +63,7 @@ def stop_marked(marker: str) -> None:
 def local_simulation_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment of ``flwr run APP local``: a FLWR_HOME (made here) whose default connection is the local
     Simulation Engine, this environment's Flower first on PATH, and no fedgpu zygote to inherit."""
-    from fedgpu.flower.node import free_port
+    from fedgpu.net import free_port
 
     home.mkdir(parents=True)
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')

@@ -22,10 +22,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fedgpu.flower.node import free_port  # noqa: E402
-from fedgpu.flower.probe import wait_for_health  # noqa: E402
 from fedgpu.flower.server import ServerSettings, superlink_command  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402
+from fedgpu.net import free_port, wait_for_health  # noqa: E402
 
 from common import MIB, child_pids, median, report, table  # noqa: E402
 

@@ -42,13 +42,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fedgpu.flower.node import free_port  # noqa: E402
-from fedgpu.flower.probe import wait_for_health  # noqa: E402
 from fedgpu.flower.server import ServerSettings, superlink_command, write_connection  # noqa: E402
 from fedgpu.flower.warm_ups import zygote_warm_ups  # noqa: E402
 from fedgpu.isolation import Isolator  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402
 from fedgpu.names import DOORBELLS_ENV, PACE_ENV  # noqa: E402
+from fedgpu.net import free_port, wait_for_health  # noqa: E402
 from fedgpu.tasks.work import WorkSettings, initial_arrays, train_partition  # noqa: E402
 
 from common import child_pids, median, report, table  # noqa: E402

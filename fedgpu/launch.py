@@ -212,8 +212,8 @@ class Launcher:
         if plan.simulated:
             return  # no SuperLink to wait for: the server hosts the simulation
         from fedgpu.flower.internals import EXIT_PORT_TAKEN
-        from fedgpu.flower.probe import wait_for_health
         from fedgpu.names import RUN_TOKEN_ENV
+        from fedgpu.net import wait_for_health
 
         scheme = "https" if self.certs is not None else "http"
         ca = str(self.certs / "ca.crt") if self.certs is not None else None
@@ -379,8 +379,8 @@ def plan_run(
     from fedgpu.capacity import too_many
     from fedgpu.errors import BadInput
     from fedgpu.flower.config import check_node_config
-    from fedgpu.flower.node import free_port, port_free
     from fedgpu.flower.server import check_task_run
+    from fedgpu.net import free_port, port_free
     from fedgpu.nvml.placement import check_placement
     from fedgpu.run_dir import prepare_run_dir
 

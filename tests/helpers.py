@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedgpu.flower.node import free_port, port_free  # noqa: F401 - re-exported for the tests
+from fedgpu.net import free_port, port_free  # noqa: F401 - re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_SH = ROOT / "run.sh"

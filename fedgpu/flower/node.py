@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -27,31 +26,13 @@ from fedgpu.errors import BadInput
 from fedgpu.flower.config import toml_value
 from fedgpu.flower.internals import NodePace, guard_supernode_runtime, pace_supernode
 from fedgpu.flower.internals.processes import on_flower_exit, run_supernode
-from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.runner import TaskRunner
 from fedgpu.flower.warm_ups import zygote_warm_ups
 from fedgpu.isolation import Isolator
 from fedgpu.monitor.events import emit
 from fedgpu.names import DOORBELLS_ENV, FLWR_HOME_ENV, IN_ISOLATED_CHILD
+from fedgpu.net import free_port, unreachable, wait_for_health
 from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a server could listen on host:port now."""
-    with socket.socket() as sock:
-        # As servers do: connections of a previous run in TIME_WAIT do not count.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass
@@ -157,7 +138,7 @@ def run_planned_node(plan: NodePlan) -> None:
     settings = plan.settings
     patience = settings.max_wait_time or DEFAULT_PATIENCE_SECONDS
     deadline = time.monotonic() + patience
-    while why := superlink_reachable(settings.superlink):
+    while why := unreachable(settings.superlink):
         if time.monotonic() >= deadline:
             raise BadInput(f"cannot reach the SuperLink at {settings.superlink} within {patience:g} s: {why}")
         time.sleep(0.5)
@@ -229,16 +210,6 @@ DEFAULT_PATIENCE_SECONDS = 60.0
 EXIT_SUPERLINK_LOST = 3
 
 
-def superlink_reachable(address: str, timeout: float = 2.0) -> str:
-    """"" when a TCP connection to HOST:PORT opens, else why not."""
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-        return ""
-    except OSError as err:
-        return err.strerror or str(err)
-
-
 class SuperLinkWatch(threading.Thread):
     """Stops the node when its SuperLink has been unreachable for ``patience`` seconds.
 
@@ -255,7 +226,7 @@ class SuperLinkWatch(threading.Thread):
     def run(self) -> None:
         last_seen = time.monotonic()
         while True:
-            why = superlink_reachable(self.address)
+            why = unreachable(self.address)
             now = time.monotonic()
             if not why:
                 last_seen = now

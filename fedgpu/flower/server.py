@@ -26,10 +26,10 @@ from typing import IO, Any
 from fedgpu.errors import BadInput, FedgpuError
 from fedgpu.flower.config import parse_task_options, toml_value
 from fedgpu.flower.internals.marks import KEY_REGISTERED_MARK, RUN_STARTED_MARK
-from fedgpu.flower.probe import wait_for_health
 from fedgpu.flower.settings import RunSettings
 from fedgpu.isolation.procs import stop_tree
 from fedgpu.names import FLWR_HOME_ENV, RUN_TOKEN_ENV
+from fedgpu.net import wait_for_health
 from fedgpu.output import OutputError, open_output
 
 CONNECTION = "fedgpu"
@@ -433,8 +433,8 @@ def plan_server(options: dict[str, Any]) -> ServerPlan:
     Side effects only where the server needs them: the parent-death watch, and
     the placement settings exported for the ServerApp's evaluation children.
     """
-    from fedgpu.flower.node import port_free
     from fedgpu.isolation.procs import watch_parent
+    from fedgpu.net import port_free
     from fedgpu.nvml.placement import check_placement
 
     watch_parent(options["parent_pid"])
