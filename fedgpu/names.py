@@ -39,3 +39,12 @@ FLOWER_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "
 
 # --- a reply's record: the node's stamp (child pid, seconds, peak RSS), read by the server's recorder ---
 FEDGPU_RECORD = "fedgpu"
+
+# --- marks in a ServerApp's output that `fedgpu server` reads (the ServerApp runs under Flower, in its own process) ---
+ROUND_LINE_MARK = "[fedgpu] "  # a line of ours, echoed on the launcher's console
+RUN_FAILED_MARK = "[fedgpu] run failed: "  # why a ServerApp of ours failed
+TOO_FEW_NODES_MARK = RUN_FAILED_MARK + "too few nodes: "  # the server ends the run when a ServerApp says this
+FAILURE_MARK = "fedgpu-failure: "  # a failed reply's fields, as JSON, for the report (never echoed)
+
+# --- exit codes one process gives another ---
+EXIT_TOO_FEW_NODES = 3  # a ServerApp (and so `fedgpu server`): fewer client nodes than the run needs, in time

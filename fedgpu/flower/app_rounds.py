@@ -48,12 +48,12 @@ from flwr.app import ArrayRecord, Message
 from fedgpu.flower.checks import check_reply
 from fedgpu.flower.failures import Failure, count_by_kind
 from fedgpu.monitor.events import emit
+from fedgpu.names import ROUND_LINE_MARK
 from fedgpu.output import OutputError, append_line, csv_line, write_atomic
 
 SOURCES = ("train", "evaluate", "server")  # the prefixes of the metric columns, in column order
 FIRST_COLUMNS = ("round",)
 LAST_COLUMNS = ("results", "failures", "round_seconds", "failure_reasons")
-ROUND_MARK = "[fedgpu] "
 BAD_REPLY = "bad reply"
 
 
@@ -162,7 +162,7 @@ class AppRounds:
         failures = f"{row['failures']} failures" + (f" ({row['failure_reasons']})" if row["failure_reasons"] else "")
         parts += [f"{row['results']} results, {failures}", f"{row['round_seconds']:.1f} s"]
         total = self.num_rounds if self.num_rounds else "?"
-        return f"{ROUND_MARK}round {row['round']}/{total}: {' | '.join(parts)}"
+        return f"{ROUND_LINE_MARK}round {row['round']}/{total}: {' | '.join(parts)}"
 
     # -- what the app sends and gets ---------------------------------------------------------
 
@@ -208,7 +208,7 @@ class AppRounds:
         who = f"client {client} (node {node_id})" if client else f"node {node_id}"
         emit("bad-reply", str(self.run_dir), round=number, message=kind, node_id=node_id, client=client,
              kind=BAD_REPLY, detail=problem)
-        self.say(f"{ROUND_MARK}round {number}: {BAD_REPLY} from {who} ({kind}): {problem}")
+        self.say(f"{ROUND_LINE_MARK}round {number}: {BAD_REPLY} from {who} ({kind}): {problem}")
         if self.current is not None and self.current.number == number:
             self.current.failed.append(BAD_REPLY)
             self.current.results = max(0, self.current.results - 1)
@@ -250,7 +250,7 @@ class AppRounds:
         self.initial = columns
         emit("app-initial", str(self.run_dir), metrics=columns)
         figures = ", ".join(f"{key[len('server_'):]} {_figure(value)}" for key, value in columns.items())
-        self.say(f"{ROUND_MARK}initial model: server {figures}")
+        self.say(f"{ROUND_LINE_MARK}initial model: server {figures}")
 
     # -- metrics.csv ------------------------------------------------------------------------
 
@@ -276,7 +276,7 @@ class AppRounds:
 
     def _output_failed(self, err: OutputError) -> None:
         self._broken = True
-        self.say(f"{ROUND_MARK}warning: {err}; no more rounds recorded")
+        self.say(f"{ROUND_LINE_MARK}warning: {err}; no more rounds recorded")
 
 
 def history_columns(history: Any, number: int) -> dict[str, Any]:

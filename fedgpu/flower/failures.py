@@ -19,8 +19,7 @@ from flwr.app import Error
 
 from fedgpu.flower.internals.codes import ErrorCode
 from fedgpu.isolation.errors import join_reason
-
-MARK = "fedgpu-failure: "
+from fedgpu.names import FAILURE_MARK
 
 # Flower's own error codes, as kinds a reader can count.
 _FLOWER_KINDS = {
@@ -56,7 +55,7 @@ class Failure:
 
     def to_reason(self) -> str:
         """For a Flower ``Error``: the line for people, then the fields."""
-        return f"{self.text()}\n{MARK}{json.dumps(asdict(self))}"
+        return f"{self.text()}\n{FAILURE_MARK}{json.dumps(asdict(self))}"
 
     def to_error(self, code: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION) -> Error:
         return Error(code=code, reason=self.to_reason())
@@ -69,9 +68,9 @@ class Failure:
         """The Failure a reply's Error carries; Flower's own errors classified by code."""
         reason = error.reason or ""
         for line in reason.splitlines():
-            if line.startswith(MARK):
+            if line.startswith(FAILURE_MARK):
                 try:
-                    fields = json.loads(line[len(MARK) :])
+                    fields = json.loads(line[len(FAILURE_MARK) :])
                     return cls(**{key: fields[key] for key in fields if key in cls.__dataclass_fields__})
                 except (ValueError, TypeError):
                     break

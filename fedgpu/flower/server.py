@@ -28,14 +28,20 @@ from fedgpu.flower.config import parse_task_options, toml_value
 from fedgpu.flower.internals.marks import KEY_REGISTERED_MARK, RUN_STARTED_MARK
 from fedgpu.flower.settings import RunSettings
 from fedgpu.isolation.procs import stop_tree
-from fedgpu.names import FLWR_HOME_ENV, RUN_TOKEN_ENV
+from fedgpu.names import (
+    EXIT_TOO_FEW_NODES,
+    FAILURE_MARK,
+    FLWR_HOME_ENV,
+    ROUND_LINE_MARK,
+    RUN_FAILED_MARK,
+    RUN_TOKEN_ENV,
+    TOO_FEW_NODES_MARK,
+)
 from fedgpu.net import wait_for_health
 from fedgpu.output import OutputError, open_output
 
 CONNECTION = "fedgpu"
-ROUND_LINE_MARK = "[fedgpu] "
 COMPLETED = "finished:completed"
-RUN_FAILED_MARK = "[fedgpu] run failed: "  # how a ServerApp of ours says why, on the launcher's console
 TAIL_LINES = 400  # of the ServerApp's output, kept to show why it failed
 NODE_LIST_SECONDS = 0.5  # between two counts of the registered nodes
 GRACE_SECONDS = 5.0  # a run's process stopped early: TERM, then KILL after this
@@ -43,7 +49,6 @@ SIMULATION_NODES_WAIT_SECONDS = 15.0  # a simulation's ServerApp waiting for mor
 
 # Exit codes of `fedgpu server` (and so of `fedgpu run`); docs/cli.md lists them.
 EXIT_FAILED = 1
-EXIT_TOO_FEW_NODES = 3  # as fedgpu.flower.strategy's: fewer client nodes than the run needs, within --start-timeout
 EXIT_ALL_FAILED = 4  # the run completed, but every message it sent failed
 EXIT_RUN_TIMEOUT = 5  # the run outlived --run-timeout
 
@@ -291,9 +296,6 @@ class Federation:
         replies (the summary at the end says them); TooFewNodes when its
         ServerApp says it waits for more nodes than there are.
         """
-        from fedgpu.flower.failures import MARK as FAILURE_MARK
-        from fedgpu.flower.internals import TOO_FEW_NODES_MARK
-
         started_run = False
         echo_all = self.plan.run is None  # a user's app: its own output is what they read
         log_path = self.run_dir / "serverapp.log"

@@ -19,11 +19,11 @@ from fedgpu.flower.checks import CheckedStrategy
 from fedgpu.flower.children import run_child, wants_placement
 from fedgpu.flower.recorder import RunRecorder
 from fedgpu.flower.records import named_record
-from fedgpu.flower.server import RUN_FAILED_MARK
 from fedgpu.flower.settings import RunSettings
 from fedgpu.flower.strategy import ExactFedAvg, TooFewNodes
 from fedgpu.flower.warm_ups import zygote_warm_ups
 from fedgpu.isolation import IsolationError, Isolator
+from fedgpu.names import RUN_FAILED_MARK
 from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
 from fedgpu.output import OutputError
 from fedgpu.tasks.work import evaluate_global, initial_model

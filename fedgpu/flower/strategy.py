@@ -13,9 +13,9 @@ from flwr.serverapp.strategy import FedAvg
 from fedgpu.errors import FedgpuError
 from fedgpu.flower.recorder import RunRecorder
 from fedgpu.flower.settings import RunSettings
+from fedgpu.names import EXIT_TOO_FEW_NODES
 
 NODE_POLL_SECONDS = 0.5
-EXIT_TOO_FEW_NODES = 3
 
 
 class TooFewNodes(FedgpuError):

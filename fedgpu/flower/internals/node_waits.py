@@ -8,9 +8,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from fedgpu.names import NODES_WAIT_ENV
+from fedgpu.names import NODES_WAIT_ENV, TOO_FEW_NODES_MARK
 
-TOO_FEW_NODES_MARK = "[fedgpu] run failed: too few nodes: "  # the server ends the run when a ServerApp says this
 NODES_POLL_GAP_SECONDS = 10.0  # get_node_ids calls further apart than this are not one waiting loop
 
 
