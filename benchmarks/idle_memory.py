@@ -22,7 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fedgpu.flower.server import ServerSettings, superlink_command  # noqa: E402
+from fedgpu.flower.server_plan import ServerSettings  # noqa: E402
+from fedgpu.flower.superlink import superlink_command  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402
 from fedgpu.net import free_port, wait_for_health  # noqa: E402
 

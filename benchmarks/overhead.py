@@ -42,7 +42,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fedgpu.flower.server import ServerSettings, superlink_command, write_connection  # noqa: E402
+from fedgpu.flower.server_plan import ServerSettings  # noqa: E402
+from fedgpu.flower.superlink import superlink_command, write_connection  # noqa: E402
 from fedgpu.flower.warm_ups import zygote_warm_ups  # noqa: E402
 from fedgpu.isolation import Isolator  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402

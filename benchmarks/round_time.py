@@ -33,8 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT / "tests")]
-from fedgpu.flower.server import write_app  # noqa: E402
 from fedgpu.flower.settings import RunSettings  # noqa: E402
+from fedgpu.flower.superlink import write_app  # noqa: E402
 from fedgpu.isolation.procs import stop_tree  # noqa: E402
 from fedgpu.net import free_port  # noqa: E402
 

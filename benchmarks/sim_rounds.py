@@ -41,8 +41,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from fedgpu.flower.server import write_app  # noqa: E402
 from fedgpu.flower.settings import RunSettings  # noqa: E402
+from fedgpu.flower.superlink import write_app  # noqa: E402
 from fedgpu.monitor.host import pss_bytes  # noqa: E402
 
 from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402

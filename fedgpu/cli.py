@@ -259,7 +259,8 @@ def run(**options: Any) -> None:
 @placement_options
 def server(**options: Any) -> None:
     """Run a SuperLink and a run on it (fedgpu's ServerApp, or --app's) until the run ends."""
-    from fedgpu.flower.server import plan_server, run_federation
+    from fedgpu.flower.server import run_federation
+    from fedgpu.flower.server_plan import plan_server
 
     os.umask(options["umask"])
     plan = plan_server(options)

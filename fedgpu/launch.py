@@ -379,7 +379,7 @@ def plan_run(
     from fedgpu.capacity import too_many
     from fedgpu.errors import BadInput
     from fedgpu.flower.config import check_node_config
-    from fedgpu.flower.server import check_task_run
+    from fedgpu.flower.server_plan import check_task_run
     from fedgpu.net import free_port, port_free
     from fedgpu.nvml.placement import check_placement
     from fedgpu.run_dir import prepare_run_dir
@@ -490,7 +490,7 @@ def simulation_workers(federation: Any = None, cpus: int | None = None, gpus: in
     of a GPU each (0.25: four per GPU). Without: one per core.
     """
     if cpus is None:
-        from fedgpu.flower.server import usable_cores
+        from fedgpu.flower.server_plan import usable_cores
 
         cpus = usable_cores()
     num_cpus = getattr(federation, "num_cpus", None)

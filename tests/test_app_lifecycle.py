@@ -218,11 +218,11 @@ def test_a_waiting_loop_is_told_from_a_server_app_at_work() -> None:
 def test_a_stopped_tasks_report_names_the_signal(tmp_path: Path) -> None:
     """fedgpu's own ServerApp sees a signal only as its end ("stopped by KeyboardInterrupt"); the server knows which."""
     from fedgpu.flower.recorder import RunRecorder
-    from fedgpu.flower.server import _mark_ended
+    from fedgpu.flower.run_reports import mark_ended
 
     recorder = RunRecorder(tmp_path, {"num-rounds": 3})
     recorder.fail("stopped", "stopped by KeyboardInterrupt")
     said: list[str] = []
-    _mark_ended(tmp_path, said.append, stopped_by="SIGINT")
+    mark_ended(tmp_path, said.append, stopped_by="SIGINT")
     report = json.loads((tmp_path / "report.json").read_text())
     assert (report["status"], report["stopped_by"], "failure" in report, said) == ("stopped", "SIGINT", False, [])

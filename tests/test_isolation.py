@@ -823,8 +823,8 @@ def test_a_child_whose_zygote_died_has_an_unknown_exit_status(tmp_path):
 
 def _all_errors() -> list:
     from fedgpu.errors import FedgpuError
-    from fedgpu.flower.server import ServerError
     from fedgpu.flower.strategy import TooFewNodes
+    from fedgpu.flower.superlink import ServerError
     from fedgpu.isolation.zygote import ZygoteError, ZygoteUntrusted
     from fedgpu.nvml.placement import AdmissionTimedOut, PlacementError
     from fedgpu.output import OutputError
