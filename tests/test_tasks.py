@@ -79,6 +79,9 @@ def test_import_tasks_does_not_import_torch() -> None:
         "import fedgpu.flower.client_app, fedgpu.flower.checks, fedgpu.flower.failures, fedgpu.flower.recorder\n"
         "import fedgpu.monitor.memory, fedgpu.monitor.summary, fedgpu.monitor.report, fedgpu.monitor.host\n"
         "import fedgpu.nvml.placement, fedgpu.isolation.zygote.server, fedgpu.isolation.zygote.caller\n"
+        "import fedgpu.flower.superlink, fedgpu.flower.server_plan, fedgpu.flower.run_reports, fedgpu.names, fedgpu.net\n"
+        "import fedgpu.isolation.zygote.start, fedgpu.isolation.zygote.warm, fedgpu.isolation.zygote.forked\n"
+        "import fedgpu.isolation.zygote.handshake\n"
         "heavy = {'torch', 'torchvision', 'datasets', 'flwr_datasets', 'sklearn', 'transformers'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )

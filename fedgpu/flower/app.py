@@ -265,7 +265,7 @@ def _import_components(
     import sys
     import threading
 
-    from fedgpu.isolation.zygote.server import call_warm_up, native_threads
+    from fedgpu.isolation.zygote.warm import call_warm_up, native_threads
 
     sys.dont_write_bytecode = True
     os.chdir(workdir)
@@ -382,7 +382,7 @@ def _check_imports(app: FlowerApp) -> None:
 
 def _zygote_like_env() -> dict[str, str]:
     """The zygote's environment where it differs from ours: single-threaded libraries (unless set), no bytecode."""
-    from fedgpu.isolation.zygote.server import SINGLE_THREADED_ENV
+    from fedgpu.isolation.zygote.warm import SINGLE_THREADED_ENV
 
     env = {name: value for name, value in SINGLE_THREADED_ENV.items() if name not in os.environ}
     return {**env, "PYTHONDONTWRITEBYTECODE": "1"}

@@ -16,7 +16,8 @@ def exec_zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, par
     from fedgpu.errors import BadInput
     from fedgpu.isolation.procs import pythonpath_with_package, watch_parent
     from fedgpu.isolation.zygote import ZygoteError
-    from fedgpu.isolation.zygote.server import SINGLE_THREADED_ENV, prepare_directory
+    from fedgpu.isolation.zygote.start import prepare_directory
+    from fedgpu.isolation.zygote.warm import SINGLE_THREADED_ENV
 
     watch_parent(parent_pid)
     path = pythonpath_with_package()

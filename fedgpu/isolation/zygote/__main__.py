@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from fedgpu.isolation.zygote.protocol import ZygoteError
-from fedgpu.isolation.zygote.server import SINGLE_THREADED_ENV, serve
+from fedgpu.isolation.zygote.start import serve
+from fedgpu.isolation.zygote.warm import SINGLE_THREADED_ENV
 
 
 def main(argv: Sequence[str] | None = None) -> None:

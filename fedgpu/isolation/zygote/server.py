@@ -17,191 +17,48 @@ to the zygote when the child exits and is killed there.
 
 from __future__ import annotations
 
-import gc
-import importlib
 import os
 import resource
 import selectors
 import signal
 import socket
-import sys
-import threading
 import time
-import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from fedgpu.isolation.procs import (
     children_of,
-    die_with_parent,
     exited_within,
     kill_orphan,
     open_sentinel,
-    set_child_subreaper,
     signal_group,
     stop_groups,
 )
+from fedgpu.isolation.zygote.forked import become_child, become_spare, fork
+from fedgpu.isolation.zygote.handshake import (
+    ACCEPTS_PER_ROUND,
+    HANDSHAKE_SECONDS,
+    STATES,
+    Drop,
+    Pending,
+    advance_handshake,
+    max_pending,
+    try_send,
+)
 from fedgpu.isolation.zygote.protocol import (
-    ACCEPTED,
     FDS_MARK,
-    FRAME_HEADER,
-    HELLO_BYTES,
     KEY_NAME,
-    MAGIC,
-    MAX_FRAME_BYTES,
-    NONCE_BYTES,
-    PROOF_BYTES,
     READY_NAME,
     SOCKET_NAME,
     ZygoteError,
-    caller_proof,
-    check_private_dir,
-    decode_frame,
     encode_frame,
     peer_uid,
-    same,
-    zygote_proof,
 )
-from fedgpu.names import ZYGOTE_SPARES_ENV
 
-HANDSHAKE_SECONDS = 2.0  # accept -> complete request; a real caller needs milliseconds
-MAX_DESCRIPTORS = 65536  # the soft RLIMIT_NOFILE the zygote raises itself to (at most its hard limit)
-MAX_SPARES = 64  # each is a primed process: its private pages count
-DESCRIPTOR_HEADROOM = 128  # for the listener, the selector, the spare, stdio, imported libraries
 # Connections the kernel queues for accept (capped by net.core.somaxconn): a caller that
 # finds the queue full fails at once, so it is long enough to outlast a flood's burst.
 BACKLOG = 4096
-ACCEPTS_PER_ROUND = 64  # then the connections already accepted are served before more are taken
-# Handshake states, least progress first: the first to go when room is needed.
-STATES = ("hello", "proof", "fds", "frame")
 SWEEP_SECONDS = 1.0  # how often children without a pidfd and stray orphans are looked for
-
-# Libraries whose helper threads a fork would not carry into the child are
-# kept single-threaded in the zygote; children set their own torch threads.
-SINGLE_THREADED_ENV = {
-    "OPENBLAS_NUM_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "JE_ARROW_MALLOC_CONF": "background_thread:false",  # pyarrow's jemalloc
-}
-
-
-def call_warm_up(spec: str) -> bool:
-    """Import ``module`` or call ``module:function`` / ``module:function=ARG``; whether it was done.
-
-    ``?spec``: the same, but a failure is only reported (and False returned): a warm-up
-    that would be nice to have must not cost the zygote (its children import it themselves).
-    """
-    if spec.startswith("?"):
-        try:
-            return call_warm_up(spec[1:])
-        except Exception as err:  # noqa: BLE001 - optional by request
-            print(f"[fedgpu] zygote: optional warm-up {spec[1:]} failed, skipped: {err!r}", file=sys.stderr, flush=True)
-        return False
-    ref, _, arg = spec.partition("=")
-    module_name, _, function_name = ref.partition(":")
-    module = importlib.import_module(module_name)
-    if function_name:
-        function = getattr(module, function_name)
-        function(arg) if arg else function()
-    return True
-
-
-def native_threads() -> list[str]:
-    """Names of this process's threads (the main thread included)."""
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as comm:
-                names.append(comm.read().strip())
-        except OSError:
-            pass
-    return names
-
-
-def assert_fork_safe() -> None:
-    """Refuse to serve from a process that initialised CUDA or runs threads."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        raise ZygoteError("CUDA was initialised in the zygote; its forked children could not use the GPU")
-    if threading.active_count() != 1:
-        raise ZygoteError(f"the zygote must be single-threaded before forking, found {threading.enumerate()}")
-    threads = native_threads()
-    if len(threads) != 1:
-        raise ZygoteError(f"the zygote must be single-threaded before forking; native threads: {threads}")
-
-
-def prepare_directory(directory: str) -> None:
-    """Create the zygote's directory (0700) or check it is ours and private.
-
-    A socket left by a zygote that died (nobody listens) is removed with the
-    dead zygote's key and ready file; a live zygote there is a refusal.
-    """
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as err:
-        raise ZygoteError(f"cannot create {directory}: {err.strerror or err}") from None
-    check_private_dir(directory)
-    path = os.path.join(directory, SOCKET_NAME)
-    if os.path.lexists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(2.0)
-            probe.connect(path)
-        except OSError:
-            pass  # nobody listens: a dead zygote's socket
-        else:
-            raise ZygoteError(f"a zygote is already serving {directory} (pid {_ready_pid(directory) or 'unknown'})")
-        finally:
-            probe.close()
-    for name in (READY_NAME, KEY_NAME, SOCKET_NAME):
-        try:
-            os.unlink(os.path.join(directory, name))
-        except FileNotFoundError:
-            pass
-
-
-def _ready_pid(directory: str) -> int | None:
-    try:
-        with open(os.path.join(directory, READY_NAME)) as ready:
-            return int(ready.read())
-    except (OSError, ValueError):
-        return None
-
-
-def max_pending(descriptors: int) -> int:
-    """Handshakes held at once with this many descriptors: half of what the headroom leaves.
-
-    The other half is for the calls: each running one holds its control
-    connection and a pidfd, and a handshake in its last state holds the
-    caller's three descriptors too.
-    """
-    return max(4 * ACCEPTS_PER_ROUND, (descriptors - DESCRIPTOR_HEADROOM) // 2)
-
-
-@dataclass
-class Pending:
-    """A connection between accept and its complete request; nothing is trusted yet."""
-
-    conn: socket.socket
-    deadline: float
-    fd: int = -1  # the key in ZygoteServer.pending (conn.fileno() is -1 once closed)
-    state: str = "hello"  # hello -> proof -> fds -> frame
-    buffer: bytearray = field(default_factory=bytearray)
-    caller_nonce: bytes = b""
-    zygote_nonce: bytes = b""
-    fds: list[int] = field(default_factory=list)
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        self.conn.close()
-
-
-class Drop(Exception):
-    """This connection is done for: close it, serve the others."""
 
 
 class ZygoteServer:
@@ -219,7 +76,8 @@ class ZygoteServer:
         self.primers = list(primers)
         self.spare_count = max(0, spares)
         self.unprimed_spares = unprimed_spares  # spares even with nothing to prime them with
-        self.spares: list[tuple[int, socket.socket, int | None]] = []  # (pid, channel, pidfd), oldest (most primed) first
+        # (pid, channel, pidfd) of each spare, oldest (most primed) first
+        self.spares: list[tuple[int, socket.socket, int | None]] = []
         self.pid = os.getpid()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -333,7 +191,7 @@ class ZygoteServer:
         if self.pending.get(pending.fd) is not pending:
             return  # dropped by an earlier event of the same batch; its fd may be another's now
         try:
-            request = self._step(pending)
+            request = advance_handshake(pending, self.key)
         except (Drop, OSError, ValueError):
             self._drop(pending)
             return
@@ -344,57 +202,6 @@ class ZygoteServer:
         self._start_call(pending.conn, pending.fds, request)
         pending.fds = []
 
-    def _step(self, pending: Pending) -> dict[str, Any] | None:
-        conn = pending.conn
-        if pending.state == "fds":
-            try:
-                data, fds, flags, _ = socket.recv_fds(conn, 1, 3)
-            except (BlockingIOError, InterruptedError):
-                return None
-            pending.fds = list(fds)
-            if data != FDS_MARK or len(fds) != 3 or flags & socket.MSG_CTRUNC:
-                raise Drop
-            pending.state = "frame"
-            return None
-        wanted = {"hello": HELLO_BYTES, "proof": PROOF_BYTES}.get(pending.state)
-        if wanted is None:  # frame: header, then that many bytes
-            wanted = FRAME_HEADER.size
-            if len(pending.buffer) >= FRAME_HEADER.size:
-                (length,) = FRAME_HEADER.unpack_from(pending.buffer)
-                if length > MAX_FRAME_BYTES:
-                    raise Drop
-                wanted += length
-        try:
-            chunk = conn.recv(wanted - len(pending.buffer))
-        except (BlockingIOError, InterruptedError):
-            return None
-        if not chunk:
-            raise Drop  # closed before finishing
-        pending.buffer += chunk
-        if len(pending.buffer) < wanted:
-            return None
-        data, pending.buffer = bytes(pending.buffer), bytearray()
-        if pending.state == "hello":
-            if not data.startswith(MAGIC):
-                raise Drop
-            pending.caller_nonce = data[len(MAGIC) :]
-            pending.zygote_nonce = os.urandom(NONCE_BYTES)
-            _send_now(conn, pending.zygote_nonce + zygote_proof(self.key, pending.caller_nonce, pending.zygote_nonce))
-            pending.state = "proof"
-        elif pending.state == "proof":
-            if not same(data, caller_proof(self.key, pending.caller_nonce, pending.zygote_nonce)):
-                raise Drop
-            _send_now(conn, ACCEPTED)
-            pending.state = "fds"
-        elif len(data) > FRAME_HEADER.size:  # the whole frame is in
-            request = decode_frame(data[FRAME_HEADER.size :])
-            if not isinstance(request.get("env"), dict) or not isinstance(request.get("cwd"), str):
-                raise Drop
-            return request
-        else:
-            pending.buffer = bytearray(data)  # the header alone: now read the body
-        return None
-
     def _start_call(self, conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None:
         try:
             pid, pidfd = self._assign_spare(request, fds)
@@ -402,7 +209,7 @@ class ZygoteServer:
                 pid = self._fork(request, fds, conn)
                 pidfd = open_sentinel(pid)
         except Exception as err:  # noqa: BLE001 - one bad call must not stop the zygote
-            _try_send(conn, {"refused": f"{type(err).__name__}: {err}"})
+            try_send(conn, {"refused": f"{type(err).__name__}: {err}"})
             conn.close()
             return
         finally:
@@ -411,7 +218,7 @@ class ZygoteServer:
         self.children[pid] = (conn, pidfd)
         if pidfd is not None:
             self.selector.register(pidfd, selectors.EVENT_READ, ("exited", pid))
-        if _try_send(conn, {"started": pid}):
+        if try_send(conn, {"started": pid}):
             self.selector.register(conn, selectors.EVENT_READ, ("caller", pid))
         else:
             signal_group(pid, signal.SIGKILL)  # its caller is gone already
@@ -431,10 +238,10 @@ class ZygoteServer:
 
     def fork_spare(self) -> None:
         ours, theirs = socket.socketpair()
-        pid = _fork()
+        pid = fork()
         if pid == 0:
             ours.close()
-            self._become_spare(theirs)  # never returns
+            become_spare(self, theirs)  # never returns
         theirs.close()
         pidfd = open_sentinel(pid)
         if pidfd is not None:
@@ -478,81 +285,11 @@ class ZygoteServer:
         if pidfd is not None:
             os.close(pidfd)
 
-    def _become_spare(self, channel: socket.socket) -> None:
-        try:
-            self._leave_zygote()
-            for spec in self.primers:
-                call_warm_up(spec)
-            data, fds, _, _ = socket.recv_fds(channel, 1, 3)  # until a call arrives
-            if data != FDS_MARK or len(fds) != 3:
-                os._exit(0)  # the zygote closed the channel: it is going away
-            from fedgpu.isolation.zygote.protocol import recv_frame
-
-            request = recv_frame(channel)
-            channel.close()
-        except BaseException:  # noqa: BLE001 - never return into the zygote's loop
-            traceback.print_exc()
-            os._exit(70)
-        self._become_child(request, None, *fds)
-
-    def _leave_zygote(self) -> None:
-        """In a freshly forked process: become a call child of the zygote."""
-        os.setsid()  # own session and group: stoppable with all it starts
-        # Hold no zygote descriptor: a control connection kept open here
-        # would hide the zygote's death from its caller.
-        self.selector.close()
-        self.listener.close()
-        for pending in self.pending.values():
-            pending.close()
-        for conn, pidfd in self.children.values():
-            conn.close()
-            if pidfd is not None:
-                os.close(pidfd)
-        for pidfd in self.orphans.values():
-            if pidfd is not None:
-                os.close(pidfd)
-        for _, channel, pidfd in self.spares:
-            channel.close()
-            if pidfd is not None:
-                os.close(pidfd)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        from fedgpu.isolation.child import become_call_child
-
-        become_call_child(self.pid)
-
     def _fork(self, request: Mapping[str, Any], fds: list[int], conn: socket.socket) -> int:
-        pid = _fork()
+        pid = fork()
         if pid == 0:
-            self._become_child(request, conn, *fds)  # never returns
+            become_child(self, request, conn, *fds)  # never returns
         return pid
-
-    def _become_child(
-        self, request: Mapping[str, Any], conn: socket.socket | None, data_fd: int, out_fd: int, err_fd: int
-    ) -> None:
-        """Serve one call in this forked process (fresh from the zygote, or a spare)."""
-        code = 70
-        try:
-            if conn is not None:  # fresh from the zygote (a spare has done this already)
-                conn.close()
-                self._leave_zygote()
-            os.dup2(out_fd, 1)  # the caller's log, not the zygote's
-            os.dup2(err_fd, 2)
-            os.close(out_fd)
-            os.close(err_fd)
-            try:
-                os.chdir(request["cwd"])
-            except OSError:
-                pass
-            os.environ.clear()
-            os.environ.update(request["env"])
-            _reseed()
-            from fedgpu.isolation.serve import serve_one_call
-
-            serve_one_call(socket.socket(fileno=data_fd))  # exits the process
-        except BaseException:  # noqa: BLE001 - never return into the zygote's loop
-            traceback.print_exc()
-        finally:
-            os._exit(code)
 
     def _reap(self, pid: int) -> None:
         # The leader is a zombie until reaped, so its group id cannot have
@@ -575,7 +312,7 @@ class ZygoteServer:
             self.selector.unregister(conn)
         except (KeyError, ValueError):
             pass
-        _try_send(conn, {"exited": pid, "returncode": returncode, "max_rss_kib": max_rss_kib})
+        try_send(conn, {"exited": pid, "returncode": returncode, "max_rss_kib": max_rss_kib})
         conn.close()
 
     def _caller_gone(self, pid: int) -> None:
@@ -635,108 +372,3 @@ class ZygoteServer:
             os.rmdir(self.directory)  # if nothing else is in it: a dead caller cannot clean up
         except OSError:
             pass
-
-
-def _send_now(conn: socket.socket, data: bytes) -> None:
-    """A small write to a non-blocking socket; a peer that cannot take it is dropped."""
-    if conn.send(data) != len(data):
-        raise Drop
-
-
-def _try_send(conn: socket.socket, message: dict[str, Any]) -> bool:
-    try:
-        _send_now(conn, encode_frame(message))
-        return True
-    except (Drop, OSError):
-        return False
-
-
-def spares_wanted() -> int:
-    """Spare children to keep primed: $FEDGPU_ZYGOTE_SPARES (a simulation sets its workers), else one."""
-    try:
-        return max(0, min(MAX_SPARES, int(os.environ.get(ZYGOTE_SPARES_ENV) or 1)))
-    except ValueError:
-        return 1
-
-
-def _fork() -> int:
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()  # or the child would print our buffered output again
-    return os.fork()
-
-
-def _reseed() -> None:
-    """Fresh random state per child, as a spawned one would have.
-
-    ``random`` reseeds itself after fork; NumPy's and torch's global generators
-    would otherwise repeat the zygote's stream in every child.
-    """
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed()
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.seed()  # CUDA generators are seeded lazily: this starts no CUDA
-
-
-def _on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _write_private(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-
-
-def _raise_descriptor_limit() -> None:
-    """Raise the soft RLIMIT_NOFILE towards the hard one, to MAX_DESCRIPTORS at most.
-
-    Each caller holds a connection while its child runs, and handshakes wait
-    beside them (a flood of idle ones too): do not run out at 1024. Bounded,
-    as the children inherit it and some programs walk every possible descriptor.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, MAX_DESCRIPTORS)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError):
-            pass
-
-
-def serve(directory: str, warm_ups: Sequence[str], parent_pid: int | None) -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, _on_sigterm)
-    if parent_pid is not None:
-        die_with_parent(parent_pid, signal.SIGTERM)
-    prepare_directory(directory)
-    started = time.perf_counter()
-    # What the ready line lists: the warm-ups done, by name (an optional one's "?" is no part of it).
-    warmed = [spec.lstrip("?") for spec in warm_ups if call_warm_up(spec)]
-    assert_fork_safe()
-    # Every object alive now is shared with the children copy-on-write. A
-    # collection in a child would write to each object's header and copy
-    # nearly every page; frozen objects are never traversed.
-    gc.collect()
-    gc.freeze()
-    set_child_subreaper()  # after the warm-ups: only what calls leave behind comes to us
-    _raise_descriptor_limit()
-    key = os.urandom(32)
-    _write_private(os.path.join(directory, KEY_NAME), key)
-    primers = [spec for spec in warm_ups if ":" in spec.lstrip("?").partition("=")[0]]
-    server = ZygoteServer(directory, key, primers=primers, spares=spares_wanted(),
-                          unprimed_spares=bool(os.environ.get(ZYGOTE_SPARES_ENV)))
-    try:
-        ready = os.path.join(directory, READY_NAME)
-        _write_private(ready + ".tmp", str(os.getpid()).encode())
-        os.rename(ready + ".tmp", ready)  # callers never see a half-written file
-        print(
-            f"[fedgpu] zygote {os.getpid()} ready in {time.perf_counter() - started:.1f} s "
-            f"at {directory} (warm-ups: {', '.join(warmed) or 'none'})",
-            flush=True,
-        )
-        server.fork_spares()
-        server.serve_forever()
-    finally:
-        server.close()
