@@ -101,7 +101,8 @@ def print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
     first = rows[0]
     out.write(f"{first['batches']} batches of {first['batch_size']} x 3 x {first['image_size']}^2 "
               "(synthetic), after one untimed warm-up step; times are medians per batch\n")
-    header = f"{'model':<20} {'params':>10} {'head':>9} {'train s':>9} {'finetune s':>11} {'ratio':>6} {'peak MiB':>9}  device"
+    header = (f"{'model':<20} {'params':>10} {'head':>9} {'train s':>9} {'finetune s':>11} {'ratio':>6} "
+              f"{'peak MiB':>9}  device")
     out.write(header + "\n" + "-" * len(header) + "\n")
     for row in rows:
         if row.get("error"):
@@ -152,12 +153,14 @@ def bench_models_command(options: dict[str, Any], say: Callable[..., None]) -> i
     with Isolator("spawn") as isolator:
         unknown = check_models(isolator, models)
         if unknown:
-            raise BadInput(f"--models: unknown model(s) {', '.join(unknown)} (torchvision names, or vit_tiny_16, vit_small_16)")
+            raise BadInput(f"--models: unknown model(s) {', '.join(unknown)} "
+                           "(torchvision names, or vit_tiny_16, vit_small_16)")
         if placement is not None:
             placer = GpuPlacer.from_settings(placement, log=lambda line: say(f"[fedgpu] {line}", err=True))
         say(f"[fedgpu] {len(models)} model(s) on {'a placed GPU' if placer else device}; CSV: {csv_path}", err=True)
         rows = measure_all(settings, isolator, placer,
-                           on_row=lambda row: say(f"[fedgpu] {row['model']}: {'failed' if row.get('error') else 'done'}", err=True))
+                           on_row=lambda row: say(f"[fedgpu] {row['model']}: "
+                                                  f"{'failed' if row.get('error') else 'done'}", err=True))
     if placer is not None:
         placer.close()
     write_csv(csv_path, rows)

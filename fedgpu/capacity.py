@@ -38,7 +38,8 @@ def too_many(clients: int, sampled: int, mp: bool = True) -> str | None:
     need = estimate_mib(clients, sampled, mp)
     if available is None or need <= available:
         return None
-    each = f"{NODE_MIB} MiB per node, {ZYGOTE_MIB} MiB for the zygote" if mp else f"{NODE_IN_PROCESS_MIB} MiB per node that trains in its own process"
+    each = (f"{NODE_MIB} MiB per node, {ZYGOTE_MIB} MiB for the zygote" if mp
+            else f"{NODE_IN_PROCESS_MIB} MiB per node that trains in its own process")
     return (
         f"{clients} client nodes need about {need / 1024:.1f} GiB ({each}, {SERVER_MIB} MiB for the server), "
         f"but this host has {available / 1024:.1f} GiB available; start fewer, or give --force to try anyway"

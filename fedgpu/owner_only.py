@@ -140,8 +140,8 @@ class OwnerOnly:
         Sent back in the ``x-fedgpu-run`` header of every answer to the owner.
     """
 
-    def __init__(self, app: Callable[..., Awaitable[None]], remote_paths: tuple[str, ...] = (), owner: int | None = None,
-                 token: str | None = None) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], remote_paths: tuple[str, ...] = (),
+                 owner: int | None = None, token: str | None = None) -> None:
         self.app = app
         self.remote_paths = remote_paths
         self.owner = os.geteuid() if owner is None else owner
@@ -160,7 +160,8 @@ class OwnerOnly:
                 return
             body = json.dumps({"detail": why}).encode()
             await send({"type": "http.response.start", "status": 403,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
         if self.token is None:

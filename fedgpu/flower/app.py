@@ -151,7 +151,8 @@ def check_dependencies(app: FlowerApp) -> tuple[list[str], list[str]]:
             missing.append(requirement.name)
             continue
         if requirement.specifier and not requirement.specifier.contains(installed, prereleases=True):
-            warnings.append(f"{app.name} asks for {requirement.name}{requirement.specifier}; this environment has {installed}")
+            warnings.append(f"{app.name} asks for {requirement.name}{requirement.specifier}; "
+                            f"this environment has {installed}")
     return missing, warnings
 
 

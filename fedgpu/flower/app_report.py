@@ -79,7 +79,8 @@ def app_report(run_dir: str, flower_status: str, app: dict[str, Any], run_config
             report["initial"] = event["metrics"]
         elif kind == "serverapp-failed" and "failure" not in report:
             report["failure"] = {key: event[key] for key in ("kind", "detail", "round") if event.get(key) is not None}
-    ordered = sorted(rounds.values(), key=lambda e: (e["round"] is None, e["round"] if isinstance(e["round"], int) else 0))
+    ordered = sorted(rounds.values(),
+                     key=lambda e: (e["round"] is None, e["round"] if isinstance(e["round"], int) else 0))
     for entry in ordered:
         entry["sent"] = dict(entry["sent"])
         entry["results"] = len(entry["messages"])
@@ -89,7 +90,8 @@ def app_report(run_dir: str, flower_status: str, app: dict[str, Any], run_config
         "flower_status": flower_status,
         "app": app,
         "run_config": run_config,
-        "versions": {name: _version(name) for name in ("fedgpu", "flwr", "torch", "numpy")} | {"python": platform.python_version()},
+        "versions": ({name: _version(name) for name in ("fedgpu", "flwr", "torch", "numpy")}
+                     | {"python": platform.python_version()}),
         "what": WHAT,
         **report,
         "rounds": ordered,

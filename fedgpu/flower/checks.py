@@ -57,7 +57,8 @@ def check_reply(
     sent = sum(_array_bytes(record) for record in content.array_records.values())
     limit = max_size_factor * model_bytes + SIZE_SLACK_BYTES
     if sent > limit:
-        return f"{sent / 2**20:.1f} MiB of arrays, more than {max_size_factor:g} x the model's {model_bytes / 2**20:.1f} MiB"
+        return (f"{sent / 2**20:.1f} MiB of arrays, more than {max_size_factor:g} x the model's "
+                f"{model_bytes / 2**20:.1f} MiB")
     if model is not None:
         problem = _check_arrays(content, model)
         if problem:
@@ -143,14 +144,17 @@ class CheckedStrategy(Strategy):
     def summary(self) -> None:
         self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         self._model = arrays
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return self.strategy.aggregate_train(server_round, self.checked(server_round, replies, self._model))
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

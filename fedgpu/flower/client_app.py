@@ -43,7 +43,8 @@ def train(msg: Message, context: Context) -> Message:
         lr_scale=float(config.get("lr-scale", 1.0)),
     )
     # The reply names its arrays as the server did: the server checks them by name.
-    content = RecordDict({"arrays": named_record(arrays, list(msg.content["arrays"].keys())), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": named_record(arrays, list(msg.content["arrays"].keys())),
+                          "metrics": MetricRecord(metrics)})
     if warnings:
         content[WARNINGS_RECORD] = ConfigRecord({str(i): text for i, text in enumerate(warnings)})
     return Message(content=content, reply_to=msg)

@@ -84,12 +84,14 @@ def plan_node(options: dict[str, Any]) -> NodePlan:
         raise BadInput("--auth-private-key needs TLS (--root-certificates)")
     placement = check_placement(options, children=bool(options["mp"]))
     if int(options["partition_id"]) >= int(options["num_partitions"]):
-        raise BadInput(f"--partition-id {options['partition_id']} must be below --num-partitions {options['num_partitions']}")
+        raise BadInput(f"--partition-id {options['partition_id']} "
+                       f"must be below --num-partitions {options['num_partitions']}")
     superlink = str(options["superlink"])
     host, _, port = superlink.rpartition(":")
     if not host or not port.isdigit():
         raise BadInput(f"--superlink {superlink!r} is not HOST:PORT")
-    node_config: dict[str, object] = {"partition-id": options["partition_id"], "num-partitions": options["num_partitions"]}
+    node_config: dict[str, object] = {"partition-id": options["partition_id"],
+                                      "num-partitions": options["num_partitions"]}
     if options["task"]:
         from fedgpu.tasks import UnknownTaskError, resolve_task
 
@@ -155,7 +157,8 @@ def run_planned_node(plan: NodePlan) -> None:
     os.environ[FLWR_HOME_ENV] = flwr_home
     placer = None
     if plan.placement is not None:  # only children are placed: without --mp the node itself would hold the GPU
-        placer = GpuPlacer.from_settings(plan.placement, log=lambda line: print(f"[fedgpu] {line}", file=sys.stderr, flush=True))
+        placer = GpuPlacer.from_settings(plan.placement,
+                                         log=lambda line: print(f"[fedgpu] {line}", file=sys.stderr, flush=True))
     try:
         run_client_node(settings, placer)
     finally:
@@ -172,13 +175,16 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
     # The ClientApp already runs in a child: @isolate inside it must not nest another.
     child_env = {IN_ISOLATED_CHILD: "1"} if settings.isolation != "none" else {}
     task = settings.node_config.get("task")
-    isolator = Isolator(settings.isolation, env=child_env, zygote=settings.zygote, warm_ups=zygote_warm_ups(*([str(task)] if task else [])))
+    isolator = Isolator(settings.isolation, env=child_env, zygote=settings.zygote,
+                        warm_ups=zygote_warm_ups(*([str(task)] if task else [])))
     guard_supernode_runtime()  # only this uid's processes may acquire its tasks
     pace = NodePace(os.environ.get(DOORBELLS_ENV))
     paced = pace_supernode(pace, log=lambda line: log(WARNING, "[fedgpu] %s", line))
     runner = TaskRunner(f"127.0.0.1:{port}", isolator, timeout=settings.timeout, placer=placer,
-                        task_stored=pace.task_stored if paced else None, reply_stored=pace.reply_pushed if paced else None)
-    emit("node-start", pid=os.getpid(), client=settings.node_config.get("partition-id", ""), isolation=settings.isolation)
+                        task_stored=pace.task_stored if paced else None,
+                        reply_stored=pace.reply_pushed if paced else None)
+    emit("node-start", pid=os.getpid(), client=settings.node_config.get("partition-id", ""),
+         isolation=settings.isolation)
     on_flower_exit(runner.stop)  # Flower's SIGTERM/SIGINT path stops our children too
 
     def serve() -> None:

@@ -204,7 +204,8 @@ class TaskRunner:
             )
             placer = placer_for(self.placer, context.run_config.get("device", "auto"))
             deadline = message_deadline(message, context, self.timeout)
-            log(INFO, "[fedgpu] %s message: running in a child (deadline %.0f s)", message.metadata.message_type, deadline)
+            log(INFO, "[fedgpu] %s message: running in a child (deadline %.0f s)", message.metadata.message_type,
+                deadline)
             started = time.perf_counter()
             outcome, placement = run_child(
                 self.isolator,
@@ -221,16 +222,19 @@ class TaskRunner:
             if isinstance(reply, Message):
                 stamp = stamp_reply(reply, outcome, call_seconds, placement, who["client"])
                 failure = None
-                log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid, outcome.seconds)
+                log(INFO, "[fedgpu] %s done in child %d (%.2f s)", message.metadata.message_type, outcome.pid,
+                    outcome.seconds)
             else:  # the ClientApp's own doing: its message's failure, said as such
-                failure = base.where(kind=BAD_REPLY, detail=f"the ClientApp answered {type(reply).__name__}, not a Message",
+                failure = base.where(kind=BAD_REPLY,
+                                     detail=f"the ClientApp answered {type(reply).__name__}, not a Message",
                                      pid=outcome.pid)
                 log(ERROR, "[fedgpu] ClientApp failed: %s", failure.text())
         except IsolationError as err:
             failure = base.where(kind=err.kind, detail=err.detail, pid=err.pid)
             log(ERROR, "[fedgpu] ClientApp failed in its child: %s", err)
         except Exception as err:  # noqa: BLE001 - answer the server instead of dying
-            failure = base.where(kind=f"{type(err).__name__} in the node", detail=str(err).splitlines()[0] if str(err) else "")
+            failure = base.where(kind=f"{type(err).__name__} in the node",
+                                 detail=str(err).splitlines()[0] if str(err) else "")
             log(ERROR, "[fedgpu] ClientApp task failed: %s", failure.text(), exc_info=err)
         finally:
             sub_status, details = TASK_COMPLETED, ""
@@ -262,7 +266,8 @@ def who_of(message: Message, context: Context) -> dict:
     }
 
 
-def stamp_reply(reply: Message, outcome: Outcome, call_seconds: float, placement: Placement | None, client: object) -> dict[str, Any]:
+def stamp_reply(reply: Message, outcome: Outcome, call_seconds: float, placement: Placement | None,
+                client: object) -> dict[str, Any]:
     """Record where and how the reply was computed, for the server's report; the same as a dict."""
     if reply.has_error():
         return {}

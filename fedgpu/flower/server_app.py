@@ -77,7 +77,8 @@ def _federate(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> Array
             def in_child(fn: Any, args: tuple, server_round: int, message: str) -> Any:
                 who = {"client": "", "round": server_round, "message": message}
                 key = f"{settings.task}/{message}"
-                outcome, _ = run_child(isolator, placer, fn, args, key=key, who=who, role="server-child", run_dir=settings.run_dir)
+                outcome, _ = run_child(isolator, placer, fn, args, key=key, who=who, role="server-child",
+                                       run_dir=settings.run_dir)
                 return outcome
 
             def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

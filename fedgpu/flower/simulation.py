@@ -121,7 +121,8 @@ class ZygoteBackend(Backend):
                 stamp = stamp_reply(reply, outcome, time.perf_counter() - started, placement, who["client"])
                 failed = None
             else:  # the ClientApp's own doing, as a reply its strategy could not use would be
-                failed = failure.where(kind=BAD_REPLY, detail=f"the ClientApp answered {type(reply).__name__}, not a Message",
+                failed = failure.where(kind=BAD_REPLY,
+                                       detail=f"the ClientApp answered {type(reply).__name__}, not a Message",
                                        pid=outcome.pid)
         except IsolationError as err:
             failed = failure.where(kind=err.kind, detail=err.detail, pid=err.pid)

@@ -77,7 +77,8 @@ class ExactFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self.recorder.round_started(server_round)
         sampled = self.settings.sampled
-        node_ids = self._sample(grid, server_round, self.settings.min_clients if server_round == 1 else sampled, sampled)
+        node_ids = self._sample(grid, server_round, self.settings.min_clients if server_round == 1 else sampled,
+                                sampled)
         round_config = ConfigRecord(
             {
                 **config,
@@ -107,7 +108,10 @@ class ExactFedAvg(FedAvg):
             return []
         node_ids = self._sample(grid, server_round, self.settings.eval_sampled, self.settings.eval_sampled)
         record = RecordDict(
-            {self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**config, "server-round": server_round})}
+            {
+                self.arrayrecord_key: arrays,
+                self.configrecord_key: ConfigRecord({**config, "server-round": server_round}),
+            }
         )
         messages = self._messages(record, node_ids, MessageType.EVALUATE)
         self.recorder.sent(server_round, "evaluate", len(messages))

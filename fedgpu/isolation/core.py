@@ -186,7 +186,8 @@ class Isolator:
             outcome = self._call(child, fn, args, kwargs, timeout, wait_exit=not self.reap_in_background)
             clean = True
             if self.reap_in_background:
-                threading.Thread(target=self._reap, args=(child, marker, True), name="fedgpu-reaper", daemon=True).start()
+                threading.Thread(target=self._reap, args=(child, marker, True), name="fedgpu-reaper",
+                                 daemon=True).start()
                 reaping = True
             return outcome
         except ChildTimedOut:

@@ -27,7 +27,8 @@ def emit(event: str, run_dir: str | None = None, **fields: Any) -> None:
         return
     line = json.dumps({"t": time.time(), "event": event, **fields}, default=str) + "\n"
     try:
-        fd = os.open(os.path.join(run_dir, EVENTS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        fd = os.open(os.path.join(run_dir, EVENTS_FILE),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try:
             os.write(fd, line.encode())
         finally:
@@ -67,7 +68,8 @@ class EventsTail:
 
 def _well_formed(event: Any) -> bool:
     """An event as ``emit`` writes it: a time, a name, and a whole round number where it names a round."""
-    if not isinstance(event, dict) or not isinstance(event.get("t"), (int, float)) or not isinstance(event.get("event"), str):
+    if (not isinstance(event, dict) or not isinstance(event.get("t"), (int, float))
+            or not isinstance(event.get("event"), str)):
         return False
     return event["event"] not in ("round-start", "round-end") or isinstance(event.get("round"), int)
 

@@ -72,7 +72,8 @@ class PidRegistry:
             elif kind == "child-start" and pid:
                 base = self.who.get(pid)
                 # A node that runs its messages itself (no isolation) stays a node, busy.
-                role = base.role if base is not None and base.role == "client-node" else event.get("role", "client-child")
+                role = (base.role if base is not None and base.role == "client-node"
+                        else event.get("role", "client-child"))
                 self.who[pid] = _Who(role, event.get("client", ""), event.get("round", ""), event.get("message", ""))
             elif kind == "child-end" and pid in self.who:
                 who = self.who[pid]
@@ -123,8 +124,10 @@ class MemoryMonitor:
     def start(self) -> MemoryMonitor:
         gpus = []
         if self.nvml is not None:
-            gpus = [{"index": g.index, "uuid": g.uuid, "name": g.name, "total_mib": round(g.total / MIB, 1)} for g in self.nvml.sample()]
-        emit("monitor-start", self.run_dir, gpus=gpus, no_gpu=self.no_gpu_reason, gpu_interval_s=self.gpu_interval, pid=os.getpid())
+            gpus = [{"index": g.index, "uuid": g.uuid, "name": g.name, "total_mib": round(g.total / MIB, 1)}
+                    for g in self.nvml.sample()]
+        emit("monitor-start", self.run_dir, gpus=gpus, no_gpu=self.no_gpu_reason, gpu_interval_s=self.gpu_interval,
+             pid=os.getpid())
         self._thread = threading.Thread(target=self._loop, name="fedgpu-memory-monitor", daemon=True)
         self._thread.start()
         return self
@@ -174,7 +177,8 @@ class MemoryMonitor:
             if stopping:
                 self.host.interval = host_interval
                 return
-            self._stop.wait(max(0.0, min(next_gpu if self.nvml is not None else next_host, next_host) - time.monotonic()))
+            self._stop.wait(max(0.0,
+                                min(next_gpu if self.nvml is not None else next_host, next_host) - time.monotonic()))
 
     def _who(self, pid: int, fallback_role: str) -> _Who:
         who = self.registry.who.get(pid)
@@ -199,7 +203,8 @@ class MemoryMonitor:
             )
             for pid, used in sorted(gpu.processes.items()):
                 who = self.registry.who.get(pid) or _Who("ours" if self.host.is_ours(pid) else "other")
-                self._csv.writerow([at, "gpu-process", gpu.index, pid, who.role, who.client, who.round, who.message, _mib(used), "", "", ""])
+                self._csv.writerow([at, "gpu-process", gpu.index, pid, who.role, who.client, who.round, who.message,
+                                    _mib(used), "", "", ""])
 
     def sample_host(self) -> None:
         at = self._now()
@@ -211,7 +216,8 @@ class MemoryMonitor:
         )
         for pid, kind, rss in rows:
             who = self._who(pid, kind)
-            self._csv.writerow([at, "host-process", "", pid, who.role, who.client, who.round, who.message, _mib(rss), "", "", ""])
+            self._csv.writerow([at, "host-process", "", pid, who.role, who.client, who.round, who.message,
+                                _mib(rss), "", "", ""])
 
 
 def _mib(value: int) -> str:

@@ -25,15 +25,19 @@ def write_plot(run_dir: str, summary: dict[str, Any], timeline: Timeline | None 
     origin = min(times) if times else 0.0
     figure, axes = plt.subplots(figsize=(11, 4.5), dpi=100)
     for index in sorted(gpu[0].per_gpu, key=int) if gpu else []:
-        axes.plot([m.t - origin for m in gpu], [m.per_gpu.get(index, 0.0) for m in gpu], lw=1.2, label=f"GPU {index} used")
+        axes.plot([m.t - origin for m in gpu], [m.per_gpu.get(index, 0.0) for m in gpu], lw=1.2,
+                  label=f"GPU {index} used")
     if gpu:
-        axes.plot([m.t - origin for m in gpu], [m.ours for m in gpu], lw=1.0, ls="--", label="GPU, this run's processes")
-    axes.plot([m.t - origin for m in host], [m.total for m in host], lw=1.2, color="black", label="host RSS, this run's processes")
+        axes.plot([m.t - origin for m in gpu], [m.ours for m in gpu], lw=1.0, ls="--",
+                  label="GPU, this run's processes")
+    axes.plot([m.t - origin for m in host], [m.total for m in host], lw=1.2, color="black",
+              label="host RSS, this run's processes")
     for rnd, (start, end) in sorted(timeline.rounds().items()):
         if end == math.inf:  # a round that never ended: shade to the last sample
             end = max(times, default=start)
         axes.axvspan(start - origin, end - origin, color="tab:blue" if rnd % 2 else "tab:orange", alpha=0.12, lw=0)
-        axes.text((start + end) / 2 - origin, 1.0, f"r{rnd}", transform=axes.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+        axes.text((start + end) / 2 - origin, 1.0, f"r{rnd}", transform=axes.get_xaxis_transform(), ha="center",
+                  va="bottom", fontsize=8)
     axes.set_xlabel("seconds since the monitor started")
     axes.set_ylabel("MiB")
     title = "memory per GPU and host, rounds shaded"

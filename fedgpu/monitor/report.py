@@ -51,7 +51,8 @@ def describe(name: str, summary: dict[str, Any]) -> str:
     gpus = ", ".join(f"GPU {g['index']} {g['name']} {g['total_mib']:.0f} MiB" for g in summary.get("gpus", []))
     isolation = "/".join(summary.get("client_isolation") or []) or "unknown"
     waits = summary.get("admission", {})
-    return f"{name}: client isolation {isolation}; {gpus or 'no GPU'}; admission waits {waits.get('waits', 0)} ({waits.get('wait_seconds', 0):.1f} s)"
+    return (f"{name}: client isolation {isolation}; {gpus or 'no GPU'}; "
+            f"admission waits {waits.get('waits', 0)} ({waits.get('wait_seconds', 0):.1f} s)")
 
 
 def one_run(name: str, summary: dict[str, Any]) -> str:
@@ -59,9 +60,13 @@ def one_run(name: str, summary: dict[str, Any]) -> str:
     headers = ["round", "seconds"] + [c[0] for c in columns] + ["waits"]
     rows = []
     before = summary.get("before_round_1") or {}
-    rows.append(["idle"] + ["-"] + [(before.get(section) or {}).get(key) if "rest" in key or "holding" in key else None for _, section, key in columns] + [None])
+    rows.append(["idle"] + ["-"]
+                + [(before.get(section) or {}).get(key) if "rest" in key or "holding" in key else None
+                   for _, section, key in columns]
+                + [None])
     for entry in summary.get("rounds", []):
-        rows.append([entry["round"], entry.get("seconds")] + [_value(entry, s, k) for _, s, k in columns] + [entry["admission"]["waits"]])
+        rows.append([entry["round"], entry.get("seconds")] + [_value(entry, s, k) for _, s, k in columns]
+                    + [entry["admission"]["waits"]])
     lines = [describe(name, summary)]
     if summary.get("note"):
         lines.append(summary["note"])
@@ -136,7 +141,8 @@ def report_runs(run_dirs: tuple[str, ...], warn: Any) -> str:
         except DAMAGED as err:  # events or samples that summarise cannot use
             summary, problems, why_not = None, [], _one_line(err)
         if why_not is not None:
-            raise BadInput(f"{run_dir}: nothing to report: {TIMELINE_FILE} and events do not make a summary ({why_not})")
+            raise BadInput(f"{run_dir}: nothing to report: {TIMELINE_FILE} and events do not make a summary "
+                           f"({why_not})")
         if summary is None:
             raise BadInput(f"{run_dir}: nothing to report: {'; '.join(problems)}")
         for problem in problems:

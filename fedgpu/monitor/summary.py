@@ -171,16 +171,19 @@ class Timeline:
         its client children, from the first one's start to the last one's end.
         """
         ends = {e["round"]: e["t"] for e in self.events if e.get("event") == "round-end"}
-        spans = {e["round"]: (e["t"], ends.get(e["round"], math.inf)) for e in self.events if e.get("event") == "round-start"}
+        spans = {e["round"]: (e["t"], ends.get(e["round"], math.inf))
+                 for e in self.events if e.get("event") == "round-start"}
         if spans:
             return spans
         for event in self.events:
             number, kind = event.get("round"), event.get("event")
-            if not isinstance(number, int) or event.get("role") != "client-child" or kind not in ("child-start", "child-end"):
+            if (not isinstance(number, int) or event.get("role") != "client-child"
+                    or kind not in ("child-start", "child-end")):
                 continue
             start, end = spans.get(number, (math.inf, -math.inf))
             spans[number] = (min(start, event["t"]), end) if kind == "child-start" else (start, max(end, event["t"]))
-        return {number: (start, end if end >= start else math.inf) for number, (start, end) in spans.items() if start != math.inf}
+        return {number: (start, end if end >= start else math.inf)
+                for number, (start, end) in spans.items() if start != math.inf}
 
 
 def _window(moments: list[Moment], start: float, end: float) -> list[Moment]:
@@ -207,14 +210,16 @@ def _peaks(moments: list[Moment]) -> dict[str, Any]:
         "peak_total_mib": round(max((m.total for m in moments), default=0.0), 1),
         "peak_ours_mib": round(max((m.ours for m in moments), default=0.0), 1),
         "peak_holders": max((m.holders for m in moments), default=0),
-        "per_client_peak_mib": {c: round(v, 1) for c, v in sorted(clients.items(), key=lambda kv: _client_order(kv[0]))},
+        "per_client_peak_mib": {c: round(v, 1)
+                                for c, v in sorted(clients.items(), key=lambda kv: _client_order(kv[0]))},
         "samples": len(moments),
     }
 
 
 def _rest(moment: Moment | None) -> dict[str, Any]:
     if moment is None:
-        return {"at_rest_total_mib": None, "at_rest_ours_mib": None, "at_rest_holders": None, "clients_holding_at_rest": None}
+        return {"at_rest_total_mib": None, "at_rest_ours_mib": None, "at_rest_holders": None,
+                "clients_holding_at_rest": None}
     return {
         "at_rest_total_mib": round(moment.total, 1),
         "at_rest_ours_mib": round(moment.ours, 1),
@@ -290,8 +295,10 @@ def summarise(run_dir: str, timeline: Timeline | None = None) -> dict[str, Any]:
     return {
         "gpu_available": bool(gpu) and not no_gpu,
         "note": None if gpu and not no_gpu else f"no GPU ({no_gpu}): memory figures are host RSS only",
-        "gpus": [gpu for gpu in monitor.get("gpus") or [] if _is_gpu(gpu)] if isinstance(monitor.get("gpus"), list) else [],
-        "client_isolation": sorted({str(e.get("isolation")) for e in events if e.get("event") in ("node-start", "simulation-start")}),
+        "gpus": ([gpu for gpu in monitor.get("gpus") or [] if _is_gpu(gpu)]
+                 if isinstance(monitor.get("gpus"), list) else []),
+        "client_isolation": sorted({str(e.get("isolation")) for e in events
+                                    if e.get("event") in ("node-start", "simulation-start")}),
         "samples": {"gpu": len(gpu), "host": len(host), "gpu_interval_s": monitor.get("gpu_interval_s")},
         "what": {
             "total": "gpu: memory used on the devices by every process; host: RSS summed over the run's processes",
@@ -330,14 +337,17 @@ def load_summary_checked(
             why_not = (check(summary) if check is not None else None) if is_summary(summary) else ""
             if why_not is None:
                 return summary, problems
-            problems.append(f"{SUMMARY_FILE}: not a fedgpu memory summary{f' ({why_not})' if why_not else ''} (ignored)")
+            problems.append(f"{SUMMARY_FILE}: not a fedgpu memory summary{f' ({why_not})' if why_not else ''} "
+                            "(ignored)")
         except NotRead as err:
             problems.append(f"{SUMMARY_FILE}: not read: {err}; derived again from {TIMELINE_FILE}")
         except (OSError, ValueError) as err:
-            problems.append(f"{SUMMARY_FILE}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); derived again from {TIMELINE_FILE}")
+            problems.append(f"{SUMMARY_FILE}: unreadable ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); derived again from {TIMELINE_FILE}")
     timeline = Timeline(*read_timeline(run_dir, problems), read_events(run_dir, problems))
     if not timeline.gpu and not timeline.host:
-        if os.path.lexists(os.path.join(run_dir, TIMELINE_FILE)) and not any(p.startswith(TIMELINE_FILE) for p in problems):
+        if (os.path.lexists(os.path.join(run_dir, TIMELINE_FILE))
+                and not any(p.startswith(TIMELINE_FILE) for p in problems)):
             problems.append(f"{TIMELINE_FILE}: no sample in it")
         return None, problems
     return summarise(run_dir, timeline), problems

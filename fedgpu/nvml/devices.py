@@ -92,7 +92,8 @@ class Nvml:
                 except nvml.NVMLError:
                     pass
                 states.append(
-                    GpuState(index, self.uuids[index], self.names[index], int(memory.used), int(memory.total), utilization, processes)
+                    GpuState(index, self.uuids[index], self.names[index], int(memory.used), int(memory.total),
+                             utilization, processes)
                 )
         return states
 

@@ -224,7 +224,9 @@ class Ledger:
         # A reservation lives as long as the process that made it (its child
         # dies with that process): drop those of processes that are gone.
         state["reservations"] = {
-            rid: entry for rid, entry in state["reservations"].items() if _alive(entry["owner_pid"], entry["owner_started"])
+            rid: entry
+            for rid, entry in state["reservations"].items()
+            if _alive(entry["owner_pid"], entry["owner_started"])
         }
         return state
 
@@ -258,7 +260,8 @@ class GpuPlacer:
         self._me = (os.getpid(), psutil.Process().create_time())
 
     @classmethod
-    def from_settings(cls, settings: PlacementSettings, *, log: Callable[[str], None] = lambda line: None) -> GpuPlacer | None:
+    def from_settings(cls, settings: PlacementSettings, *,
+                      log: Callable[[str], None] = lambda line: None) -> GpuPlacer | None:
         """A placer, or None where NVML sees no GPU (children then run on CPU)."""
         nvml, why = open_nvml()
         if nvml is None:
@@ -315,11 +318,13 @@ class GpuPlacer:
                     gpu = next(g for g in gpus if g.index == chosen)
                     waited = self._clock() - started if announced else 0.0
                     return Placement(chosen, gpu.uuid, need, key, reservation.id, waited)
-                room = ", ".join(f"GPU {index} {max(0, free) / MIB:.0f}" for index, free in room_bytes(gpus, reservations).items())
+                room = ", ".join(f"GPU {index} {max(0, free) / MIB:.0f}"
+                                 for index, free in room_bytes(gpus, reservations).items())
             now = self._clock()
             if now >= deadline:
                 raise AdmissionTimedOut(
-                    f"no GPU had {need / MIB:.0f} MiB free for {key} within {self.settings.admission_timeout:g} s (room in MiB: {room})"
+                    f"no GPU had {need / MIB:.0f} MiB free for {key} within {self.settings.admission_timeout:g} s "
+                    f"(room in MiB: {room})"
                 )
             if not announced:
                 announced = True

@@ -123,4 +123,5 @@ def evaluate_partition(settings: WorkSettings, arrays: list, partition_id: int, 
     """Client side: the global model on this client's own data."""
     task, device = _setup(settings)
     model = _model_with(task, arrays, device)
-    return task.evaluate(model, task.load_train_partition(*task.partition_of(partition_id, num_partitions)), device=device)
+    return task.evaluate(model, task.load_train_partition(*task.partition_of(partition_id, num_partitions)),
+                         device=device)

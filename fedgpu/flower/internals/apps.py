@@ -12,7 +12,8 @@ from flwr.clientapp.utils import get_load_client_app_fn
 
 
 def load_client_app(reference: str, app_dir: str) -> Any:
-    """The ClientApp ``module:attribute`` of the app in ``app_dir`` (inside a child: a warm module is not re-imported)."""
+    """The ClientApp ``module:attribute`` of the app in ``app_dir`` (inside a child: a warm module is not
+    re-imported)."""
     from flwr.clientapp.client_app import LoadClientAppError
     from flwr.supercore.object_ref import load_app
 

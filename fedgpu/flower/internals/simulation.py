@@ -60,7 +60,8 @@ def simulation_contract() -> list[str]:
         problems.append("start_vce no longer builds RayBackend(backend_config) from .backend.raybackend")
     if "target=add_messages_to_queue" not in inspect.getsource(vce_api.run_api):
         problems.append("run_api no longer starts add_messages_to_queue as its dispatcher")
-    if list(inspect.signature(vce_api.add_messages_to_queue).parameters) != ["state", "queue", "nodes_mapping", "f_stop"]:
+    if (list(inspect.signature(vce_api.add_messages_to_queue).parameters)
+            != ["state", "queue", "nodes_mapping", "f_stop"]):
         problems.append("add_messages_to_queue no longer takes (state, queue, nodes_mapping, f_stop)")
     abstract = set(getattr(backend_module.Backend, "__abstractmethods__", ()))
     if abstract != {"build", "is_worker_idle", "terminate", "process_message"}:
@@ -72,7 +73,8 @@ def simulation_contract() -> list[str]:
     get_ins = list(inspect.signature(InMemoryLinkState.get_message_ins).parameters)
     if get_ins[:3] != ["self", "node_id", "limit"]:
         problems.append("InMemoryLinkState.get_message_ins(node_id, limit) is gone or takes other arguments")
-    problems += [f"inmemory_grid: {p}" for p in sleep_contract(inmemory_grid, (("send_and_receive", "self.pull_interval"),), {"time"})]
+    problems += [f"inmemory_grid: {p}"
+                 for p in sleep_contract(inmemory_grid, (("send_and_receive", "self.pull_interval"),), {"time"})]
     wanted = {"num_supernodes", "exit_event", "client_app", "server_app_attr", "backend_config", "app_dir", "run",
               "server_app_context", "is_app"}
     missing = wanted - set(inspect.signature(run_simulation_module._run_simulation).parameters)
@@ -218,7 +220,8 @@ def run_simulation_runtime(
     if problems:
         import flwr
 
-        raise RuntimeError(f"flwr {flwr.__version__}'s Simulation Runtime is not the one fedgpu runs: {'; '.join(problems)}")
+        raise RuntimeError(f"flwr {flwr.__version__}'s Simulation Runtime is not the one fedgpu runs: "
+                           f"{'; '.join(problems)}")
     server_app_ref, _, fab_id, fab_version = app_components(app_dir)
     stored, clock = StoredMessages(), _ReplyClock()
     # start_vce imports `.backend.raybackend.RayBackend` when it runs: the module it finds is one whose

@@ -13,7 +13,8 @@ from fedgpu.isolation.zygote.warm import SINGLE_THREADED_ENV
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedgpu.isolation.zygote", description="A warm zygote for fedgpu's children.")
+    parser = argparse.ArgumentParser(prog="python -m fedgpu.isolation.zygote",
+                                     description="A warm zygote for fedgpu's children.")
     parser.add_argument("--dir", required=True, help="Private directory (0700, ours) for the socket and the key.")
     parser.add_argument("--parent-pid", type=int, default=None, help="Exit when this process (our parent) dies.")
     parser.add_argument("warm_ups", nargs="*", help="module, module:function or module:function=ARG, in order.")

@@ -76,7 +76,8 @@ def connect(directory: str, key: bytes, timeout: float = 30.0) -> socket.socket:
                 # The zygote's accept queue is full (a flood): a Unix socket with a
                 # timeout fails at once instead of waiting, so wait here.
                 if time.monotonic() >= deadline:
-                    raise ZygoteError(f"cannot reach the zygote at {directory}: its queue stayed full for {timeout:g} s") from None
+                    raise ZygoteError(f"cannot reach the zygote at {directory}: "
+                                      f"its queue stayed full for {timeout:g} s") from None
                 time.sleep(0.01)
             except OSError as err:
                 raise ZygoteError(f"cannot reach the zygote at {directory}: {err.strerror or err}") from None
@@ -172,7 +173,8 @@ class ZygoteLauncher:
 
     name = "zygote"
 
-    def __init__(self, directory: str | None = None, *, warm_ups: Sequence[str] = (), ready_timeout: float = 300.0) -> None:
+    def __init__(self, directory: str | None = None, *, warm_ups: Sequence[str] = (),
+                 ready_timeout: float = 300.0) -> None:
         self.ready_timeout = ready_timeout
         self._private: subprocess.Popen | None = None
         self._private_parent: str | None = None
@@ -187,7 +189,8 @@ class ZygoteLauncher:
             # Our own import path too: warm-ups may name modules found only there (an app's, say).
             path = os.pathsep.join([pythonpath_with_package(), *(entry for entry in sys.path if entry)])
             self._private = subprocess.Popen(
-                [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", directory, "--parent-pid", str(os.getpid()), *warm_ups],
+                [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", directory,
+                 "--parent-pid", str(os.getpid()), *warm_ups],
                 env={**os.environ, "PYTHONPATH": path},
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
@@ -205,7 +208,8 @@ class ZygoteLauncher:
             deadline = time.monotonic() + timeout
             while not os.path.exists(ready):
                 if self._private is not None and self._private.poll() is not None:
-                    raise ZygoteError(f"the private zygote exited with code {self._private.returncode} before it was ready")
+                    raise ZygoteError(f"the private zygote exited with code {self._private.returncode} "
+                                      "before it was ready")
                 if time.monotonic() > deadline:
                     raise ZygoteError(f"no zygote ready at {self.directory} after {timeout:g} s")
                 time.sleep(0.05)
