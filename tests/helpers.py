@@ -213,7 +213,8 @@ def private_temp(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return temp, {**os.environ, "TMPDIR": str(temp)}
 
 
-def stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: int, to_group: bool, temp: Path | None = None) -> None:
+def stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: int, to_group: bool,
+                   temp: Path | None = None) -> None:
     """Signal run.sh; everything it started must be gone within 10 s, port freed (and ``temp``, its TMPDIR, empty)."""
     if to_group:  # what a terminal's Ctrl-C does: the whole foreground group
         os.killpg(proc.pid, signum)
@@ -222,7 +223,8 @@ def stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: int
     started = time.monotonic()
     try:
         proc.wait(timeout=10)
-        gone = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), 10 - (time.monotonic() - started))
+        gone = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)),
+                        10 - (time.monotonic() - started))
         left = processes_with_env("FEDGPU_RUN_DIR", str(run_dir))
     finally:
         leftovers = kill_leftovers(run_dir)
@@ -233,4 +235,5 @@ def stop_and_check(proc: subprocess.Popen, run_dir: Path, port: int, signum: int
     assert proc.returncode == 128 + signum, proc.stderr.read() if proc.stderr else ""
     assert port_free(port), f"port {port} still bound"
     if temp is not None:  # torch's own per-user cache (torchinductor_<user>) is torch's, shared by every run
-        assert not list(temp.glob("fedgpu-*")), f"left in the temporary folder: {sorted(p.name for p in temp.iterdir())}"
+        assert not list(temp.glob("fedgpu-*")), (
+            f"left in the temporary folder: {sorted(p.name for p in temp.iterdir())}")

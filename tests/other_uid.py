@@ -82,7 +82,8 @@ class OtherUser:
         self.home = home
         self.python = next((p for p in SYSTEM_PYTHONS if os.path.exists(p) and _same_minor(p)), None)
         if self.python is None:
-            pytest.skip(f"no system python3 of version {sys.version_info[0]}.{sys.version_info[1]} for another uid to use")
+            pytest.skip(f"no system python3 of version {sys.version_info[0]}.{sys.version_info[1]} "
+                        "for another uid to use")
         self.site = sysconfig.get_paths()["purelib"]
         if not self._can_import(self.site):
             copy = Path(tempfile.mkdtemp(prefix="other-uid-site-", dir=home))
@@ -99,13 +100,15 @@ class OtherUser:
         return {"PATH": "/usr/bin:/bin", "HOME": str(self.home), "PYTHONPATH": site or self.site,
                 "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **extra}
 
-    def run(self, args: list[str], *, site: str | None = None, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    def run(self, args: list[str], *, site: str | None = None, timeout: float = 120,
+            **env: str) -> subprocess.CompletedProcess:
         """``python3 ARGS`` as the other user, in its home."""
         return subprocess.run([*_as_other(self.uid, self.gid), self.python, *args], env=self.env(site, **env),
                               cwd=self.home, capture_output=True, text=True, timeout=timeout)
 
 
-    def submit(self, port: int, marker: Path, ca_file: Path | None = None, attempts: int = 3) -> subprocess.CompletedProcess:
+    def submit(self, port: int, marker: Path, ca_file: Path | None = None,
+               attempts: int = 3) -> subprocess.CompletedProcess:
         """`flwr run` of this user's own app (tests/hostile) against the SuperLink on 127.0.0.1:port.
 
         A connection that failed (a loaded host) is tried again, up to ``attempts``

@@ -77,7 +77,8 @@ def test_flowers_quickstart_runs_unchanged_every_message_isolated(tmp_path: Path
     assert list(rows[0]) == ["round", "train_train_loss", "evaluate_eval_loss", "evaluate_eval_acc", "server_accuracy",
                              "server_loss", "results", "failures", "round_seconds", "failure_reasons"], rows[0]
     # FedAvg: every node trains (fraction-train 1.0), two evaluate (fraction-evaluate 0.5, at least 2).
-    assert all((row["results"], row["failures"]) == ("5", "0") and float(row["round_seconds"]) > 0 for row in rows), rows
+    assert all((row["results"], row["failures"]) == ("5", "0") and float(row["round_seconds"]) > 0
+               for row in rows), rows
     assert [entry["metrics"]["server_accuracy"] for entry in rounds] == [float(row["server_accuracy"]) for row in rows]
     assert "[fedgpu] initial model: server accuracy " in output, output
     for number in (1, 2):
@@ -106,7 +107,8 @@ def test_a_client_app_that_raises_on_one_node_costs_that_message_only(tmp_path: 
     assert code == 0, output
     (entry,) = json.loads((run_dir / "report.json").read_text())["rounds"]
     (failed,) = entry["failed_messages"]
-    assert (failed["kind"], failed["client"], failed["detail"]) == ("raised ValueError", "1", "injected: node 1 cannot train")
+    assert (failed["kind"], failed["client"], failed["detail"]) == (
+        "raised ValueError", "1", "injected: node 1 cannot train")
     assert len([m for m in entry["messages"] if m["type"] == "train"]) == 2
     assert f"raised ValueError x1: round 1 train client 1 ({run_dir / 'client-1.log'})" in output, output
 
@@ -150,7 +152,8 @@ def test_the_node_count_comes_from_the_apps_federation(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert "2 client nodes for quickstart-pytorch" in done.stdout + done.stderr
     # Its pinned versions differ from this environment's: a warning each, not a refusal.
-    assert re.search(r"warning: quickstart-pytorch asks for torch==2\.8\.0; this environment has \S+", done.stderr), done.stderr
+    assert re.search(r"warning: quickstart-pytorch asks for torch==2\.8\.0; this environment has \S+",
+                     done.stderr), done.stderr
     assert not (tmp_path / "run").exists(), "a check starts nothing and makes nothing"
 
 
@@ -173,7 +176,8 @@ def _bad_app(tmp_path: Path, case: str) -> tuple[list[str], str]:
         return [str(app)], ("quickstart-pytorch's clientapp pytorchexample.client_app:app does not import: "
                             "raised ModuleNotFoundError: No module named 'no_such_module_anywhere'")
     if case == "missing-dependency":
-        pyproject.write_text(pyproject.read_text().replace('"torch==2.8.0",', '"torch==2.8.0", "no-such-package-xyz>=1",'))
+        pyproject.write_text(pyproject.read_text().replace('"torch==2.8.0",',
+                                                           '"torch==2.8.0", "no-such-package-xyz>=1",'))
         return [str(app)], "quickstart-pytorch needs packages this environment lacks: no-such-package-xyz"
     if case == "task-option-with-app":
         return [str(app), "--lr", "0.1"], "--lr is for fedgpu's own tasks; a Flower app takes --run-config"
@@ -190,7 +194,8 @@ BAD_APPS = ["not-a-directory", "no-pyproject", "no-components", "client-does-not
 def test_a_bad_app_is_one_line_and_exit_2_before_anything_starts(tmp_path: Path, case: str) -> None:
     args, line = _bad_app(tmp_path, case)
     run_dir = tmp_path / "run"
-    done = subprocess.run([str(FEDGPU), "run", *args, "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(FEDGPU), "run", *args, "--run-dir", str(run_dir)], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 2, done
     errors = [text for text in done.stderr.splitlines() if "warning:" not in text]
     assert len(errors) == 1 and errors[0].startswith("fedgpu: error: ") and line in errors[0], done.stderr

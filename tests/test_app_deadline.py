@@ -62,8 +62,8 @@ def test_a_hung_client_app_is_stopped_at_its_deadline_and_costs_one_message(tmp_
         hung = lambda: [e["pid"] for e in events(run_dir) if e["event"] == "child-start" and e.get("client") == 0]  # noqa: E731
         assert wait_for(hung, timeout=300, interval=0.2), console.read_text()
         # The console's one line on Flower's CLI, and its commands, while the run is in its hung round.
-        said = re.search(r"\[fedgpu\] Flower's CLI: FLWR_HOME=(\S+) flwr ls fedgpu \(or: flwr log RUN_ID fedgpu --show\)",
-                         console.read_text())
+        said = re.search(r"\[fedgpu\] Flower's CLI: FLWR_HOME=(\S+) flwr ls fedgpu "
+                         r"\(or: flwr log RUN_ID fedgpu --show\)", console.read_text())
         assert said and said.group(1) == str(run_dir / "flwr-home"), console.read_text()
         listed = _flwr(said.group(1), "ls", "fedgpu", "--format", "json")
         assert listed.returncode == 0, listed.stdout + listed.stderr

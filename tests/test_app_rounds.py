@@ -272,6 +272,7 @@ def test_the_failure_summary_counts_only_numbered_rounds(tmp_path: Path) -> None
     report = {"rounds": [entry(0), entry(1, "1"), entry(2), entry(None, "0")]}
     lines = failure_summary(report, tmp_path)
     assert lines[0] == "[fedgpu] failures: 2 of 8 messages, in 1 of 2 rounds", lines
-    assert lines[1] == "[fedgpu]   raised ValueError x2: round 1 train client 1; outside the rounds train client 0", lines
+    assert lines[1] == ("[fedgpu]   raised ValueError x2: round 1 train client 1; "
+                        "outside the rounds train client 0"), lines
     assert failure_summary({"rounds": [entry(0), entry(1), entry(2)]}, tmp_path)[0] == \
         "[fedgpu] failures: none of 6 messages in 2 rounds"

@@ -48,7 +48,8 @@ def test_flowers_fedavg_alone_fails_the_round_on_one_bad_reply() -> None:
 
 def test_checked_fedavg_aggregates_the_good_replies_and_names_the_bad_ones() -> None:
     seen = []
-    strategy = CheckedStrategy(FedAvg(), on_bad_reply=lambda rnd, reply, why: seen.append((rnd, reply.metadata.src_node_id, why)))
+    strategy = CheckedStrategy(FedAvg(),
+                               on_bad_reply=lambda rnd, reply, why: seen.append((rnd, reply.metadata.src_node_id, why)))
     strategy.configure_train(1, _record(MODEL), ConfigRecord(), grid=_NoGrid())  # the round's global model
     arrays, metrics = strategy.aggregate_train(1, _replies())
     assert np.allclose(arrays["conv1.weight"].numpy(), 1.5) and np.allclose(arrays["fc.bias"].numpy(), 1.5)
@@ -74,10 +75,13 @@ class _NoGrid:
 CLIENT = ["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2"]
 BAD_SECONDS = [
     (["run", "2", "2", "1", "1", "--timeout", "nan"], "'--timeout': 'nan' is not a finite number of seconds"),
-    (["run", "2", "2", "1", "1", "--message-timeout", "1e-300"], "'--message-timeout': 1e-300 s is too short: at least 10 s"),
+    (["run", "2", "2", "1", "1", "--message-timeout", "1e-300"],
+     "'--message-timeout': 1e-300 s is too short: at least 10 s"),
     (["run", "2", "2", "1", "1", "--message-timeout", "9.5"], "'--message-timeout': 9.5 s is too short: at least 10 s"),
-    (["run", "2", "2", "1", "1", "--start-timeout", "inf"], "'--start-timeout': 'inf' is not a finite number of seconds"),
-    (["run", "2", "2", "1", "1", "--admission-timeout", "0.001"], "'--admission-timeout': 0.001 s is too short: at least 1 s"),
+    (["run", "2", "2", "1", "1", "--start-timeout", "inf"],
+     "'--start-timeout': 'inf' is not a finite number of seconds"),
+    (["run", "2", "2", "1", "1", "--admission-timeout", "0.001"],
+     "'--admission-timeout': 0.001 s is too short: at least 1 s"),
     (["run", "2", "2", "1", "1", "--timeout", "1e12"], "'--timeout': 1e+12 s is too long: at most 2592000 s (30 days)"),
     (["run", "2", "2", "1", "1", "--lr", "nan"], "'--lr': 'nan' is not a finite number"),
     (["server", "--message-timeout", "NaN"], "'--message-timeout': 'NaN' is not a finite number of seconds"),

@@ -71,7 +71,8 @@ def _start(tmp_path: Path, marker: str) -> tuple[subprocess.Popen, Path, Path]:
     env = {**os.environ, "EXAMPLE_MARKER": marker, "WORK_DIR": str(tmp_path / "work"), "RUN_TIMEOUT": str(RUN_TIMEOUT)}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(RUN_SH), str(result)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            [str(RUN_SH), str(result)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL
         )
     return proc, log, result
 
@@ -211,8 +212,8 @@ def test_example_runs_in_the_simulation_engine_every_call_in_a_child(tmp_path: P
             ["flwr", "run", str(EXAMPLE), "local-sim", "--stream", "--run-config", f'result-file="{result_file}"'],
             env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=tmp_path,
         )
-        listing = subprocess.run(["flwr", "ls", "local-sim", "--format", "json"], env=env, capture_output=True, text=True,
-                                 timeout=120, cwd=tmp_path)
+        listing = subprocess.run(["flwr", "ls", "local-sim", "--format", "json"], env=env, capture_output=True,
+                                 text=True, timeout=120, cwd=tmp_path)
     finally:
         kill_processes_with_env("EXAMPLE_MARKER", marker)  # `:local:` leaves its SuperLink running: ours to stop
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

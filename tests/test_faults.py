@@ -47,7 +47,8 @@ def test_failed_children_are_counted_with_their_reason_and_the_next_round_is_nor
     assert "ValueError: injected fault: bad batch" in (run_dir / "client-0.log").read_text()
     failed = {f["client"]: f for f in json.loads((run_dir / "report.json").read_text())["rounds"][0]["failed_messages"]}
     # Who ended the child is said: fedgpu for the timeout, something else for the SIGKILL.
-    assert failed["2"]["error"].startswith("killed by SIGKILL, not by fedgpu (likely the kernel's OOM killer"), failed["2"]
+    assert failed["2"]["error"].startswith(
+        "killed by SIGKILL, not by fedgpu (likely the kernel's OOM killer"), failed["2"]
     assert failed["3"]["error"].startswith("stopped by fedgpu after 15 s (client 3, child pid "), failed["3"]
     assert all(isinstance(f["pid"], int) and f["round"] == 1 for f in failed.values()), failed
 

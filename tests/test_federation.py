@@ -56,7 +56,8 @@ def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None
     # A zygote's forked children run its command line too: a zygote is one whose parent is not of the run
     # (a process gone before its parent could be read is left out: it cannot be told apart).
     zygotes = [pid for pid, cmd in sampler.seen.items()
-               if "fedgpu.isolation.zygote" in cmd and pid in sampler.parent and sampler.parent[pid] not in sampler.seen]
+               if "fedgpu.isolation.zygote" in cmd and pid in sampler.parent
+               and sampler.parent[pid] not in sampler.seen]
     assert len(zygotes) == 1, "one zygote for the host, no private ones"
     assert zygotes[0] in sampler.torch_pids
     # A child seen whose parent it could not read (it exited between the two reads) cannot be placed.

@@ -80,7 +80,8 @@ def test_mp_releases_gpu_memory_between_rounds_and_in_process_keeps_it(tmp_path:
     assert [entry["gpu"]["at_rest_ours_mib"] for entry in rounds] == [400.0 * n for n in holding]
     assert all(set(entry["gpu"]["at_rest_by_role_mib"]) == {"client-node"} for entry in rounds)
 
-    compared = subprocess.run([str(FEDGPU), "report", str(mp_dir), str(base_dir)], capture_output=True, text=True, timeout=60)
+    compared = subprocess.run([str(FEDGPU), "report", str(mp_dir), str(base_dir)], capture_output=True, text=True,
+                              timeout=60)
     assert compared.returncode == 0, compared.stderr
     for rnd in (1, 2):
         match = re.search(rf"^\s*{rnd}\s+clients holding\s+0\s+(\d+)\s+(\d+)\s*$", compared.stdout, re.M)

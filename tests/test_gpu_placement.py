@@ -34,7 +34,8 @@ from helpers import FAKE_GPU_DIR as FAKE_DIR, load_fake_pynvml
 
 
 def gpu(index: int, used_mib: int, total_mib: int = 1000, processes: dict[int, int] | None = None) -> GpuState:
-    return GpuState(index, f"GPU-{index}", "test", used_mib * MIB, total_mib * MIB, 0, {p: m * MIB for p, m in (processes or {}).items()})
+    return GpuState(index, f"GPU-{index}", "test", used_mib * MIB, total_mib * MIB, 0,
+                    {p: m * MIB for p, m in (processes or {}).items()})
 
 
 def reservation(index: int, mib: int, child_pid: int | None = None) -> Reservation:
@@ -110,7 +111,8 @@ def test_k_children_whose_peaks_exceed_the_gpus_wait_instead_of_failing(fake_gpu
     for e in events:
         if e["event"] in ("child-start", "child-end"):
             spans.setdefault(e["pid"], {})[e["event"]] = e["t"]
-    at_once = max(sum(s["child-start"] <= t < s["child-end"] for s in spans.values()) for t in [s["child-start"] for s in spans.values()])
+    at_once = max(sum(s["child-start"] <= t < s["child-end"] for s in spans.values())
+                  for t in [s["child-start"] for s in spans.values()])
     assert at_once == 2
     # Each child measured its own peak; the ledger learned it and holds no reservation now.
     assert all(r["peak_mib"] == 600 for r in results)

@@ -90,7 +90,8 @@ def shared_zygote(tmp_path_factory):
     directory = tmp_path_factory.mktemp("zygote")
     os.chmod(directory, 0o700)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", str(directory), "--parent-pid", str(os.getpid()), "numpy"],
+        [sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", str(directory), "--parent-pid", str(os.getpid()),
+         "numpy"],
         stdin=subprocess.DEVNULL,
     )
     yield str(directory), proc.pid
@@ -773,7 +774,8 @@ def test_a_grandchild_in_its_own_session_does_not_outlive_the_call(tmp_path, rea
     (grandchild,) = _wait_pids(pidfile, 0)
     reap.append(grandchild)
     assert os.getsid(grandchild) == grandchild if not _gone(grandchild) else True
-    assert _wait_gone([grandchild], 5.0) == [], f"grandchild {grandchild} in its own session outlived a call that ended by {then}"
+    assert _wait_gone([grandchild], 5.0) == [], (
+        f"grandchild {grandchild} in its own session outlived a call that ended by {then}")
 
 
 class _no_error:
@@ -798,7 +800,8 @@ def test_a_stopped_child_is_ended_by_its_deadline_and_fedgpu_says_it_did(make_is
 def test_a_child_whose_zygote_died_has_an_unknown_exit_status(tmp_path):
     directory = tmp_path / "z"
     directory.mkdir(mode=0o700)
-    zygote = subprocess.Popen([sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", str(directory)], stdin=subprocess.DEVNULL)
+    zygote = subprocess.Popen([sys.executable, "-m", "fedgpu.isolation.zygote", "--dir", str(directory)],
+                              stdin=subprocess.DEVNULL)
     try:
         pidfile = tmp_path / "pids"
 

@@ -36,18 +36,25 @@ RUN_SH_BAD_INPUT = [
     (["--bogus"], "unknown option --bogus"),
     (["2", "2", "1", "1", "--task"], "option --task needs a value"),
     (["2", "2", "1", "1", "--port", "99999"], "Invalid value for '--port': 99999 is not in the range 1<=x<=65535."),
-    (["2", "2", "1", "1", "--isolation", "fork"], "Invalid value for '--isolation': 'fork' is not one of 'zygote', 'spawn'."),
-    (["2", "2", "1", "1", "--gpus", "0", "--no-mp"], "--gpus needs --mp: without it the node itself holds the GPU it first used"),
+    (["2", "2", "1", "1", "--isolation", "fork"],
+     "Invalid value for '--isolation': 'fork' is not one of 'zygote', 'spawn'."),
+    (["2", "2", "1", "1", "--gpus", "0", "--no-mp"],
+     "--gpus needs --mp: without it the node itself holds the GPU it first used"),
     (["2", "2", "1", "1", "--gpus", "0,,1"], "--gpus must be GPU indices"),
-    (["2", "2", "1", "1", "--placement", "packed"], "Invalid value for '--placement': 'packed' is not one of 'free', 'round-robin'."),
+    (["2", "2", "1", "1", "--placement", "packed"],
+     "Invalid value for '--placement': 'packed' is not one of 'free', 'round-robin'."),
     (["2", "2", "1", "1", "--gpu-mem", "0"], "Invalid value for '--gpu-mem': 0.0 is not in the range x>0."),
-    (["2", "2", "1", "1", "--admission-timeout", "soon"], "Invalid value for '--admission-timeout': 'soon' is not a valid float range."),
+    (["2", "2", "1", "1", "--admission-timeout", "soon"],
+     "Invalid value for '--admission-timeout': 'soon' is not a valid float range."),
     # The server's own checks, run by run.sh before anything starts:
-    (["2", "2", "1", "1", "--task", "cifar10", "--data-files", "/nonexistent/cifar"], "--data-files /nonexistent/cifar: not found"),
-    (["2", "2", "1", "1", "--task", "cifar10"], "downloads uoft-cs/cifar10 from the Hugging Face Hub, which is unreachable"),
+    (["2", "2", "1", "1", "--task", "cifar10", "--data-files", "/nonexistent/cifar"],
+     "--data-files /nonexistent/cifar: not found"),
+    (["2", "2", "1", "1", "--task", "cifar10"],
+     "downloads uoft-cs/cifar10 from the Hugging Face Hub, which is unreachable"),
     (["2", "2", "1", "1", "--lr", "-3"], "'--lr': -3.0 is not in the range x>0"),
     (["2", "2", "1", "1", "--partitioner", "zipf"], "'--partitioner': 'zipf' is not one of 'iid', 'dirichlet'"),
-    (["2", "2", "1", "1", "--task", "vit-flowers", "--task-option", "weights=bogus"], "task vit-flowers: weights must be one of IMAGENET1K_V1, none"),
+    (["2", "2", "1", "1", "--task", "vit-flowers", "--task-option", "weights=bogus"],
+     "task vit-flowers: weights must be one of IMAGENET1K_V1, none"),
     (["2", "2", "1", "1", "--task-option", "nonsense"], "--task-option 'nonsense': expected KEY=VALUE"),
     (["2", "2", "1", "1", "--task-option", "colour=red"], "task 'digits' got unknown option(s): colour"),
     # Numbers are read as text: no wrap-around, no silent default.
@@ -68,8 +75,10 @@ RUN_SH_BAD_INPUT = [
 def test_run_sh_rejects_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
     run_dir = tmp_path / "run"
     # No network here, as in CI: HF_HUB_OFFLINE makes that certain for the download case.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([str(RUN_SH), "--run-dir", str(run_dir), *args], capture_output=True, text=True, timeout=120, env=env)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([str(RUN_SH), "--run-dir", str(run_dir), *args], capture_output=True, text=True, timeout=120,
+                          env=env)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run.sh: ") and message in lines[0], done.stderr
@@ -102,52 +111,70 @@ FEDGPU_BAD_INPUT = [
     (["server", "--task", "nosuch.module:Task"], "module 'nosuch.module' not found"),
     (["server", "--partitioner", "zipf"], "--partitioner"),
     (["server", "--no-such-flag"], "--no-such-flag"),
-    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "3", "--num-partitions", "2"], "must be below --num-partitions"),
+    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "3", "--num-partitions", "2"],
+     "must be below --num-partitions"),
     (["client", "--superlink", "nocolon", "--partition-id", "0", "--num-partitions", "2"], "not HOST:PORT"),
     (["client", "--superlink", "127.0.0.1:9", "--num-partitions", "2"], "--partition-id"),
-    (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--zygote", "/nonexistent/z"],
+    (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2",
+      "--zygote", "/nonexistent/z"],
      "--zygote /nonexistent/z: no such directory"),
     (["zygote", "--dir", "/tmp", "--task", "bogus"], "unknown task 'bogus'"),
     (["zygote", "--dir", "/tmp", "--task", "digits", "--run-data", '{"task": "cifar10", "partitions": 2}'],
      '--run-data: expected {"task": one of --task, "options": {...}, "partitions": N >= 1}'),
-    (["zygote", "--dir", "/tmp"], "--dir /tmp: directory /tmp is open to group or others (mode 1777); it must be a private directory (mode 0700)"),
+    (["zygote", "--dir", "/tmp"],
+     "--dir /tmp: directory /tmp is open to group or others (mode 1777); it must be a private directory (mode 0700)"),
     (["zygote", "--dir", "/etc/passwd/sub"], "--dir /etc/passwd/sub: cannot create /etc/passwd/sub: Not a directory"),
-    (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--zygote", "/tmp"],
-     "--zygote /tmp: directory /tmp is open to group or others (mode 1777); it must be a private directory (mode 0700)"),
-    (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--timeout", "-5"],
+    (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2",
+      "--zygote", "/tmp"],
+     "--zygote /tmp: directory /tmp is open to group or others (mode 1777); "
+     "it must be a private directory (mode 0700)"),
+    (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2",
+      "--timeout", "-5"],
      "'--timeout': -5.0 is not in the range x>0"),
-    (["server", "--ssl-certfile", "/etc/passwd"], "TLS needs all three of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile"),
+    (["server", "--ssl-certfile", "/etc/passwd"],
+     "TLS needs all three of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile"),
     (["server", "--auth-public-keys", "/etc/passwd"], "--auth-public-keys needs TLS"),
-    (["server", "--ssl-ca-certfile", "/nonexistent/ca.crt"], "'--ssl-ca-certfile': File '/nonexistent/ca.crt' does not exist"),
-    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--auth-private-key", "/etc/passwd"],
+    (["server", "--ssl-ca-certfile", "/nonexistent/ca.crt"],
+     "'--ssl-ca-certfile': File '/nonexistent/ca.crt' does not exist"),
+    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2",
+      "--auth-private-key", "/etc/passwd"],
      "--auth-private-key needs TLS (--root-certificates)"),
     (["client", "--mp", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--gpus", "0,x"],
      "--gpus must be GPU indices"),
-    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--gpus", "0"], "--gpus needs --mp"),
+    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--gpus", "0"],
+     "--gpus needs --mp"),
     (["server", "--gpus", "99"], "--gpus 99"),  # no GPU here: NVML says so; on a GPU host: no GPU 99
     (["server", "--placement", "packed"], "--placement"),
     (["server", "--gpu-mem", "-5"], "--gpu-mem"),
     (["report", "/nonexistent/run"], "/nonexistent/run: not a run directory"),
     (["report", "a", "b", "c"], "one or two run directories"),
-    (["server", "--task", "cifar10", "--data-files", "/nonexistent/cifar"], "--data-files /nonexistent/cifar: not found: /nonexistent/cifar"),
-    (["server", "--task", "cifar10"], "task cifar10 downloads uoft-cs/cifar10 from the Hugging Face Hub, which is unreachable (HF_HUB_OFFLINE is set)"),
+    (["server", "--task", "cifar10", "--data-files", "/nonexistent/cifar"],
+     "--data-files /nonexistent/cifar: not found: /nonexistent/cifar"),
+    (["server", "--task", "cifar10"],
+     "task cifar10 downloads uoft-cs/cifar10 from the Hugging Face Hub, which is unreachable (HF_HUB_OFFLINE is set)"),
     (["client", "--superlink", "127.0.0.1:1", "--partition-id", "0", "--num-partitions", "1", "--max-wait-time", "1"],
      "cannot reach the SuperLink at 127.0.0.1:1 within 1 s: Connection refused"),
     (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--node-config", "batch"],
      "--node-config: 'batch' is not key=value"),
-    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--node-config", "lr=fast"],
+    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2",
+      "--node-config", "lr=fast"],
      "--node-config: lr=fast: the value must be a bool, a number or a \"quoted string\""),
-    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--node-config", "partition-id=1"],
+    (["client", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2",
+      "--node-config", "partition-id=1"],
      "--node-config: partition-id comes from its own option"),
     (["bogus-command"], "bogus-command"),
-    (["server", "--task", "vit-flowers", "--task-option", "weights=none"], "task vit-flowers downloads nelorth/oxford-flowers from the Hugging Face Hub, which is unreachable"),
-    (["server", "--task", "vit-flowers", "--data-files", "/nonexistent/flowers"], "--data-files /nonexistent/flowers: not found"),
+    (["server", "--task", "vit-flowers", "--task-option", "weights=none"],
+     "task vit-flowers downloads nelorth/oxford-flowers from the Hugging Face Hub, which is unreachable"),
+    (["server", "--task", "vit-flowers", "--data-files", "/nonexistent/flowers"],
+     "--data-files /nonexistent/flowers: not found"),
     (["server", "--task", "vit-flowers", "--task-option", "partitions=-2"], "partitions must be > 0, got '-2'"),
-    (["server", "--task", "text-imdb", "--data-files", "/nonexistent/imdb"], "--data-files /nonexistent/imdb: not found"),
+    (["server", "--task", "text-imdb", "--data-files", "/nonexistent/imdb"],
+     "--data-files /nonexistent/imdb: not found"),
     (["server", "--task", "text-imdb", "--task-option", "max_length=2"], "task text-imdb: max_length must be >= 8"),
     (["bench-models", "--models", "resnet18,no_such_net"], "--models: unknown model(s) no_such_net"),
     (["bench-models", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
-    (["bench-models", "--models", "vit_b_16", "--image-size", "100"], "--image-size 100: ViT models need a multiple of 16"),
+    (["bench-models", "--models", "vit_b_16", "--image-size", "100"],
+     "--image-size 100: ViT models need a multiple of 16"),
     (["bench-models", "--batch-size", "1"], "'--batch-size': 1 is not in the range x>=2"),
     (["bench-models", "--csv", "/proc/fedgpu.csv"], "--csv /proc/fedgpu.csv: not writable"),
 ]
@@ -180,8 +207,10 @@ def test_run_sh_port_in_use_and_unwritable_run_dir(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    done = subprocess.run([str(RUN_SH), "2", "2", "1", "1", "--run-dir", str(blocker / "run")], capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stderr.strip()) == (2, f"run.sh: run directory {blocker / 'run'} is not writable: Not a directory")
+    done = subprocess.run([str(RUN_SH), "2", "2", "1", "1", "--run-dir", str(blocker / "run")], capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (
+        2, f"run.sh: run directory {blocker / 'run'} is not writable: Not a directory")
 
 
 def test_fedgpu_server_unwritable_run_dir(tmp_path: Path) -> None:
@@ -199,7 +228,8 @@ def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
     temp, env = private_temp(tmp_path)
     # Many local epochs: each child trains for seconds, long enough to be seen.
-    proc = start_run_sh(["3", "3", "2", "3", "--local-epochs", "40", "--port", str(port), "--run-dir", str(run_dir)], env=env)
+    proc = start_run_sh(["3", "3", "2", "3", "--local-epochs", "40", "--port", str(port), "--run-dir", str(run_dir)],
+                        env=env)
     # Mid-training: a node has handed a train message to a child that has not answered
     # (a zygote's idle spare alone does not count), and that child is alive.
     def child_is_training() -> bool:

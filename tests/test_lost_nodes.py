@@ -33,7 +33,8 @@ def test_server_killed_every_client_node_exits_non_zero_with_a_clear_line(tmp_pa
     run_dir.mkdir()
     env = {**os.environ, "FEDGPU_RUN_DIR": str(run_dir)}
     server = subprocess.Popen(
-        [str(FEDGPU), "server", "--rounds", "3", "--min-clients", "3", "--sampled", "2", "--port", str(port), "--run-dir", str(run_dir)],
+        [str(FEDGPU), "server", "--rounds", "3", "--min-clients", "3", "--sampled", "2", "--port", str(port),
+         "--run-dir", str(run_dir)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     logs = [run_dir / f"client-{i}.log" for i in range(2)]

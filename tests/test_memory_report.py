@@ -39,7 +39,8 @@ def monitored_round(run_dir: Path, *, child_exits: bool) -> subprocess.Popen:
     exits (isolation) or in the node itself, which stays (the baseline)."""
     run_dir.mkdir()
     env = {**os.environ, "FEDGPU_RUN_DIR": str(run_dir), "CUDA_VISIBLE_DEVICES": "GPU-fake-1"}
-    monitor = MemoryMonitor(str(run_dir), str(run_dir), nvml=Nvml.open(), gpu_interval=0.05, host_interval=(0.05, 0.2)).start()
+    monitor = MemoryMonitor(str(run_dir), str(run_dir), nvml=Nvml.open(), gpu_interval=0.05,
+                            host_interval=(0.05, 0.2)).start()
     worker = subprocess.Popen([sys.executable, "-c", HOLDER, "0.6" if child_exits else "120"], env=env,
                               stdout=subprocess.PIPE, text=True)
     if not child_exits:
@@ -51,14 +52,17 @@ def monitored_round(run_dir: Path, *, child_exits: bool) -> subprocess.Popen:
         worker.wait(timeout=30)
     else:
         time.sleep(0.6)
-    emit("child-end", str(run_dir), pid=worker.pid, role="client-child", client=3, round=1, message="train", gpu_peak_mib=300.0)
+    emit("child-end", str(run_dir), pid=worker.pid, role="client-child", client=3, round=1, message="train",
+         gpu_peak_mib=300.0)
     emit("round-end", str(run_dir), round=1)
     time.sleep(0.6)  # at rest
     monitor.stop()
     return worker
 
 
-def test_gpu_memory_is_mapped_to_client_round_and_message_and_released_with_the_child(fake_gpus, tmp_path: Path) -> None:
+def test_gpu_memory_is_mapped_to_client_round_and_message_and_released_with_the_child(
+    fake_gpus, tmp_path: Path
+) -> None:
     fake_gpus({"total_mib": 1000, "name": "Fake A"}, {"total_mib": 1000, "name": "Fake B"})
     run_dir = tmp_path / "mp"
     worker = monitored_round(run_dir, child_exits=True)
@@ -145,7 +149,8 @@ def test_at_rest_never_counts_the_next_rounds_first_child(tmp_path: Path) -> Non
     assert first["at_rest_by_role_mib"] == {"client-node": 100.0, "zygote": 300.0}
     assert (first["at_rest_total_mib"], first["at_rest_ours_mib"], first["at_rest_holders"]) == (400.0, 400.0, 2)
     assert first["clients_holding_at_rest"] == 1  # through its node
-    assert (second["at_rest_total_mib"], second["at_rest_by_role_mib"]) == (400.0, {"client-node": 100.0, "zygote": 300.0})
+    assert (second["at_rest_total_mib"], second["at_rest_by_role_mib"]) == (
+        400.0, {"client-node": 100.0, "zygote": 300.0})
 
 
 def test_a_child_still_alive_between_rounds_is_counted_at_rest(tmp_path: Path) -> None:
@@ -179,13 +184,16 @@ def test_fedgpu_report_prints_one_run_and_two_side_by_side(fake_gpus, tmp_path: 
     round_1 = rows[-1].split()
     assert round_1[0] == "1" and len(round_1) == len(re.split(r"\s{2,}", header.strip()))
 
-    two = subprocess.run([str(FEDGPU), "report", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True, timeout=60)
+    two = subprocess.run([str(FEDGPU), "report", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
+                         text=True, timeout=60)
     assert two.returncode == 0, two.stderr
     assert re.search(r"^\s*1\s+ours at rest\s+0\.0\s+300\s+300\s*$", two.stdout, re.M), two.stdout
     assert re.search(r"^\s*1\s+clients holding\s+0\s+1\s+1\s*$", two.stdout, re.M), two.stdout
 
 
-def test_without_a_gpu_the_same_files_come_from_host_memory(fake_gpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_gpu_the_same_files_come_from_host_memory(
+    fake_gpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("FAKE_NVML_DIR")  # NVML fails as it does on a machine without a driver
     from fedgpu.nvml.devices import open_nvml
 
@@ -257,7 +265,8 @@ def recorded_run(tmp_path: Path) -> Path:
     """A real timeline and events of a short round, without a GPU: memory.csv, events.jsonl."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    monitor = MemoryMonitor(str(run_dir), str(run_dir), nvml=None, no_gpu_reason="no GPU here", host_interval=(0.05, 0.1)).start()
+    monitor = MemoryMonitor(str(run_dir), str(run_dir), nvml=None, no_gpu_reason="no GPU here",
+                            host_interval=(0.05, 0.1)).start()
     emit("round-start", str(run_dir), round=1)
     time.sleep(0.5)
     emit("round-end", str(run_dir), round=1)

@@ -38,7 +38,8 @@ def test_a_metrics_file_swapped_for_a_link_fails_the_run_in_one_line(tmp_path: P
         line = f"cannot write {metrics}: Too many levels of symbolic links"
         assert f"[fedgpu] run failed: {line}" in out, out + err
         report = json.loads((run_dir / "report.json").read_text())
-        assert report["status"] == "failed" and report["failure"] == {"kind": "output", "detail": line, "path": str(metrics)}
+        assert (report["status"] == "failed"
+                and report["failure"] == {"kind": "output", "detail": line, "path": str(metrics)})
         assert not _temp_files(run_dir)
         assert wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), timeout=15)
 
@@ -48,7 +49,8 @@ def small_disk(tmp_path: Path):
     """A 150 KiB file system (tmpfs), the run directory of a run that outgrows it."""
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:

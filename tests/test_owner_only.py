@@ -34,7 +34,8 @@ def listening_ports(pids: list[int]) -> list[int]:
     ports = []
     for pid in pids:
         try:
-            ports += [c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+            ports += [c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN]
         except psutil.Error:
             pass
     return ports
@@ -45,7 +46,8 @@ def node_pids(run_dir: Path) -> list[int]:
 
 
 def start(run_dir: Path, port: int, rounds: int, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([str(FEDGPU), "run", "2", "2", "2", str(rounds), "--port", str(port), "--run-dir", str(run_dir)],
+    return subprocess.Popen([str(FEDGPU), "run", "2", "2", "2", str(rounds), "--port", str(port),
+                             "--run-dir", str(run_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
 
@@ -64,7 +66,8 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
     killed_dir = tmp_path / "killed"
     killed = start(killed_dir, port, 50, env)
     try:
-        assert wait_for(lambda: "SuperNode ID" in read_or_empty(killed_dir / "client-1.log"), 180), read_or_empty(killed_dir / "server.log")
+        assert wait_for(lambda: "SuperNode ID" in read_or_empty(killed_dir / "client-1.log"), 180), (
+            read_or_empty(killed_dir / "server.log"))
         os.kill(killed.pid, signal.SIGKILL)
         killed.wait(10)
         wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(killed_dir)), 30)
@@ -75,7 +78,8 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
 
     runs = {name: start(tmp_path / name, port, 8, env) for name in ("a", "b")}
     try:
-        assert wait_for(lambda: any(run.poll() is not None for run in runs.values()), 180), "neither run stopped at the port"
+        assert wait_for(lambda: any(run.poll() is not None for run in runs.values()), 180), (
+            "neither run stopped at the port")
         loser_name = next(name for name, run in runs.items() if run.poll() is not None)
         winner_name = "b" if loser_name == "a" else "a"
         loser, winner, run_dir = runs[loser_name], runs[winner_name], tmp_path / winner_name
@@ -83,7 +87,8 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
         assert loser.returncode == 2, loser_err
         assert f"port {port} on 127.0.0.1 is in use" in loser_err, loser_err
         assert winner.poll() is None, winner.stderr.read()
-        assert wait_for(lambda: "[fedgpu] round 1/" in read_or_empty(run_dir / "serverapp.log"), 180), read_or_empty(run_dir / "server.log")
+        assert wait_for(lambda: "[fedgpu] round 1/" in read_or_empty(run_dir / "serverapp.log"), 180), (
+            read_or_empty(run_dir / "server.log"))
         ports = listening_ports(node_pids(run_dir))
         assert len(ports) == 2, ports
 
@@ -104,10 +109,12 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
     assert alive_after_intruder, "the run ended before the intruder was done: the test proved nothing"
     assert winner.returncode == 0, out + err
     assert not marker.exists(), marker.read_text()
-    assert submitted.returncode != 0 and "answers only its owner's processes" in submitted.stderr, submitted.stdout + submitted.stderr
+    assert submitted.returncode != 0 and "answers only its owner's processes" in submitted.stderr, (
+        submitted.stdout + submitted.stderr)
     attempts = json.loads(stolen.stdout.strip().splitlines()[-1]) if stolen.returncode == 0 else stolen.stderr
     assert isinstance(attempts, dict) and len(attempts) == 2, attempts
-    assert all(result.startswith("refused") and ("403" in result or "owner" in result) for result in attempts.values()), attempts
+    assert all(result.startswith("refused") and ("403" in result or "owner" in result)
+               for result in attempts.values()), attempts
     assert (fleet, control, pulled) == ("403", "403", ["403", "403"])
     # No message was lost to the intruder: every round had both replies.
     assert [(int(r["results"]), int(r["failures"])) for r in read_metrics(run_dir)] == [(2, 0)] * 8
@@ -135,7 +142,8 @@ def test_other_hosts_reach_the_fleet_api_only() -> None:
 
             fleet = ("/v1/fleet/", "/health")
             assert refusal(scope("/v1/control/start-run", peer), fleet, os.geteuid()) == ""
-            assert refusal(scope("/v1/control/start-run", peer), fleet, os.geteuid() + 1) != ""  # a local socket of another uid
+            # a local socket of another uid
+            assert refusal(scope("/v1/control/start-run", peer), fleet, os.geteuid() + 1) != ""
             remote = ("192.0.2.7", 40000)
             assert refusal(scope("/v1/fleet/pull-messages", remote), fleet, os.geteuid()) == ""
             assert refusal(scope("/health", remote), fleet, os.geteuid()) == ""

@@ -83,7 +83,8 @@ def test_deeply_nested_memory_json_is_a_one_line_warning(tmp_path: Path, text: s
     no_traceback(done)
     assert reported_round_1(done), done  # derived again from the timeline
     assert one_line(done) == (
-        f"fedgpu: warning: {run}: memory.json: unreadable (ValueError: nested too deeply to read); derived again from memory.csv"
+        f"fedgpu: warning: {run}: memory.json: unreadable (ValueError: nested too deeply to read); "
+        "derived again from memory.csv"
     )
 
 
@@ -148,7 +149,8 @@ def test_a_symlinked_timeline_alone_is_nothing_to_report(tmp_path: Path) -> None
     done = report(run)
     no_traceback(done)
     assert done.returncode == 2, done
-    assert one_line(done) == f"fedgpu: error: {run}: nothing to report: memory.csv: not read: a symbolic link, not followed"
+    assert one_line(done) == (f"fedgpu: error: {run}: nothing to report: memory.csv: not read: "
+                              "a symbolic link, not followed")
 
 
 @pytest.mark.parametrize("damage", ["directory", "too-large"])

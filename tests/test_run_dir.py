@@ -25,7 +25,8 @@ def nobody() -> tuple[int, int]:
 
 
 def fedgpu_run(run_dir: Path, *more: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(FEDGPU), "run", "2", "--run-dir", str(run_dir), *more], capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(FEDGPU), "run", "2", "--run-dir", str(run_dir), *more], capture_output=True, text=True,
+                          timeout=120)
 
 
 def shared_folder(tmp_path: Path) -> Path:

@@ -44,14 +44,16 @@ def test_sigterm_between_rounds_stops_everything(tmp_path: Path) -> None:
 
 
 def test_sigint_during_the_final_evaluation_stops_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests" / "plugins"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH",
+                       os.pathsep.join([str(ROOT / "tests" / "plugins"), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("FEDGPU_SLOW_SERVER_EVAL", "8")
     run_dir, port = tmp_path / "run", free_port()
     proc = _start(run_dir, port, "2", "2", "2", "1", "--task", "fault_task:FaultyDigits")
 
     def final_evaluation_running() -> bool:
         seen = events(run_dir)
-        started = {e["pid"] for e in seen if e["event"] == "child-start" and e.get("message") == "server-evaluate" and e.get("round") == 1}
+        started = {e["pid"] for e in seen
+                   if e["event"] == "child-start" and e.get("message") == "server-evaluate" and e.get("round") == 1}
         ended = {e["pid"] for e in seen if e["event"] == "child-end"}
         return bool(started - ended)
 

@@ -157,7 +157,8 @@ def test_no_torch_in_the_launcher_the_server_or_the_simulation_host(big_run) -> 
     assert mapped == {}, f"torch mapped in {mapped}"
     # The zygote (whose parent is not of the run: the launcher starts it) maps torch, and so do its children.
     zygotes = [pid for pid, cmd in sampler.seen.items()
-               if "fedgpu.isolation.zygote" in cmd and pid in sampler.parent and sampler.parent[pid] not in sampler.seen]
+               if "fedgpu.isolation.zygote" in cmd and pid in sampler.parent
+               and sampler.parent[pid] not in sampler.seen]
     assert len(zygotes) == 1 and zygotes[0] in sampler.torch_pids, (zygotes, sampler.seen)
     child_pids = [m["child-pid"] for r in report_of(run_dir)["rounds"] for m in r["messages"]]
     seen_children = [pid for pid in child_pids if pid in sampler.parent]
@@ -173,7 +174,8 @@ def test_an_app_waiting_for_more_nodes_than_the_simulation_has_exits_3_in_one_li
     started = time.monotonic()
     code, output, _ = fedgpu_run(run_dir, str(STATEFUL_APP), "--simulation", "--nodes", "3")
     assert code == 3, output
-    assert "[fedgpu] run failed: too few nodes: the app's strategy waits for more client nodes than the 3 connected" in output
+    assert ("[fedgpu] run failed: too few nodes: the app's strategy waits for more client nodes "
+            "than the 3 connected") in output
     assert time.monotonic() - started < 120, "the default --start-timeout is 300 s: a simulation stops waiting sooner"
 
 
@@ -222,7 +224,8 @@ def test_a_stateful_client_app_counts_its_calls_across_children(stateful_run) ->
     }
     assert all(m["isolation"] == "zygote" and m["node-pid"] == host for m in stamped.values()), stamped
     rows = read_metrics(run_dir)
-    assert [(r["round"], r["results"], r["failures"]) for r in rows] == [("1", "8", "0"), ("2", "8", "0"), ("3", "8", "0")]
+    assert [(r["round"], r["results"], r["failures"]) for r in rows] == [
+        ("1", "8", "0"), ("2", "8", "0"), ("3", "8", "0")]
     # FedAvg averaged the counts: every node at the same count, so the average is the count.
     assert [float(r["train_calls"]) for r in rows] == [1.0, 3.0, 5.0], rows
 
@@ -268,8 +271,10 @@ def test_each_fault_kind_costs_one_message_and_the_next_round_is_normal(fault_ru
     assert report["status"] == "completed", report
     failed = {f["client"]: f for f in report["rounds"][0]["failed_messages"]}
     assert sorted(failed) == ["0", "1", "2", "3", "4", "5"], failed
-    assert failed["0"]["error"].startswith("raised ValueError: injected fault: bad batch (client 0, child pid "), failed["0"]
-    assert failed["2"]["error"].startswith("killed by SIGKILL, not by fedgpu (likely the kernel's OOM killer"), failed["2"]
+    assert failed["0"]["error"].startswith(
+        "raised ValueError: injected fault: bad batch (client 0, child pid "), failed["0"]
+    assert failed["2"]["error"].startswith(
+        "killed by SIGKILL, not by fedgpu (likely the kernel's OOM killer"), failed["2"]
     assert failed["3"]["error"].startswith("stopped by fedgpu after 15 s (client 3, child pid "), failed["3"]
     assert failed["5"]["detail"] == "the ClientApp answered dict, not a Message", failed["5"]
     host = host_pid(run_dir)
@@ -302,14 +307,17 @@ def test_a_setsid_grandchild_does_not_survive_its_call(fault_run) -> None:
 
 
 @pytest.mark.e2e
-def test_ctrl_c_mid_round_stops_everything_and_reports_the_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_mid_round_stops_everything_and_reports_the_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGINT to the foreground group while client 0's child hangs in round 1: exit 130, nothing left."""
     monkeypatch.setenv("FEDGPU_FAULTS", "0=hang")
     monkeypatch.setenv("FEDGPU_FAULTS_DIR", str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
     temp, env = private_temp(tmp_path)
     run_dir = tmp_path / "run"
-    proc = start_run_sh(["3", "3", "3", "5", "--simulation", "--task", "fault_task:FaultyDigits", "--run-dir", str(run_dir)],
+    proc = start_run_sh(["3", "3", "3", "5", "--simulation", "--task", "fault_task:FaultyDigits",
+                         "--run-dir", str(run_dir)],
                         env=env)
 
     def hanging() -> bool:

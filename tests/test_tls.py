@@ -28,7 +28,9 @@ MAKE_CERTS = ROOT / "launchers" / "make-certs.sh"
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_federation_over_tls_admits_registered_nodes_only(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Nodes without a registered key or without TLS are refused; as root, so is another uid's `flwr run`
     even with the CA in hand, and its raw requests with certificates unchecked."""
     try:
@@ -39,7 +41,8 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path, tmp_
     proc = start_run_sh(["2", "2", "2", "4", "--tls", "--port", str(port), "--run-dir", str(run_dir)])
     certs = run_dir / "certs"
     with cleaned_up(proc, run_dir):
-        assert wait_for(lambda: "SuperLink ready" in read_or_empty(run_dir / "server.log"), timeout=180), read_or_empty(run_dir / "server.log")
+        assert wait_for(lambda: "SuperLink ready" in read_or_empty(run_dir / "server.log"), timeout=180), (
+            read_or_empty(run_dir / "server.log"))
         # First, while the run surely goes on: another uid with the CA in hand.
         if intruder is not None:
             ca_copy = intruder.home / "ca.crt"  # a CA certificate is no secret: say the intruder has it
@@ -50,17 +53,18 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path, tmp_
             unchecked = intruder.post(f"https://127.0.0.1:{port}/v1/control/start-run")
             still_running = proc.poll() is None
         # A node with a key the server never registered is refused, with TLS and the right CA.
-        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "intruder")], check=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "intruder")],
+                       check=True)
         unregistered = subprocess.run(
-            [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}", "--partition-id", "0",
-             "--num-partitions", "2", "--root-certificates", str(certs / "ca.crt"), "--auth-private-key", str(tmp_path / "intruder"),
-             "--max-wait-time", "5"],
+            [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}",
+             "--partition-id", "0", "--num-partitions", "2", "--root-certificates", str(certs / "ca.crt"),
+             "--auth-private-key", str(tmp_path / "intruder"), "--max-wait-time", "5"],
             capture_output=True, text=True, timeout=120, env={**os.environ, "FEDGPU_RUN_DIR": str(run_dir)},
         )
         # And so is a node that does not speak TLS.
         plaintext = subprocess.run(
-            [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}", "--partition-id", "1",
-             "--num-partitions", "2", "--max-wait-time", "5"],
+            [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}",
+             "--partition-id", "1", "--num-partitions", "2", "--max-wait-time", "5"],
             capture_output=True, text=True, timeout=120, env={**os.environ, "FEDGPU_RUN_DIR": str(run_dir)},
         )
         out, err = proc.communicate(timeout=300)
@@ -79,20 +83,24 @@ def test_a_federation_over_tls_admits_registered_nodes_only(tmp_path: Path, tmp_
     assert plaintext.returncode != 0 and "SuperNode ID" not in plaintext.stdout + plaintext.stderr
     # Private keys stay private.
     assert stat.S_IMODE(certs.stat().st_mode) == 0o700
-    assert all(stat.S_IMODE(key.stat().st_mode) == 0o600 for key in [certs / "ca.key", certs / "server.key", *certs.glob("nodes/node-?")])
+    assert all(stat.S_IMODE(key.stat().st_mode) == 0o600
+               for key in [certs / "ca.key", certs / "server.key", *certs.glob("nodes/node-?")])
 
 
 def test_make_certs_names_what_it_wrote_and_rejects_bad_input(tmp_path: Path) -> None:
-    done = subprocess.run([str(MAKE_CERTS), str(tmp_path / "c"), "--nodes", "2", "--host", "gpu-box-1", "--host", "10.0.0.7"],
+    done = subprocess.run([str(MAKE_CERTS), str(tmp_path / "c"), "--nodes", "2", "--host", "gpu-box-1",
+                           "--host", "10.0.0.7"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     text = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "c" / "server.pem"), "-noout", "-text"],
                           capture_output=True, text=True, check=True).stdout
     assert "IP Address:127.0.0.1" in text and "DNS:gpu-box-1" in text and "IP Address:10.0.0.7" in text
-    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "c" / "ca.crt"), str(tmp_path / "c" / "server.pem")],
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "c" / "ca.crt"),
+                             str(tmp_path / "c" / "server.pem")],
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert sorted(p.name for p in (tmp_path / "c" / "nodes").iterdir()) == ["node-0", "node-0.pub", "node-1", "node-1.pub"]
+    assert sorted(p.name for p in (tmp_path / "c" / "nodes").iterdir()) == [
+        "node-0", "node-0.pub", "node-1", "node-1.pub"]
     for args, message in [
         ([str(tmp_path / "c")], "already holds a CA"),
         ([str(tmp_path / "d"), "--nodes", "x"], "--nodes needs a whole number"),

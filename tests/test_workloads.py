@@ -82,7 +82,9 @@ def test_vit_flowers_trains_only_the_head_and_sends_only_its_arrays(data: dict[s
     assert result["num-examples"] == 8 and 0.0 <= result["accuracy"] <= 1.0
 
 
-def test_vit_flowers_loads_imagenet_weights_through_torch_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vit_flowers_loads_imagenet_weights_through_torch_hub_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The default weights go the real way (torchvision -> torch.hub), from a cache the test fills."""
     from torchvision.models import vit_b_16
 
@@ -232,7 +234,8 @@ TASK_OPTIONS = {
     "digits": lambda d: {},
     "cifar10": lambda d: {"data_files": str(d["cifar10"])},
     "vit-flowers": lambda d: {"data_files": str(d["flowers"]), "weights": "none", "batch_size": "2"},
-    "text-imdb": lambda d: {"data_files": str(d["imdb"]), "model": str(d["bert"]), "max_length": "32", "batch_size": "8"},
+    "text-imdb": lambda d: {"data_files": str(d["imdb"]), "model": str(d["bert"]), "max_length": "32",
+                            "batch_size": "8"},
 }
 
 

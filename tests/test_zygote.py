@@ -364,9 +364,11 @@ def test_a_new_zygote_replaces_a_dead_ones_socket_and_refuses_beside_a_live_one(
     directory = tmp_path / "z"
     first = start_zygote(directory)
     wait_ready(directory, first)
-    second = subprocess.run([str(FEDGPU), "zygote", "--dir", str(directory)], capture_output=True, text=True, timeout=60)
+    second = subprocess.run([str(FEDGPU), "zygote", "--dir", str(directory)], capture_output=True, text=True,
+                            timeout=60)
     assert second.returncode == 2, second
-    assert second.stderr.strip() == f"fedgpu: error: --dir {directory}: a zygote is already serving {directory} (pid {first.pid})"
+    assert second.stderr.strip() == (f"fedgpu: error: --dir {directory}: a zygote is already serving {directory} "
+                                     f"(pid {first.pid})")
     first.kill()  # SIGKILL: no clean-up, its socket, key and ready file stay behind
     first.wait(10)
     assert (directory / SOCKET_NAME).exists() and (directory / READY_NAME).exists()

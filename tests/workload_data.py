@@ -20,7 +20,8 @@ def _write(directory: Path, features, rows_by_split: dict[str, dict[str, list]])
 
     directory.mkdir(parents=True, exist_ok=True)
     for split, columns in rows_by_split.items():
-        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(directory / f"{split}-00000-of-00001.parquet"))
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(
+            str(directory / f"{split}-00000-of-00001.parquet"))
     return directory
 
 
@@ -69,7 +70,8 @@ def imdb(directory: Path, train: int = 48, test: int = 16) -> Path:
 
 
 def tiny_bert(directory: Path) -> Path:
-    """A BERT of prajjwal1/bert-tiny's kind but smaller, random weights, with its tokenizer, as save_pretrained writes them."""
+    """A BERT of prajjwal1/bert-tiny's kind but smaller, random weights, with its tokenizer, as save_pretrained
+    writes them."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ if __name__ == "__main__":
     assert placer is not None, "the fake NVML must be in use"
     with Isolator("spawn") as isolator:
         who = {"client": client, "round": 1, "message": "train"}
-        outcome, placement = run_child(isolator, placer, hold, (mib, seconds, group), key="fake/train", who=who, role="client-child")
+        outcome, placement = run_child(isolator, placer, hold, (mib, seconds, group), key="fake/train", who=who,
+                                       role="client-child")
     assert placement is not None
     print(json.dumps({"gpu": outcome.value, "placed_on": placement.gpu, "waited": placement.waited_seconds,
                       "peak_mib": outcome.gpu_peak_bytes / 2**20}))

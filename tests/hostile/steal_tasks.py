@@ -15,7 +15,8 @@ for port in sys.argv[1:]:
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
     )
     try:
-        response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+        response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
+                                                         agentapp_fab_hashes=[]))
         results[port] = "acquired a task" if response.HasField("task") else "answered: no task"
     except Exception as err:  # noqa: BLE001 - what the refusal looks like is the result
         results[port] = f"refused: {err}"

@@ -1,4 +1,5 @@
-"""Flower's FedAvg on one small array, every node trained and evaluated each round; each reply's metrics in replies.jsonl."""
+"""Flower's FedAvg on one small array, every node trained and evaluated each round; each reply's metrics in
+replies.jsonl."""
 
 import json
 
@@ -28,4 +29,5 @@ def main(grid: Grid, context: Context) -> None:
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=nodes, min_evaluate_nodes=nodes,
                       min_available_nodes=nodes, train_metrics_aggr_fn=recorded("train"),
                       evaluate_metrics_aggr_fn=recorded("evaluate"))
-    strategy.start(grid=grid, initial_arrays=ArrayRecord([np.zeros(4)]), num_rounds=int(context.run_config["num-server-rounds"]))
+    strategy.start(grid=grid, initial_arrays=ArrayRecord([np.zeros(4)]),
+                   num_rounds=int(context.run_config["num-server-rounds"]))
