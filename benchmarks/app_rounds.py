@@ -40,7 +40,8 @@ from fedgpu.net import free_port, wait_for_health  # noqa: E402
 from common import BIN, MARKER, QUIET, local_simulation_env, marked, median, report, stop_marked, table  # noqa: E402
 
 APP = ROOT / "examples" / "quickstart-pytorch"
-SERVER_SIDE = ("flower-superlink", "fedgpu.flower.internals", "flwr-serverapp", "bin/flwr ", "fedgpu run", "fedgpu server")
+SERVER_SIDE = ("flower-superlink", "fedgpu.flower.internals", "flwr-serverapp", "bin/flwr ", "fedgpu run",
+               "fedgpu server")
 # What runs under these is server side too (SuperExec, ServerApp); under the launchers, the client nodes are not.
 SERVER_ROOTS = ("flower-superlink", "fedgpu.flower.internals", "flwr-serverapp")
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
@@ -71,7 +72,8 @@ class MemorySampler(threading.Thread):
                 size = pss_bytes(pid) or 0
                 total += size
                 ancestor, hops = pid, 0
-                while ancestor and ancestor not in roots and hops < 20:  # under the SuperLink: its SuperExec, the ServerApp
+                # under the SuperLink: its SuperExec, the ServerApp
+                while ancestor and ancestor not in roots and hops < 20:
                     ancestor, hops = _parent(ancestor), hops + 1
                 if pid not in server and ancestor not in roots:
                     clients += size
@@ -86,7 +88,8 @@ def stream(command: list[str], env: dict[str, str], log: Path, timeout: float) -
     """Run ``command``, timestamp each [ROUND k/R] line of its output; (round start times, end, exit code)."""
     starts: dict[int, float] = {}
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=log.parent)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=log.parent)
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout
         for line in proc.stdout:
@@ -110,23 +113,27 @@ def run_deployment(work: Path, nodes: int, rounds: int, marker: str) -> dict:
     """(a) Flower's SuperLink and stock SuperNodes."""
     work.mkdir(parents=True)
     port = free_port()
-    env = {**os.environ, **QUIET, MARKER: marker, "FLWR_HOME": str(work / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **QUIET, MARKER: marker, "FLWR_HOME": str(work / "flwr-home"),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     (work / "flwr-home").mkdir()
-    (work / "flwr-home" / "config.toml").write_text(f'[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    (work / "flwr-home" / "config.toml").write_text(
+        f'[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     sampler = MemorySampler(marker)
     sampler.start()
     started = time.monotonic()
-    procs = [subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--port", str(port), "--disable-runtime-dependency-installation"],
+    procs = [subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--port", str(port),
+                               "--disable-runtime-dependency-installation"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=work)]
     if not wait_for_health(f"http://127.0.0.1:{port}/health", 60, alive=lambda: procs[0].poll() is None):
         raise RuntimeError("(a): the SuperLink did not start")
     for i in range(nodes):
         procs.append(subprocess.Popen(
-            [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-             "--node-config", f"partition-id={i} num-partitions={nodes}"],
+            [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+             "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={nodes}"],
             env=env, stdout=open(work / f"node-{i}.log", "w"), stderr=subprocess.STDOUT, cwd=work))
     try:
-        starts, end, code = stream([str(BIN / "flwr"), "run", str(APP), "local", "--stream", "--run-config", f"num-server-rounds={rounds}"],
+        starts, end, code = stream([str(BIN / "flwr"), "run", str(APP), "local", "--stream",
+                                    "--run-config", f"num-server-rounds={rounds}"],
                                    env, work / "app.log", 3600)
     finally:
         sampler.stop()
@@ -146,8 +153,9 @@ def run_simulation(work: Path, app: Path, nodes: int, rounds: int, marker: str) 
     sampler.start()
     started = time.monotonic()
     try:
-        starts, end, code = stream([str(BIN / "flwr"), "run", str(app), "local", "--federation-config", federation, "--stream",
-                                    "--run-config", f"num-server-rounds={rounds}"], env, work / "app.log", 3600)
+        starts, end, code = stream([str(BIN / "flwr"), "run", str(app), "local", "--federation-config", federation,
+                                    "--stream", "--run-config", f"num-server-rounds={rounds}"],
+                                   env, work / "app.log", 3600)
     finally:
         sampler.stop()
         stop_marked(marker)  # `:local:` leaves its SuperLink (and Ray) running
@@ -163,8 +171,9 @@ def run_fedgpu(work: Path, nodes: int, rounds: int, marker: str) -> dict:
     started = time.monotonic()
     work.parent.mkdir(parents=True, exist_ok=True)
     try:
-        starts, end, code = stream([str(BIN / "fedgpu"), "run", str(APP), "--nodes", str(nodes), "--run-config", f"num-server-rounds={rounds}",
-                                    "--run-dir", str(work)], env, work.parent / "fedgpu-app.log", 3600)
+        starts, end, code = stream([str(BIN / "fedgpu"), "run", str(APP), "--nodes", str(nodes),
+                                    "--run-config", f"num-server-rounds={rounds}", "--run-dir", str(work)],
+                                   env, work.parent / "fedgpu-app.log", 3600)
     finally:
         sampler.stop()
         stop_marked(marker)
@@ -178,7 +187,8 @@ def isolated_copy(work: Path, decorator_line: str = "@isolate()") -> Path:
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
     client = app / "pytorchexample" / "client_app.py"
     source = client.read_text()
-    source = source.replace("from flwr.clientapp import ClientApp\n", "from flwr.clientapp import ClientApp\n\nfrom fedgpu.flower import isolate\n")
+    source = source.replace("from flwr.clientapp import ClientApp\n",
+                            "from flwr.clientapp import ClientApp\n\nfrom fedgpu.flower import isolate\n")
     for decorator in ("@app.train()", "@app.evaluate()"):
         source = source.replace(f"{decorator}\n", f"{decorator}\n{decorator_line}\n")
     client.write_text(source)
@@ -194,11 +204,14 @@ def main() -> None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise SystemExit("app_rounds: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'") from None
+        raise SystemExit("app_rounds: the Simulation Engine needs flwr[simulation]: "
+                         ".venv/bin/pip install -e '.[bench]'") from None
     work = Path(tempfile.mkdtemp(prefix="fedgpu-bench-app-"))
     setups = {
-        "(a) Flower deployment, stock SuperNodes": lambda m: run_deployment(work / "deployment", args.nodes, args.rounds, m),
-        "(b) Flower Simulation Engine (Ray)": lambda m: run_simulation(work / "simulation", APP, args.nodes, args.rounds, m),
+        "(a) Flower deployment, stock SuperNodes": lambda m: run_deployment(
+            work / "deployment", args.nodes, args.rounds, m),
+        "(b) Flower Simulation Engine (Ray)": lambda m: run_simulation(
+            work / "simulation", APP, args.nodes, args.rounds, m),
         "(c) fedgpu run": lambda m: run_fedgpu(work / "fedgpu" / "run", args.nodes, args.rounds, m),
         "(d) Simulation Engine + @isolate() (zygote)": lambda m: run_simulation(
             work / "simulation-isolate", isolated_copy(work), args.nodes, args.rounds, m),
@@ -213,11 +226,12 @@ def main() -> None:
         later = result["rounds"][1:] or result["rounds"]
         ok = "yes" if result["code"] == 0 and len(result["rounds"]) == args.rounds else f"no (exit {result['code']})"
         rows.append([name, median(later), result["wall"], result["peak_pss_mib"], result["client_pss_mib"], ok])
-    body = table(["setup", "median round s (rounds 2+)", "wall s", "peak PSS MiB (all)", "peak PSS MiB (client side)", "completed"], rows)
+    body = table(["setup", "median round s (rounds 2+)", "wall s", "peak PSS MiB (all)", "peak PSS MiB (client side)",
+                  "completed"], rows)
     body += (
-        f"\n\n{args.nodes} nodes (virtual clients), {args.rounds} rounds of Flower's quickstart-pytorch with its data swapped for an "
-        "offline stand-in; FedAvg as the app has it (every node trains, half evaluate). Wall time includes start-up. "
-        "No GPU here: GPU memory at rest is not measured."
+        f"\n\n{args.nodes} nodes (virtual clients), {args.rounds} rounds of Flower's quickstart-pytorch with its data "
+        "swapped for an offline stand-in; FedAvg as the app has it (every node trains, half evaluate). "
+        "Wall time includes start-up. No GPU here: GPU memory at rest is not measured."
     )
     report("app_rounds", "A Flower app we did not write: four ways to run it", body, raw)
     if not args.keep:

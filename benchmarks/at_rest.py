@@ -26,7 +26,8 @@ FEDGPU = ROOT / ".venv" / "bin" / "fedgpu"
 
 
 def federation(run_dir: Path, shape: list[str], *extra: str) -> dict:
-    done = subprocess.run([str(ROOT / "run.sh"), *shape, "--run-dir", str(run_dir), *extra], capture_output=True, text=True)
+    done = subprocess.run([str(ROOT / "run.sh"), *shape, "--run-dir", str(run_dir), *extra], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         sys.exit(f"at_rest: ./run.sh {' '.join(shape + list(extra))} failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads((run_dir / "memory.json").read_text())
@@ -54,7 +55,8 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="fedgpu-at-rest-"))
     runs = {"mp": workdir / "mp", "in-process": workdir / "in-process"}
-    summaries = {"mp": federation(runs["mp"], args.shape), "in-process": federation(runs["in-process"], args.shape, "--no-mp")}
+    summaries = {"mp": federation(runs["mp"], args.shape),
+                 "in-process": federation(runs["in-process"], args.shape, "--no-mp")}
     mp, base = summaries["mp"], summaries["in-process"]
     with_gpu = mp["gpu_available"] and base["gpu_available"]
     rows = []
@@ -69,15 +71,17 @@ def main() -> None:
         rows.append(row)
     headers = ["round"]
     if with_gpu:
-        headers += ["GPU at rest, --mp (MiB)", "GPU at rest, in-process", "clients holding GPU, --mp", "clients holding GPU, in-process",
+        headers += ["GPU at rest, --mp (MiB)", "GPU at rest, in-process", "clients holding GPU, --mp",
+                    "clients holding GPU, in-process",
                     "GPU contexts at rest, --mp", "GPU contexts at rest, in-process"]
     headers += ["client nodes' RSS at rest, --mp (MiB)", "client nodes' RSS at rest, in-process", "in-process / --mp",
                 "all processes' RSS at rest, --mp", "all, in-process"]
     note = "" if with_gpu else f"\n\n{mp['note']}: the comparison is of host memory only.\n"
     body = (
-        f"`./run.sh {' '.join(args.shape)}` with `--mp` (zygote) and with `--no-mp`, one after the other. *At rest*: the "
-        "last sample after a round ended and before the next round's first message child (memory.json). RSS counts "
-        "shared pages in every process (torch's libraries among them).{note}\n\n".format(note=note)
+        f"`./run.sh {' '.join(args.shape)}` with `--mp` (zygote) and with `--no-mp`, one after the other. "
+        "*At rest*: the last sample after a round ended and before the next round's first message child "
+        "(memory.json). RSS counts shared pages in every process "
+        "(torch's libraries among them).{note}\n\n".format(note=note)
         + table(headers, rows)
     )
     report("at_rest", "Memory at rest between rounds: --mp against in-process", body,
@@ -90,17 +94,20 @@ def write_doc(path: Path, shape: list[str], runs: dict[str, Path], summaries: di
     def out(*argv: str) -> str:
         return subprocess.run([str(FEDGPU), *argv], capture_output=True, text=True, check=True).stdout.rstrip()
 
-    sections = [f"# GPU validation (issue 4)\n\n{machine()}\n\nCommand: `benchmarks/at_rest.py {' '.join(shape)} --doc {path}`\n", body]
+    sections = [f"# GPU validation (issue 4)\n\n{machine()}\n\n"
+                f"Command: `benchmarks/at_rest.py {' '.join(shape)} --doc {path}`\n", body]
     for name, run_dir in runs.items():
         sections.append(f"## {name}: `fedgpu report`\n\n```text\n{out('report', str(run_dir))}\n```")
-    sections.append(f"## Side by side: `fedgpu report MP IN_PROCESS`\n\n```text\n{out('report', str(runs['mp']), str(runs['in-process']))}\n```")
+    sections.append("## Side by side: `fedgpu report MP IN_PROCESS`\n\n"
+                    f"```text\n{out('report', str(runs['mp']), str(runs['in-process']))}\n```")
     keys = []
     for name, summary in summaries.items():
         rounds = summary["rounds"]
         peak = max(((r.get("gpu") or {}).get("peak_total_mib") or 0) for r in rounds)
         rest = [(r.get("gpu") or {}).get("at_rest_total_mib") for r in rounds]
         keys.append(f"- {name}: GPU peak {peak:.0f} MiB; GPU used at rest after each round {rest} MiB; "
-                    f"host RSS peak {max(r['host']['peak_total_mib'] for r in rounds):.0f} MiB (memory.png of {runs[name]})")
+                    f"host RSS peak {max(r['host']['peak_total_mib'] for r in rounds):.0f} MiB "
+                    f"(memory.png of {runs[name]})")
     sections.append("## memory.png, key numbers\n\n" + "\n".join(keys))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(sections) + "\n")

@@ -108,7 +108,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def report(name: str, title: str, body: str, raw: dict[str, Any], machine_line: str | None = None) -> None:
     """Print the markdown and write it, with the raw samples, under results/."""
-    text = f"# {title}\n\n{machine_line or machine()}\n\nCommand: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`\n\n{body}\n"
+    text = (f"# {title}\n\n{machine_line or machine()}\n\n"
+            f"Command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`\n\n{body}\n")
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text(text)

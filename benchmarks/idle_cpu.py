@@ -68,7 +68,8 @@ def measure(nodes: int, window: float, pace: str, work: Path) -> dict[str, float
             if zygote.poll() is not None:
                 raise RuntimeError(f"zygote exited; see {log.name}")
             time.sleep(0.2)
-        link = subprocess.Popen(superlink_command(ServerSettings(port=port)), env={**env, "FLWR_HOME": str(work / "link")},
+        link = subprocess.Popen(superlink_command(ServerSettings(port=port)),
+                                env={**env, "FLWR_HOME": str(work / "link")},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(link)
         if not wait_for_health(f"http://127.0.0.1:{port}/health", 60, alive=lambda: link.poll() is None):

@@ -89,8 +89,8 @@ def main() -> None:
                     index = len(nodes)
                     log = work / f"client-{index}.log"
                     node = subprocess.Popen(
-                        [str(BIN / "fedgpu"), "client", "--mp", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(index),
-                         "--num-partitions", str(max(counts)), "--zygote", zygote_dir],
+                        [str(BIN / "fedgpu"), "client", "--mp", "--superlink", f"127.0.0.1:{port}",
+                         "--partition-id", str(index), "--num-partitions", str(max(counts)), "--zygote", zygote_dir],
                         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                     )
                     nodes.append(node)
@@ -122,10 +122,11 @@ def main() -> None:
             zygote_pss = median(s["zygote"]["pss"] for s in samples)
             spare_uss = median(sum(m["uss"] for m in s["spare"]) for s in samples)
             total_pss = median(
-                sum(m["pss"] for m in s["nodes"] + s["spare"]) + s["zygote"]["pss"] + s["superlink"]["pss"] for s in samples
+                sum(m["pss"] for m in s["nodes"] + s["spare"]) + s["zygote"]["pss"] + s["superlink"]["pss"]
+                for s in samples
             )
-            rows.append([target, node_rss, node_max, node_pss, node_uss, zygote_rss, zygote_pss, spare_uss, total_pss / 1024,
-                         median(s["available_gib"] for s in samples)])
+            rows.append([target, node_rss, node_max, node_pss, node_uss, zygote_rss, zygote_pss, spare_uss,
+                         total_pss / 1024, median(s["available_gib"] for s in samples)])
     finally:
         for node in nodes:  # all at once: a hundred graceful exits one by one take minutes
             node.terminate()
@@ -148,9 +149,10 @@ def main() -> None:
         rows,
     )
     body += (
-        f"\n\nMedians over {args.samples} samples, {args.settle:g} s after the last node was ready. RSS counts every page "
-        "a process maps, shared ones included (libraries, and for the zygote its preloaded modules); PSS splits shared "
-        "pages among their users, so PSS sums to the memory really used; USS is what a process alone holds."
+        f"\n\nMedians over {args.samples} samples, {args.settle:g} s after the last node was ready. "
+        "RSS counts every page a process maps, shared ones included (libraries, and for the zygote its preloaded "
+        "modules); PSS splits shared pages among their users, so PSS sums to the memory really used; "
+        "USS is what a process alone holds."
     )
     report("idle_memory", "Idle memory of client nodes and the shared zygote", body, raw)
 

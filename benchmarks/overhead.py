@@ -55,7 +55,8 @@ from common import child_pids, median, report, table  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_DATASETS_OFFLINE": "1",
+         "HF_HUB_OFFLINE": "1"}
 
 
 def train_call(arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -169,7 +170,8 @@ def flower_run(mode: str, messages: int, weights: Path, work_dir: Path) -> list[
     log = open(work_dir / f"{slug}.log", "w")
     zygote_dir = None
     try:
-        processes.append(subprocess.Popen(superlink_command(server), env=env_server, stdout=log, stderr=subprocess.STDOUT))
+        processes.append(subprocess.Popen(superlink_command(server), env=env_server, stdout=log,
+                                          stderr=subprocess.STDOUT))
         if not wait_for_health(f"http://127.0.0.1:{port}/health", 60, alive=lambda: processes[0].poll() is None):
             raise RuntimeError(f"SuperLink did not start; see {log.name}")
         superlink = f"127.0.0.1:{port}"
@@ -180,7 +182,8 @@ def flower_run(mode: str, messages: int, weights: Path, work_dir: Path) -> list[
                        "--node-config", "partition-id=0 num-partitions=10"]
             match = "flwr-clientapp"
         else:
-            command = [str(BIN / "fedgpu"), "client", "--superlink", superlink, "--partition-id", "0", "--num-partitions", "10"]
+            command = [str(BIN / "fedgpu"), "client", "--superlink", superlink, "--partition-id", "0",
+                       "--num-partitions", "10"]
             if mode == "fedgpu-none":
                 command.append("--no-mp")
             else:
@@ -204,7 +207,8 @@ def flower_run(mode: str, messages: int, weights: Path, work_dir: Path) -> list[
             watcher.start()
         out = work_dir / f"{slug}.json"
         config = f'messages={messages} weights="{weights}" out="{out}"'
-        subprocess.run([str(BIN / "flwr"), "run", str(HERE / "flower_app"), "fedgpu", "--run-config", config, "--stream"],
+        subprocess.run([str(BIN / "flwr"), "run", str(HERE / "flower_app"), "fedgpu", "--run-config", config,
+                        "--stream"],
                        env=env_server, stdout=log, stderr=subprocess.STDOUT, timeout=3600, check=False)
         if watcher:
             time.sleep(1.0)  # let the last child's exit be seen
@@ -215,7 +219,8 @@ def flower_run(mode: str, messages: int, weights: Path, work_dir: Path) -> list[
                 raise RuntimeError(f"{mode}: message {entry['index']} failed: {entry['error']}")
             pid = int(entry["pid"])
             entry["lifetime"] = watcher.lifetime(pid) if watcher else None
-        print(f"flower {label}: {median(e['round-trip'] for e in results):.2f} s round trip", file=sys.stderr, flush=True)
+        print(f"flower {label}: {median(e['round-trip'] for e in results):.2f} s round trip", file=sys.stderr,
+              flush=True)
         return results
     finally:
         for proc in reversed(processes):
@@ -246,7 +251,8 @@ def main() -> None:
         wall = median(r["wall"] for r in core[mode])
         rows.append([mode, wall, wall - warm, median(r["wall"] - r["work"] for r in core[mode])])
     zygote_overhead = rows[2][2]
-    part1 = table(["mode", "call s (median)", "overhead s (call - warm work)", "child start + transfer s (call - work inside)"], rows)
+    part1 = table(["mode", "call s (median)", "overhead s (call - warm work)",
+                   "child start + transfer s (call - work inside)"], rows)
 
     work_dir = Path(tempfile.mkdtemp(prefix="fedgpu-bench-overhead-"))
     weights = work_dir / "weights.npz"
@@ -271,10 +277,11 @@ def main() -> None:
             median(e["round-trip"] for e in results),
             median(e["round-trip"] - e["work-seconds"] for e in results),
         ])
-    ratio = overheads["flower-subprocess"] / overheads["fedgpu-zygote"] if overheads["fedgpu-zygote"] > 0 else float("inf")
+    ratio = (overheads["flower-subprocess"] / overheads["fedgpu-zygote"] if overheads["fedgpu-zygote"] > 0
+             else float("inf"))
     part2 = table(
-        ["node", "message process lifetime s", "node's call s (start -> reply -> reaped)", "overhead s (cost - warm work)",
-         "work inside s", "server round trip s", "round trip - work inside s"],
+        ["node", "message process lifetime s", "node's call s (start -> reply -> reaped)",
+         "overhead s (cost - warm work)", "work inside s", "server round trip s", "round trip - work inside s"],
         rows2,
     )
     body = (
@@ -282,10 +289,12 @@ def main() -> None:
         f"Medians of {args.calls} calls. **zygote overhead: {zygote_overhead:.3f} s per call** "
         f"(spawn: {rows[1][2]:.2f} s, {rows[1][2] / zygote_overhead:.0f}x more).\n\n"
         "## 2. Inside Flower (one node, sequential train messages)\n\n" + part2 +
-        f"\n\nWarm work in the node (fedgpu-none after its first message): {node_warm:.3f} s. Medians of {args.messages} messages. "
+        f"\n\nWarm work in the node (fedgpu-none after its first message): {node_warm:.3f} s. "
+        f"Medians of {args.messages} messages. "
         f"**Flower's default subprocess isolation costs {overheads['flower-subprocess']:.2f} s per message, "
         f"{ratio:.0f}x the zygote's {overheads['fedgpu-zygote']:.3f} s.** "
-        f"**Round trip minus the work inside, fedgpu-zygote: {_beyond_work(flower['fedgpu-zygote']):.2f} s per message; "
+        "**Round trip minus the work inside, fedgpu-zygote: "
+        f"{_beyond_work(flower['fedgpu-zygote']):.2f} s per message; "
         f"at Flower's pace (FEDGPU_NODE_PACE=flower: 3 s idle pulls, 0.5 s reply turns, 3 s ServerApp pulls): "
         f"{_beyond_work(flower['fedgpu-zygote' + FLOWER_PACE]):.2f} s.** flower-subprocess is Flower's own "
         "SuperNode (its own pace) under the same SuperLink, whose ServerApp pulls are paced."

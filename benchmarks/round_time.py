@@ -53,9 +53,10 @@ def read_rounds(run_dir: Path) -> list[dict[str, str]]:
 def run_fedgpu(run_dir: Path, clients: int, sampled: int, rounds: int, task: list[str], pace: str = "") -> float:
     started = time.perf_counter()
     done = subprocess.run(
-        [str(ROOT / "launchers" / "federation.sh"), str(clients), str(clients), str(sampled), str(rounds), "--run-dir", str(run_dir),
-         *task],
-        env={**os.environ, **QUIET, **({"FEDGPU_NODE_PACE": pace} if pace else {})}, capture_output=True, text=True, timeout=3600,
+        [str(ROOT / "launchers" / "federation.sh"), str(clients), str(clients), str(sampled), str(rounds),
+         "--run-dir", str(run_dir), *task],
+        env={**os.environ, **QUIET, **({"FEDGPU_NODE_PACE": pace} if pace else {})}, capture_output=True, text=True,
+        timeout=3600,
     )
     if done.returncode != 0:
         raise RuntimeError(f"fedgpu run failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -97,10 +98,12 @@ def round_breakdown(run_dir: Path) -> list[list]:
         for pid in pids:
             if ("child-start", pid) in kids and ("child-end", pid) in kids:
                 add("send + node pickup (round start -> child started)", kids[("child-start", pid)] - start)
-                add("child: start, work, weights back (per message)", kids[("child-end", pid)] - kids[("child-start", pid)])
+                add("child: start, work, weights back (per message)",
+                    kids[("child-end", pid)] - kids[("child-start", pid)])
                 client = ends[pid].get("client")
                 if client in replies:
-                    add("reply stored at the node (child end -> message-end)", replies[client] - kids[("child-end", pid)])
+                    add("reply stored at the node (child end -> message-end)",
+                        replies[client] - kids[("child-end", pid)])
         evaluation = [e for e in mine if e.get("role") == "server-child" and e.get("message") == "server-evaluate"]
         if replies and evaluation:
             add("last reply -> evaluation starts (push, ServerApp pull, aggregation)",
@@ -115,7 +118,8 @@ def run_simulation(run_dir: Path, clients: int, sampled: int, rounds: int, task:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise SystemExit("round_time: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'") from None
+        raise SystemExit("round_time: the Simulation Engine needs flwr[simulation]: "
+                         ".venv/bin/pip install -e '.[bench]'") from None
     run_dir.mkdir(parents=True)
     home = run_dir / "flwr-home"
     home.mkdir()
@@ -130,7 +134,8 @@ def run_simulation(run_dir: Path, clients: int, sampled: int, rounds: int, task:
     started = time.perf_counter()
     try:
         with open(run_dir / "simulation.log", "w") as log:
-            subprocess.run([str(BIN / "flwr"), "run", str(run_dir / "app"), "local", "--federation-config", federation, "--stream"],
+            subprocess.run([str(BIN / "flwr"), "run", str(run_dir / "app"), "local", "--federation-config", federation,
+                            "--stream"],
                            env=env, stdout=log, stderr=subprocess.STDOUT, timeout=3600, check=False)
         elapsed = time.perf_counter() - started
     finally:
@@ -148,7 +153,8 @@ def main() -> None:
     parser.add_argument("--sampled", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--task", default="digits", choices=("digits", "cifar10"))
-    parser.add_argument("--train-examples", type=int, default=2560, help="cifar10: local examples in all (split over clients)")
+    parser.add_argument("--train-examples", type=int, default=2560,
+                        help="cifar10: local examples in all (split over clients)")
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedgpu-bench-rounds-"))
@@ -156,11 +162,14 @@ def main() -> None:
     if args.task == "cifar10":
         import workload_data
 
-        task = ["--task", "cifar10", "--data-files", str(workload_data.cifar10(work / "cifar10", train=args.train_examples, test=500))]
+        task = ["--task", "cifar10", "--data-files",
+                str(workload_data.cifar10(work / "cifar10", train=args.train_examples, test=500))]
     walls = {
         "fedgpu --mp (zygote)": run_fedgpu(work / "fedgpu", args.clients, args.sampled, args.rounds, task),
-        "Flower Simulation Engine (Ray)": run_simulation(work / "simulation", args.clients, args.sampled, args.rounds, task),
-        "fedgpu at Flower's pace (before)": run_fedgpu(work / "flower-pace", args.clients, args.sampled, args.rounds, task, "flower"),
+        "Flower Simulation Engine (Ray)": run_simulation(
+            work / "simulation", args.clients, args.sampled, args.rounds, task),
+        "fedgpu at Flower's pace (before)": run_fedgpu(
+            work / "flower-pace", args.clients, args.sampled, args.rounds, task, "flower"),
     }
     rows, raw, medians = [], {}, {}
     for (name, wall), directory in zip(walls.items(), ("fedgpu", "simulation", "flower-pace")):
@@ -172,7 +181,8 @@ def main() -> None:
     names = list(walls)
     ratio = medians[names[0]] / medians[names[1]]
     before = medians[names[2]] / medians[names[1]]
-    body = table(["runtime", *[f"round {r + 1} s" for r in range(args.rounds)], "median round s", "wall s (all)", "final accuracy"], rows)
+    body = table(["runtime", *[f"round {r + 1} s" for r in range(args.rounds)], "median round s", "wall s (all)",
+                  "final accuracy"], rows)
     body += (
         f"\n\n{args.clients} clients, {args.sampled} sampled per round, {args.rounds} rounds of {args.task}"
         f"{' (local stand-in data, ' + str(args.train_examples) + ' training examples in all)' if task else ''}, "
@@ -182,7 +192,8 @@ def main() -> None:
     )
     body += "\n\nWhere a fedgpu round goes (medians; from the run's events.jsonl):\n\n" + table(
         ["span", "seconds"], round_breakdown(work / "fedgpu"))
-    report("round_time" + ("" if args.task == "digits" else f"_{args.task}"), "Round wall time: fedgpu against Flower's Simulation Engine", body, raw)
+    report("round_time" + ("" if args.task == "digits" else f"_{args.task}"),
+           "Round wall time: fedgpu against Flower's Simulation Engine", body, raw)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -75,11 +75,13 @@ class PssSampler(threading.Thread):
         return max(window), min(window)
 
 
-def stream(command: list[str], env: dict[str, str], log: Path, mark: str, timeout: float = 3600) -> tuple[list[float], float, int]:
+def stream(command: list[str], env: dict[str, str], log: Path, mark: str,
+           timeout: float = 3600) -> tuple[list[float], float, int]:
     """Run ``command``; the times its round lines (those with ``mark``) reached us, its end, its exit code."""
     marks: list[float] = []
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=log.parent)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=log.parent)
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout
         for line in proc.stdout:
@@ -134,7 +136,8 @@ def ray_digits(work: Path, clients: int, sampled: int, rounds: int, num_cpus: in
     name = f"ray-digits-{clients}-cpus{num_cpus}-{uuid.uuid4().hex[:6]}"
     run_dir = work / name
     run_dir.mkdir(parents=True)
-    write_app(run_dir / "app", RunSettings(num_rounds=rounds, min_clients=clients, sampled=sampled, run_dir=str(run_dir)))
+    write_app(run_dir / "app",
+              RunSettings(num_rounds=rounds, min_clients=clients, sampled=sampled, run_dir=str(run_dir)))
     env = local_simulation_env(run_dir / "flwr-home")
     federation = f"num-supernodes={clients} client-resources-num-cpus={num_cpus} client-resources-num-gpus=0.0"
     return _measured(name, work, [str(BIN / "flwr"), "run", str(run_dir / "app"), "local", "--federation-config",
@@ -146,21 +149,22 @@ def ray_app(work: Path, nodes: int, rounds: int, num_cpus: int) -> dict:
     env = local_simulation_env(work / f"{name}-home")
     federation = f"num-supernodes={nodes} client-resources-num-cpus={num_cpus} client-resources-num-gpus=0.0"
     return _measured(name, work, [str(BIN / "flwr"), "run", str(APP), "local", "--federation-config", federation,
-                                  "--stream", "--run-config", f"num-server-rounds={rounds}"], env, rounds, from_metrics=None,
-                     memory=False)
+                                  "--stream", "--run-config", f"num-server-rounds={rounds}"],
+                     env, rounds, from_metrics=None, memory=False)
 
 
 def fedgpu_digits(work: Path, clients: int, sampled: int, rounds: int, *extra: str, memory: bool = False) -> dict:
     name = f"fedgpu-digits-{clients}{'-sim' if '--simulation' in extra else ''}-{uuid.uuid4().hex[:6]}"
     run_dir = work / name
-    command = [str(ROOT / "run.sh"), str(clients), str(clients), str(sampled), str(rounds), "--run-dir", str(run_dir), *extra]
+    command = [str(ROOT / "run.sh"), str(clients), str(clients), str(sampled), str(rounds), "--run-dir", str(run_dir),
+               *extra]
     return _measured(name, work, command, {**os.environ, **QUIET}, rounds, from_metrics=run_dir, memory=memory)
 
 
 def fedgpu_app(work: Path, nodes: int, rounds: int, *extra: str) -> dict:
     name = f"fedgpu-quickstart{'-sim' if '--simulation' in extra else ''}-{uuid.uuid4().hex[:6]}"
-    command = [str(BIN / "fedgpu"), "run", str(APP), "--nodes", str(nodes), "--run-config", f"num-server-rounds={rounds}",
-               "--run-dir", str(work / name), *extra]
+    command = [str(BIN / "fedgpu"), "run", str(APP), "--nodes", str(nodes),
+               "--run-config", f"num-server-rounds={rounds}", "--run-dir", str(work / name), *extra]
     return _measured(name, work, command, {**os.environ, **QUIET}, rounds, from_metrics=None, memory=False)
 
 
@@ -206,7 +210,8 @@ def combined(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-deployment", action="store_true", help="leave out fedgpu's deployment mode in (a) and (b)")
+    parser.add_argument("--skip-deployment", action="store_true",
+                        help="leave out fedgpu's deployment mode in (a) and (b)")
     parser.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these parts")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setup in (a) and (b), interleaved")
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
@@ -214,7 +219,8 @@ def main() -> None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise SystemExit("sim_rounds: the Simulation Engine needs flwr[simulation]: .venv/bin/pip install -e '.[bench]'") from None
+        raise SystemExit("sim_rounds: the Simulation Engine needs flwr[simulation]: "
+                         ".venv/bin/pip install -e '.[bench]'") from None
     parts = args.only or ["a", "b", "c"]
     cores = len(os.sched_getaffinity(0))
     ours = f"fedgpu --simulation --workers {cores}"
@@ -222,7 +228,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedgpu-bench-sim-"))
     results: dict[str, dict[str, dict]] = {}
     body, lines = "", []
-    headers = ["runtime", "round seconds (each run)", "median round s (2+)", "wall s", "peak PSS MiB", "at-rest PSS MiB"]
+    headers = ["runtime", "round seconds (each run)", "median round s (2+)", "wall s", "peak PSS MiB",
+               "at-rest PSS MiB"]
 
     def rows(part: dict[str, dict]) -> list[list]:
         def seconds(r: dict) -> str:
@@ -278,7 +285,8 @@ def main() -> None:
                  f"{messages * first:.2f} CPU s a round for the data alone, against {ray_round * cores:.2f} CPU s that "
                  f"{cores} cores give in Ray's median round. No runtime that runs every message in a fresh process "
                  f"can go below {bound:.2f}x on this app, unchanged.\n\n")
-        lines.append(f"quickstart-pytorch: least ratio for a fresh process per message (dataset built in each) = {bound:.2f}x")
+        lines.append("quickstart-pytorch: least ratio for a fresh process per message (dataset built in each) = "
+                     f"{bound:.2f}x")
     if "c" in parts:
         part = results["1000 clients"] = {}
         part["Simulation Engine (Ray), num-cpus=1"] = ray_digits(work, 1000, 10, 3, 1, memory=True)
@@ -288,13 +296,15 @@ def main() -> None:
                  f"\n\nfedgpu --simulation's wall time is {fedgpu_side['wall'] / ray_side['wall']:.2f}x plain Ray's; "
                  f"its median round {fedgpu_side['median'] / ray_side['median']:.2f}x. PSS: every process of the run, "
                  "summed, sampled every 0.25 s from round 1 to the end (at rest: the lowest sample).\n\n")
-        lines.append(f"1000 clients: fedgpu --simulation / plain Ray wall time = {fedgpu_side['wall'] / ray_side['wall']:.2f}x")
+        lines.append("1000 clients: fedgpu --simulation / plain Ray wall time = "
+                     f"{fedgpu_side['wall'] / ray_side['wall']:.2f}x")
     # The last lines: one per workload, the ratio the goal is set on (R <= 1.0).
     for workload in ("digits", "quickstart-pytorch"):
         if workload in results:
             part = results[workload]
             best = part["Simulation Engine, num-cpus=1 (best here)"]["median"]
-            lines.append(f"{workload}: fedgpu --simulation / Simulation Engine median round = {part[ours]['median'] / best:.2f}x")
+            lines.append(f"{workload}: fedgpu --simulation / Simulation Engine median round = "
+                         f"{part[ours]['median'] / best:.2f}x")
     body += "\n".join(lines)
     report("sim_rounds", "Simulation mode against the Simulation Engine (Ray) and deployment mode", body, results)
     print("\n".join(lines))

@@ -55,7 +55,8 @@ def main() -> None:
             run_dir = base / f"run-{task}"
             command = [str(ROOT / "run.sh"), str(args.clients), str(args.clients), str(args.sampled), str(args.rounds),
                        "--task", task, "--local-epochs", "1", "--run-dir", str(run_dir), *options(base)]
-            done = subprocess.run(command, capture_output=True, text=True, env={**__import__("os").environ, **env_cache})
+            done = subprocess.run(command, capture_output=True, text=True,
+                                  env={**__import__("os").environ, **env_cache})
             if done.returncode != 0:
                 sys.exit(f"{task}: run.sh exited {done.returncode}\n{done.stderr[-3000:]}")
             with open(run_dir / "metrics.csv") as handle:

@@ -110,10 +110,12 @@ def main() -> None:
             raw[str(megabytes)] = samples
             wire_s, pipe_s, call_s = (median(samples[k]) for k in ("wire", "pipe", "zygote_call"))
             gb = megabytes / 1000
-            rows.append([megabytes, wire_s, gb / wire_s, pipe_s, gb / pipe_s, f"{pipe_s / wire_s:.1f}x", call_s, 2 * gb / call_s])
+            rows.append([megabytes, wire_s, gb / wire_s, pipe_s, gb / pipe_s, f"{pipe_s / wire_s:.1f}x", call_s,
+                         2 * gb / call_s])
             print(f"{megabytes} MB done", file=sys.stderr, flush=True)
     body = table(
-        ["MB", "wire s", "wire GB/s", "mp.Pipe s", "mp.Pipe GB/s", "wire vs Pipe", "zygote call in+out s", "call GB/s (in+out)"],
+        ["MB", "wire s", "wire GB/s", "mp.Pipe s", "mp.Pipe GB/s", "wire vs Pipe", "zygote call in+out s",
+         "call GB/s (in+out)"],
         rows,
     )
     body += (
