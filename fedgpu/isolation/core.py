@@ -54,7 +54,7 @@ class Outcome:
 
     @property
     def gpu_peak_bytes(self) -> int:
-        """The child's peak GPU memory, if it was given a GPU to measure: the fact ``fedgpu.nvml.measure`` adds."""
+        """The child's peak GPU memory, if it was given a GPU to measure: the fact GPU placement registers."""
         return int(self.facts.get("gpu_peak_bytes", 0))
 
 

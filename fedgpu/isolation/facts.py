@@ -3,7 +3,7 @@
 The core measures what every child has (its work time, its peak RSS); a layer
 that knows more registers a function for it, as the Flower integration
 registers its reducers with ``wire.register_reducer``, so the core never
-imports that layer: ``fedgpu.nvml.measure`` registers ``gpu_peak_bytes``.
+imports that layer: GPU placement (``fedgpu.nvml.placement``) registers ``gpu_peak_bytes``.
 
 The hooks registered in the parent travel with each call (by reference: the
 child imports the module that defines them), so a child measures them

@@ -4,8 +4,8 @@ Only a child that placement gave a GPU (``FEDGPU_GPU`` in its environment)
 measures: NVML's view of this pid now, plus what torch's caching allocator held
 at its peak beyond what it holds now. This is the figure admission control
 learns a task's estimate from. It reaches the parent as a child fact
-(``fedgpu.isolation.facts``), registered when this module is imported: every
-isolated child of a process that imported it (placement does) reports it.
+(``fedgpu.isolation.facts``), which placement registers: every isolated child
+of a process that places children reports it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import sys
 
-from fedgpu.isolation.facts import register_child_fact
 from fedgpu.names import FEDGPU_GPU
 
 # Where NVML cannot see our pid (a container's own pid namespace): what a CUDA
@@ -51,6 +50,3 @@ def _measure() -> int:
         held = torch.cuda.memory_reserved() + CONTEXT_ALLOWANCE_BYTES
     return held + above_now
 
-
-# Every child started by a process that imported this (placement does) reports its peak as a fact.
-register_child_fact("gpu_peak_bytes", gpu_peak_bytes)

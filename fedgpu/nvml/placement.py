@@ -28,8 +28,10 @@ from typing import Any
 import psutil
 
 from fedgpu.errors import FedgpuError
+from fedgpu.isolation.facts import register_child_fact
 from fedgpu.names import ENV_ESTIMATE, ENV_GPUS, ENV_LEDGER, ENV_POLICY, ENV_TIMEOUT, FEDGPU_GPU
 from fedgpu.nvml.devices import MIB, GpuState, Nvml, open_nvml
+from fedgpu.nvml.measure import gpu_peak_bytes
 from fedgpu.output import write_atomic
 
 POLICIES = ("free", "round-robin")
@@ -41,6 +43,10 @@ POLL_SECONDS = 0.25
 # Settings travel as environment variables too, so that every process of a run
 # (client nodes, the ServerApp's evaluation) places its children the same way.
 
+
+# Every child of a process that places children reports its own GPU peak: the ledger learns estimates from it.
+# Registered here, where it is needed, and explicitly: not as a side effect of importing the measurement.
+register_child_fact("gpu_peak_bytes", gpu_peak_bytes)
 
 class PlacementError(FedgpuError):
     """No child can be placed: bad settings, or a request no GPU could ever hold."""
