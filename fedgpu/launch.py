@@ -26,6 +26,7 @@ from typing import Any
 from fedgpu.flower.internals.marks import SUPERNODE_REGISTERED_MARK
 from fedgpu.isolation.procs import group_alive, stop_groups, wait_until
 from fedgpu.names import APP_CHECKED_ENV, FLOWER_DEFAULTS, RUN_DIR_ENV, ZYGOTE_ENV
+from fedgpu.shape import DEFAULT_NODES, read_positional
 
 GRACE_SECONDS = 5.0
 SERVER_GRACE_SECONDS = 8.0  # the server writes the reports of a stopped run (memory.png too) before it exits
@@ -324,42 +325,6 @@ def _last_line(path: Path) -> str:
 
 # -- checking `fedgpu run` ----------------------------------------------------------
 
-DEFAULT_NODES = 10
-MAX_COUNT = 999_999
-SHAPE = (("clients", "nodes"), ("min", "min_clients"), ("sampled", "sampled"), ("rounds", "rounds"))
-
-
-def _read_positional(values: dict[str, Any], given: set[str], *, numbers_only: bool) -> None:
-    """``[APP_DIR | CLIENTS [MIN [SAMPLED [ROUNDS]]]]`` into the options they stand for.
-
-    Numbers are read as text (no wrap-around, no silent default). Under run.sh
-    (``numbers_only``) every positional is a number: an app comes with --app.
-    """
-    from fedgpu.errors import BadInput
-
-    positional = list(values.pop("positional", ()))
-    if positional and not numbers_only and not values.get("app_dir") and not positional[0].isdigit():
-        values["app_dir"] = positional.pop(0)
-        given.add("app_dir")
-    if len(positional) > len(SHAPE):
-        raise BadInput(f"too many arguments: expected at most <clients> <min> <sampled> <rounds>, got {' '.join(positional)}")
-    if values.get("app_dir") and len(positional) > 1:
-        raise BadInput("with an app give only <clients>: the app's own config decides sampling and rounds (change it with --run-config)")
-    for text, (name, option) in zip(positional, SHAPE):
-        if option in given:
-            raise BadInput(f"{name} given twice: as a number and as --{option.replace('_', '-')}")
-        if not text.isdigit() or int(text) < 1:
-            raise BadInput(f"{name} must be a whole number >= 1, got {text!r}")
-        if len(text.lstrip("0")) > len(str(MAX_COUNT)) or int(text) > MAX_COUNT:
-            raise BadInput(f"{name} must be at most {MAX_COUNT}, got {text!r}")
-        values[option] = int(text)
-        given.add(option)
-    if not values.get("app_dir"):  # run.sh's defaults: 10 10 5 3, and min and sampled within clients
-        nodes = values["nodes"] or DEFAULT_NODES
-        for name, option in SHAPE[1:3]:
-            if values[option] is not None and values[option] > nodes:
-                raise BadInput(f"{name} ({values[option]}) must not exceed clients ({nodes})")
-
 
 def plan_run(
     options: dict[str, Any],
@@ -385,7 +350,7 @@ def plan_run(
     from fedgpu.run_dir import prepare_run_dir
 
     values = dict(options)
-    _read_positional(values, given, numbers_only=prog != "fedgpu")
+    read_positional(values, given, numbers_only=prog != "fedgpu")
     mp, app_dir, simulated = bool(values["mp"]), values.get("app_dir"), bool(values.get("simulation"))
     _check_simulation_options(values, given, simulated)
     task_only = {"rounds", "min_clients", "sampled", "eval_sampled", "task", "lr", "lr_decay", "local_epochs", "batch_size",
