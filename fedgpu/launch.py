@@ -144,7 +144,8 @@ class Launcher:
         try:
             return self._run()
         except Stopping as stopped:
-            self.warn(f"{self.plan.prog}: {stopped} received, stopping the federation")
+            what = {"server": "the server", "nodes": "this host's client nodes"}.get(self.plan.role, "the federation")
+            self.warn(f"{self.plan.prog}: {stopped} received, stopping {what}")
             received = stopped.signum
             return 128 + stopped.signum
         except RunEnded as ended:
@@ -251,12 +252,11 @@ class Launcher:
             return  # no SuperLink to wait for: the server hosts the simulation
         from fedgpu.flower.internals import EXIT_PORT_TAKEN
         from fedgpu.names import RUN_TOKEN_ENV
-        from fedgpu.net import wait_for_health
+        from fedgpu.net import reach_host, wait_for_health
 
         scheme = "https" if self.certs is not None else "http"
         ca = str(self.certs / "ca.crt") if self.certs is not None else None
-        probe = plan.host if plan.host not in ("0.0.0.0", "::", "localhost") else "127.0.0.1"
-        if not wait_for_health(f"{scheme}://{probe}:{plan.port}/health", READY_TIMEOUT_SECONDS,
+        if not wait_for_health(f"{scheme}://{reach_host(plan.host)}:{plan.port}/health", READY_TIMEOUT_SECONDS,
                                alive=lambda: self.server.poll() is None, ca_file=ca, token=os.environ[RUN_TOKEN_ENV]):
             code = self.server.wait(GRACE_SECONDS) if self.server.poll() is not None else 1
             if code == EXIT_PORT_TAKEN:  # another run (or program) bound the port first
@@ -476,8 +476,11 @@ def plan_run(
     # processes carry it, its logs go to --log-dir.
     log_dir = Path(values["log_dir"]).absolute() if values.get("log_dir") else None
     if not values["check"]:
+        # A Slurm job makes its certificates in the run directory before its server's step starts, and marks the
+        # steps' processes with that directory: the directory is this run's, as `fedgpu server` reads it.
+        ours = role == "server" and os.environ.get(RUN_DIR_ENV) == str(run_dir)
         prepare_run_dir((log_dir or run_dir) if role == "nodes" else run_dir, umask=values["umask"],
-                        force=bool(values["force"]))
+                        force=bool(values["force"]), ours=ours)
     placement = {name: values[name] for name in ("gpus", "placement", "gpu_mem", "admission_timeout")}
     node_values = {**placement, "mp": mp, "isolation": values["isolation"], "node_config": values["node_config"],
                    "timeout": values["timeout"], "task": None if app_dir else values["task"]}
