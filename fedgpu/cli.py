@@ -199,6 +199,18 @@ def cli() -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="SuperLink port [default: a free one].")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Output directory [default: runs/<timestamp>].")
 @click.option("--tls", is_flag=True, help="TLS and SuperNode authentication on 127.0.0.1 (certificates in RUN_DIR/certs).")
+@click.option("--role", type=click.Choice(["all", "server", "nodes"]), default="all",
+              help="all: the whole federation on this host; server: the SuperLink and the run (its reports), no client "
+                   "node; nodes: this host's zygote and client nodes (--partitions) for another host's --superlink.")
+@click.option("--host", default=None, help="Address the SuperLink listens on, e.g. 0.0.0.0 with --role server [default: 127.0.0.1].")
+@click.option("--superlink", default=None, metavar="HOST:PORT", help="With --role nodes: the server's SuperLink.")
+@click.option("--partitions", default=None, metavar="I,J,...",
+              help="With --role nodes: the partition ids (below CLIENTS) of the client nodes to start here [default: all].")
+@click.option("--log-dir", type=click.Path(file_okay=False), default=None,
+              help="With --role nodes: where the zygote and the client nodes log [default: RUN_DIR].")
+@click.option("--certs", type=click.Path(file_okay=False), default=None,
+              help="With --role server or nodes: TLS and SuperNode authentication with the certificates and keys that "
+                   "launchers/make-certs.sh made in this directory.")
 @click.option("--force", is_flag=True,
               help="Start even when this host seems too small for the client nodes, or --run-dir holds a run (its outputs are replaced).")
 @umask_option

@@ -6,6 +6,11 @@ the leader of a process group of its own and dies with us (parent-death
 signal); on exit, Ctrl-C or TERM every group gets TERM, a grace period, then
 KILL. fedgpu's own tasks and any Flower app directory are served the same way:
 only the server's submission and the zygote's warm-up differ.
+
+A role splits the federation over hosts (a Slurm job's steps): ``--role server``
+starts the SuperLink and the run only; ``--role nodes`` the host's zygote and
+some of the client nodes, against another host's SuperLink. Each owns what it
+starts as the whole run does.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 from fedgpu.flower.internals.marks import SUPERNODE_REGISTERED_MARK
 from fedgpu.isolation.procs import group_alive, stop_groups, wait_until
 from fedgpu.names import APP_CHECKED_ENV, FLOWER_DEFAULTS, RUN_DIR_ENV, ZYGOTE_ENV
+from fedgpu.shape import DEFAULT_NODES, read_positional
 
 GRACE_SECONDS = 5.0
 SERVER_GRACE_SECONDS = 8.0  # the server writes the reports of a stopped run (memory.png too) before it exits
@@ -53,8 +59,31 @@ class LaunchPlan:
     prog: str = "fedgpu"  # how messages name us: "run.sh" when run.sh called
     simulated: bool = False  # --simulation: the server hosts `nodes` virtual nodes; no client process, no SuperLink
     workers: int = 0  # --simulation: messages in flight at once
+    role: str = "all"  # all: everything here; server: the SuperLink and the run; nodes: the zygote and client nodes
+    host: str = "127.0.0.1"  # where the SuperLink listens
+    superlink: str = ""  # --role nodes: the SuperLink its client nodes connect to
+    partitions: list[int] | None = None  # --role nodes: the partition ids of the client nodes started here
+    log_dir: Path | None = None  # --role nodes: where the zygote and the client nodes log [default: run_dir]
+    certs: Path | None = None  # --role server or nodes: certificates made beforehand (--certs)
+
+    @property
+    def logs(self) -> Path:
+        return self.log_dir or self.run_dir
+
+    def node_ids(self) -> list[int]:
+        """The partition ids of the client nodes this launcher starts."""
+        if self.role == "server" or self.simulated:
+            return []
+        return list(range(self.nodes)) if self.partitions is None else list(self.partitions)
 
     def describe(self) -> str:
+        if self.role == "server":
+            return (f"server for {self.what} ({self.nodes} client nodes) on {self.host}:{self.port}; "
+                    f"run directory {self.run_dir}")
+        if self.role == "nodes":
+            ids = ",".join(map(str, self.node_ids()))
+            return (f"{len(self.node_ids())} client nodes (partitions {ids} of {self.nodes}) for {self.what} "
+                    f"on SuperLink {self.superlink}; logs in {self.logs}")
         if self.simulated:
             return (f"simulation of {self.nodes} virtual clients for {self.what}, {self.workers} messages at once; "
                     f"run directory {self.run_dir}")
@@ -115,7 +144,8 @@ class Launcher:
         try:
             return self._run()
         except Stopping as stopped:
-            self.warn(f"{self.plan.prog}: {stopped} received, stopping the federation")
+            what = {"server": "the server", "nodes": "this host's client nodes"}.get(self.plan.role, "the federation")
+            self.warn(f"{self.plan.prog}: {stopped} received, stopping {what}")
             received = stopped.signum
             return 128 + stopped.signum
         except RunEnded as ended:
@@ -143,15 +173,24 @@ class Launcher:
         os.environ[PRIVATE_DIR_ENV] = self.private_dir
         if plan.tls:
             self._make_certs()
+        self.certs = plan.certs or self.certs
         self.say(f"{plan.prog}: {plan.describe()}")
-        # The SuperLink rings a node here when it stores a message for it (no 3 s polling floor).
-        self.doorbells = subdir(self.private_dir, "bells")
-        os.environ[DOORBELLS_ENV] = self.doorbells
-        if plan.zygote_args:
+        if plan.role == "all":
+            # The SuperLink rings a node here when it stores a message for it (no 3 s polling floor).
+            self.doorbells = subdir(self.private_dir, "bells")
+            os.environ[DOORBELLS_ENV] = self.doorbells
+        if plan.zygote_args and plan.role != "server":
             self._start_zygote()
-        self._start_server()
+        if plan.role != "nodes":
+            self._start_server()
         if plan.simulated:
             self.say(f"{plan.prog}: simulation started; logs in {plan.run_dir}")
+        elif plan.role == "server":
+            self.say(f"{plan.prog}: server started; logs in {plan.run_dir}")
+        elif plan.role == "nodes":
+            self._start_nodes()
+            self.say(f"{plan.prog}: {len(self.nodes)} client nodes started; logs in {plan.logs}")
+            return self._watch_nodes()
         else:
             self._start_nodes()
             self.say(f"{plan.prog}: server and {plan.nodes} client nodes started; logs in {plan.run_dir}")
@@ -162,7 +201,7 @@ class Launcher:
     def _spawn(self, argv: list[str], *, stdout: object, stderr: object, env: dict[str, str] | None = None) -> subprocess.Popen:
         # In the run directory: whatever an app writes to its working directory lands with the run's outputs.
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True, cwd=self.plan.run_dir,
+            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True, cwd=self.plan.logs,
             env=None if env is None else {**os.environ, **env},
         )
         self.groups.append(proc)
@@ -172,7 +211,7 @@ class Launcher:
         from fedgpu.output import OutputError, open_output
 
         try:
-            return open_output(self.plan.run_dir / name, "ab")
+            return open_output(self.plan.logs / name, "ab")
         except OutputError as err:
             raise RunEnded(1, str(err)) from None
 
@@ -213,11 +252,11 @@ class Launcher:
             return  # no SuperLink to wait for: the server hosts the simulation
         from fedgpu.flower.internals import EXIT_PORT_TAKEN
         from fedgpu.names import RUN_TOKEN_ENV
-        from fedgpu.net import wait_for_health
+        from fedgpu.net import reach_host, wait_for_health
 
         scheme = "https" if self.certs is not None else "http"
         ca = str(self.certs / "ca.crt") if self.certs is not None else None
-        if not wait_for_health(f"{scheme}://127.0.0.1:{plan.port}/health", READY_TIMEOUT_SECONDS,
+        if not wait_for_health(f"{scheme}://{reach_host(plan.host)}:{plan.port}/health", READY_TIMEOUT_SECONDS,
                                alive=lambda: self.server.poll() is None, ca_file=ca, token=os.environ[RUN_TOKEN_ENV]):
             code = self.server.wait(GRACE_SECONDS) if self.server.poll() is not None else 1
             if code == EXIT_PORT_TAKEN:  # another run (or program) bound the port first
@@ -237,22 +276,26 @@ class Launcher:
         # importing Flower at once on a small host starve the SuperLink, registrations
         # time out, and Flower's retry of a registration that did go through is refused.
         wave = (os.cpu_count() or 2) * WAVE_PER_CORE
-        for i in range(plan.nodes):
-            argv = [*fedgpu_command(), "client", "--superlink", f"127.0.0.1:{plan.port}", "--partition-id", str(i),
+        superlink = plan.superlink or f"127.0.0.1:{plan.port}"
+        ids = plan.node_ids()
+        for started, i in enumerate(ids, 1):
+            argv = [*fedgpu_command(), "client", "--superlink", superlink, "--partition-id", str(i),
                     "--num-partitions", str(plan.nodes), "--parent-pid", str(os.getpid()), *plan.node_args]
             if self.certs is not None:
                 argv += ["--root-certificates", str(self.certs / "ca.crt"), "--auth-private-key", str(self.certs / "nodes" / f"node-{i}")]
             with self._log(f"client-{i}.log") as log:
                 self.nodes.append(self._spawn(argv, stdout=log, stderr=subprocess.STDOUT))
-            if (i + 1) % wave == 0 and i + 1 < plan.nodes:
-                self._wait_registered(range(i + 1 - wave, i + 1), time.monotonic() + READY_TIMEOUT_SECONDS)
+            if started % wave == 0 and started < len(ids):
+                self._wait_registered(range(started - wave, started), time.monotonic() + READY_TIMEOUT_SECONDS)
 
     def registered(self, i: int) -> bool:
-        return SUPERNODE_REGISTERED_MARK in _read(self.plan.run_dir / f"client-{i}.log")
+        """Whether the client node of partition ``i`` has registered with the SuperLink."""
+        return SUPERNODE_REGISTERED_MARK in _read(self.plan.logs / f"client-{i}.log")
 
-    def _wait_registered(self, indices: range, deadline: float) -> None:
-        for i in indices:
-            while time.monotonic() < deadline and self.nodes[i].poll() is None and not self.registered(i):
+    def _wait_registered(self, positions: range, deadline: float) -> None:
+        ids = self.plan.node_ids()
+        for n in positions:
+            while time.monotonic() < deadline and self.nodes[n].poll() is None and not self.registered(ids[n]):
                 time.sleep(0.2)
 
     # -- watching -----------------------------------------------------------------
@@ -282,6 +325,18 @@ class Launcher:
         if code != 0:
             self.warn(f"{plan.prog}: run failed (exit {code}); logs in {plan.run_dir}: serverapp.log (the ServerApp), server.log")
         return code
+
+    def _watch_nodes(self) -> int:
+        """--role nodes: until stopped (TERM, INT); a client node never exits on its own, nor the zygote."""
+        logs = self.plan.logs
+        while True:
+            if self.zygote is not None and self.zygote.poll() is not None:
+                raise RunEnded(1, f"the zygote exited: {_last_line(logs / 'zygote.log')}; see {logs / 'zygote.log'}")
+            for i, node in zip(self.plan.node_ids(), self.nodes):
+                if node.poll() is not None:
+                    log = logs / f"client-{i}.log"
+                    raise RunEnded(1, f"client node {i} exited with {node.returncode}: {_last_line(log)}; see {log}")
+            time.sleep(WATCH_SECONDS)
 
     # -- stopping -----------------------------------------------------------------
 
@@ -324,42 +379,6 @@ def _last_line(path: Path) -> str:
 
 # -- checking `fedgpu run` ----------------------------------------------------------
 
-DEFAULT_NODES = 10
-MAX_COUNT = 999_999
-SHAPE = (("clients", "nodes"), ("min", "min_clients"), ("sampled", "sampled"), ("rounds", "rounds"))
-
-
-def _read_positional(values: dict[str, Any], given: set[str], *, numbers_only: bool) -> None:
-    """``[APP_DIR | CLIENTS [MIN [SAMPLED [ROUNDS]]]]`` into the options they stand for.
-
-    Numbers are read as text (no wrap-around, no silent default). Under run.sh
-    (``numbers_only``) every positional is a number: an app comes with --app.
-    """
-    from fedgpu.errors import BadInput
-
-    positional = list(values.pop("positional", ()))
-    if positional and not numbers_only and not values.get("app_dir") and not positional[0].isdigit():
-        values["app_dir"] = positional.pop(0)
-        given.add("app_dir")
-    if len(positional) > len(SHAPE):
-        raise BadInput(f"too many arguments: expected at most <clients> <min> <sampled> <rounds>, got {' '.join(positional)}")
-    if values.get("app_dir") and len(positional) > 1:
-        raise BadInput("with an app give only <clients>: the app's own config decides sampling and rounds (change it with --run-config)")
-    for text, (name, option) in zip(positional, SHAPE):
-        if option in given:
-            raise BadInput(f"{name} given twice: as a number and as --{option.replace('_', '-')}")
-        if not text.isdigit() or int(text) < 1:
-            raise BadInput(f"{name} must be a whole number >= 1, got {text!r}")
-        if len(text.lstrip("0")) > len(str(MAX_COUNT)) or int(text) > MAX_COUNT:
-            raise BadInput(f"{name} must be at most {MAX_COUNT}, got {text!r}")
-        values[option] = int(text)
-        given.add(option)
-    if not values.get("app_dir"):  # run.sh's defaults: 10 10 5 3, and min and sampled within clients
-        nodes = values["nodes"] or DEFAULT_NODES
-        for name, option in SHAPE[1:3]:
-            if values[option] is not None and values[option] > nodes:
-                raise BadInput(f"{name} ({values[option]}) must not exceed clients ({nodes})")
-
 
 def plan_run(
     options: dict[str, Any],
@@ -385,8 +404,10 @@ def plan_run(
     from fedgpu.run_dir import prepare_run_dir
 
     values = dict(options)
-    _read_positional(values, given, numbers_only=prog != "fedgpu")
+    read_positional(values, given, numbers_only=prog != "fedgpu")
     mp, app_dir, simulated = bool(values["mp"]), values.get("app_dir"), bool(values.get("simulation"))
+    role = str(values.get("role") or "all")
+    _check_role_options(values, given, role)
     _check_simulation_options(values, given, simulated)
     task_only = {"rounds", "min_clients", "sampled", "eval_sampled", "task", "lr", "lr_decay", "local_epochs", "batch_size",
                  "partitioner", "alpha", "seed", "data_files", "task_options", "device", "threads", "message_timeout"}
@@ -428,24 +449,38 @@ def plan_run(
                              timeout=values["timeout"])
         needed = 0
     server_values["run_timeout"] = values["run_timeout"]
+    if values.get("host"):
+        server_values["host"] = values["host"]
     check_node_config(str(values["node_config"]))
     check_placement(values, children=mp)
+    partitions = _read_partitions(values.get("partitions"), nodes) if role == "nodes" else None
+    certs = _check_certs(values.get("certs"), role, partitions or [])
     port = values["port"]
-    if simulated:
-        port = 0  # no SuperLink
+    if simulated or role == "nodes":
+        port = 0  # no SuperLink here
     elif port is None:
         port = free_port()
     elif not port_free(int(port)):
         raise BadInput(f"port {port} on 127.0.0.1 is in use")
-    if not values["force"] and not simulated:  # a virtual client costs its Context only
-        problem = too_many(nodes, sampled, mp=mp)
+    if not values["force"] and not simulated and role != "server":  # a virtual client costs its Context only
+        if partitions is None:
+            problem = too_many(nodes, sampled, mp=mp)
+        else:  # this host's share
+            problem = too_many(len(partitions), min(sampled, len(partitions)), mp=mp)
         if problem:
             raise BadInput(problem)
     run_dir = Path(values["run_dir"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()
     if not values["run_dir"] and run_dir.exists():
         run_dir = run_dir.with_name(f"{run_dir.name}-{os.getpid()}")
+    # --role nodes leaves the run directory to the server (another host's, often the same shared one): its
+    # processes carry it, its logs go to --log-dir.
+    log_dir = Path(values["log_dir"]).absolute() if values.get("log_dir") else None
     if not values["check"]:
-        prepare_run_dir(run_dir, umask=values["umask"], force=bool(values["force"]))
+        # A Slurm job makes its certificates in the run directory before its server's step starts, and marks the
+        # steps' processes with that directory: the directory is this run's, as `fedgpu server` reads it.
+        ours = role == "server" and os.environ.get(RUN_DIR_ENV) == str(run_dir)
+        prepare_run_dir((log_dir or run_dir) if role == "nodes" else run_dir, umask=values["umask"],
+                        force=bool(values["force"]), ours=ours)
     placement = {name: values[name] for name in ("gpus", "placement", "gpu_mem", "admission_timeout")}
     node_values = {**placement, "mp": mp, "isolation": values["isolation"], "node_config": values["node_config"],
                    "timeout": values["timeout"], "task": None if app_dir else values["task"]}
@@ -457,14 +492,93 @@ def plan_run(
         node_args=node_argv(node_values),
         zygote_args=zygote_args if mp and values["isolation"] == "zygote" else [],
         what=what,
-        needed_alive=needed,
+        needed_alive=needed if role == "all" else 0,
         needed_as="the run needs" if app_dir else "sampled per round",
-        start_timeout=float(values["start_timeout"]) if app_dir and not simulated else None,
+        start_timeout=float(values["start_timeout"]) if app_dir and not simulated and role == "all" else None,
         tls=bool(values["tls"]),
         prog=prog,
         simulated=simulated,
         workers=workers,
+        role=role,
+        host=str(values.get("host") or "127.0.0.1"),
+        superlink=str(values.get("superlink") or ""),
+        partitions=partitions,
+        log_dir=log_dir,
+        certs=certs,
     )
+
+
+ROLE_OPTIONS = ("superlink", "partitions", "log_dir")  # what only --role nodes takes
+
+
+def _check_role_options(values: dict[str, Any], given: set[str], role: str) -> None:
+    """Options that a role takes, or cannot take; BadInput names the first."""
+    from fedgpu.errors import BadInput
+    from fedgpu.net import is_host_port
+
+    def option(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    if role != "nodes":
+        for name in ROLE_OPTIONS:
+            if name in given:
+                started = " (--role server starts the SuperLink)" if role == "server" and name == "superlink" else ""
+                raise BadInput(f"{option(name)} is for --role nodes{started}")
+    if role == "all":
+        if "certs" in given:
+            raise BadInput("--certs is for --role server or nodes; --tls makes the run's own certificates")
+        return
+    if values.get("simulation"):
+        raise BadInput(f"--simulation runs the whole federation in one process; --role {role} is for a SuperLink "
+                       "and client nodes on several hosts")
+    if values["tls"]:
+        raise BadInput(f"--tls makes certificates for 127.0.0.1 only; with --role {role} give --certs DIR "
+                       "(made by launchers/make-certs.sh for the server's host)")
+    if role == "nodes":
+        for name in ("port", "host"):
+            if name in given:
+                raise BadInput(f"--{name} is for the server's SuperLink; --role nodes connects to --superlink HOST:PORT")
+        superlink = values.get("superlink")
+        if not superlink:
+            raise BadInput("--role nodes needs --superlink HOST:PORT: the SuperLink its client nodes connect to")
+        if not is_host_port(str(superlink)):
+            raise BadInput(f"--superlink {superlink!r} is not HOST:PORT")
+
+
+def _read_partitions(text: str | None, nodes: int) -> list[int]:
+    """--partitions I,J,...: distinct partition ids below ``nodes`` (CLIENTS); all of them when not given."""
+    from fedgpu.errors import BadInput
+
+    if text is None:
+        return list(range(nodes))
+    ids: list[int] = []
+    for part in str(text).split(","):
+        if not (part.isascii() and part.isdigit()):
+            raise BadInput(f"--partitions must be partition ids such as 0,3,6, got {text!r}")
+        if len(part) > len(str(nodes)) + 1 or int(part) >= nodes:
+            raise BadInput(f"--partitions: partition {part} is not below the {nodes} clients (ids 0 to {nodes - 1})")
+        if int(part) in ids:
+            raise BadInput(f"--partitions: partition {int(part)} given twice")
+        ids.append(int(part))
+    return ids
+
+
+def _check_certs(directory: str | None, role: str, partitions: list[int]) -> Path | None:
+    """--certs DIR: the files this role needs, as launchers/make-certs.sh writes them."""
+    from fedgpu.errors import BadInput
+
+    if not directory:
+        return None
+    certs = Path(directory).absolute()
+    if role == "server":
+        needed = ["ca.crt", "server.pem", "server.key", "nodes"]
+    else:
+        needed = ["ca.crt", *(f"nodes/node-{i}" for i in partitions)]
+    for name in needed:
+        if not (certs / name).exists():
+            raise BadInput(f"--certs {directory}: no {name} there (launchers/make-certs.sh DIR --nodes N --host SERVER_HOST "
+                           "makes them)")
+    return certs
 
 
 def _check_simulation_options(values: dict[str, Any], given: set[str], simulated: bool) -> None:
@@ -477,7 +591,7 @@ def _check_simulation_options(values: dict[str, Any], given: set[str], simulated
         return
     if not values["mp"]:
         raise BadInput("--no-mp: a simulation runs every message in a child; --no-mp is for client nodes")
-    for name in ("port", "tls"):
+    for name in ("port", "tls", "host"):
         if name in given:
             raise BadInput(f"--{name} is for a SuperLink; a simulation has none")
 

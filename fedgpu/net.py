@@ -34,6 +34,21 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def reach_host(host: str) -> str:
+    """Where to reach, from this host, a server that listens on ``host`` (0.0.0.0: 127.0.0.1)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def is_host_port(address: str) -> bool:
+    """Whether ``address`` reads as HOST:PORT (an IPv6 host as [::1]:PORT)."""
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isascii() and port.isdigit()
+
+
 def unreachable(address: str, timeout: float = 2.0) -> str:
     """"" when a TCP connection to HOST:PORT opens, else why not."""
     host, _, port = address.rpartition(":")

@@ -1,21 +1,29 @@
 """A fedgpu federation laid out over a Slurm allocation: which command runs where.
 
-``python -m fedgpu.slurm`` reads the allocation from the SLURM_* variables and prints
-one ``srun`` command per line: the server on the allocation's first node, then
-one per node that starts that node's zygote and its share of the client nodes
-(``launchers/slurm/node.sh``). ``launchers/slurm/run-job.sh`` runs them. Client
-nodes are dealt to nodes in turn, so every node (the server's too) gets
-``clients / nodes`` of them; on a node, children are placed on the GPUs Slurm
-gave it (``CUDA_VISIBLE_DEVICES``) by free memory, through that node's ledger.
+``python3 -m fedgpu.slurm`` reads the allocation from the SLURM_* variables and the
+job's options, checks them, and prints the plan: one ``srun`` step per line (or, with
+``--format json``, each step's host and argv, which ``launchers/slurm/run-job.sh``
+starts). The server's step, ``fedgpu run --role server``, runs on the allocation's
+first node; then one step per node, ``fedgpu run --role nodes``, starts that node's
+zygote and its share of the client nodes. Client nodes are dealt to nodes in turn,
+so every node (the server's too) gets ``clients / nodes`` of them; on a node,
+children are placed on the GPUs Slurm gave it (``CUDA_VISIBLE_DEVICES``) by free
+memory, through that node's ledger.
+
+Standard library only: it runs before the job's environment exists (a dry run needs none).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedgpu.errors import BadInput
+from fedgpu.shape import DEFAULT_NODES, SHAPE, read_positional
 
 
 class NotInAllocation(ValueError):
@@ -62,17 +70,22 @@ class Allocation:
 
 @dataclass(frozen=True)
 class JobSettings:
-    clients: int
-    min_clients: int
-    sampled: int
-    rounds: int
+    shape: tuple[int, ...]  # CLIENTS [MIN [SAMPLED [ROUNDS]]] as given; CLIENTS always
     run_dir: str
     port: int = 9092
     task: str = "digits"
     mp: bool = True
     tls: bool = False
-    server_args: tuple[str, ...] = ()  # passed through to `fedgpu server`
-    client_args: tuple[str, ...] = ()  # passed through to every `fedgpu client`
+    run_args: tuple[str, ...] = ()  # more `fedgpu run` options, for every step
+
+    @property
+    def clients(self) -> int:
+        return self.shape[0]
+
+
+# Options every step's `fedgpu run` gets from the plan itself; the job's own options, not a step's.
+SET_BY_THE_JOB = ("--role", "--superlink", "--partitions", "--log-dir", "--host", "--certs", "--nodes", "--app",
+                  "--simulation")
 
 
 def deal_clients(clients: int, hosts: list[str]) -> dict[str, list[int]]:
@@ -90,65 +103,124 @@ def srun(host: str, gpus: int, *command: str) -> list[str]:
     return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", *resources, "--overlap", "--kill-on-bad-exit=1", *command]
 
 
-def plan(allocation: Allocation, job: JobSettings, root: str) -> list[list[str]]:
-    """The job's commands: the server's step first, then one step per node that has clients."""
-    if job.clients < 1 or not 1 <= job.min_clients <= job.clients or not 1 <= job.sampled <= job.clients:
-        raise ValueError("need 1 <= min <= clients and 1 <= sampled <= clients")
+def plan(allocation: Allocation, job: JobSettings, root: str) -> list[dict]:
+    """The job's steps, each ``{"name", "host", "argv"}``: the server's first, then one per node that has clients."""
     run_dir = str(Path(job.run_dir).absolute())
     server_host = allocation.hosts[0]
     certs = f"{run_dir}/certs"
-    server = [f"{root}/.venv/bin/fedgpu", "server", "--host", "0.0.0.0", "--port", str(job.port),
-              "--rounds", str(job.rounds), "--min-clients", str(job.min_clients), "--sampled", str(job.sampled),
-              "--task", job.task, "--run-dir", run_dir, *job.server_args]
+    run = [f"{root}/.venv/bin/fedgpu", "run", *map(str, job.shape)]
+    common = ["--task", job.task, "--run-dir", run_dir]
+    server = [*run, "--role", "server", "--host", "0.0.0.0", "--port", str(job.port), *common]
     if job.tls:
-        server += ["--ssl-ca-certfile", f"{certs}/ca.crt", "--ssl-certfile", f"{certs}/server.pem",
-                   "--ssl-keyfile", f"{certs}/server.key", "--auth-public-keys", f"{certs}/nodes"]
-    steps = [srun(server_host, allocation.gpus_per_node, *server)]
+        server += ["--certs", certs]
+    steps = [{"name": "server", "host": server_host,
+              "argv": srun(server_host, allocation.gpus_per_node, *server, *job.run_args)}]
     for host, ids in deal_clients(job.clients, allocation.hosts).items():
         if not ids:
             continue
         # One run directory for the whole job (the monitor finds every process of it by that
         # marker); each node logs in a directory of its own.
-        node = [f"{root}/launchers/slurm/node.sh", "--superlink", f"{server_host}:{job.port}",
-                "--run-dir", run_dir, "--log-dir", f"{run_dir}/{host}", "--task", job.task,
-                "--num-partitions", str(job.clients), "--clients", ",".join(map(str, ids))]
+        node = [*run, "--role", "nodes", "--superlink", f"{server_host}:{job.port}", "--partitions", ",".join(map(str, ids)),
+                *common, "--log-dir", f"{run_dir}/{host}"]
         if not job.mp:
             node.append("--no-mp")
         if job.tls:
             node += ["--certs", certs]
-        steps.append(srun(host, allocation.gpus_per_node, *node, "--", *job.client_args))
+        steps.append({"name": f"nodes on {host}", "host": host,
+                      "argv": srun(host, allocation.gpus_per_node, *node, *job.run_args)})
     return steps
 
 
-def render(steps: list[list[str]]) -> str:
-    return "\n".join(shlex.join(step) for step in steps)
+def render(steps: list[dict]) -> str:
+    return "\n".join(shlex.join(step["argv"]) for step in steps)
+
+
+def read_job(argv: list[str], root: str, env: dict[str, str] | None = None) -> tuple[Allocation, JobSettings]:
+    """``[clients] [min] [sampled] [rounds] [--task T] [--no-mp] [--tls] [--port P] [--run-dir D] [options]``.
+
+    Other options go to every step's ``fedgpu run`` (an option followed by a word
+    that is not an option takes it as its value). BadInput names the first problem.
+    """
+    positional: list[str] = []
+    options: dict[str, str] = {}
+    flags = {"--no-mp": False, "--tls": False}
+    run_args: list[str] = []
+    given: set[str] = set()
+    shape_options = {"--" + option.replace("_", "-"): option for _, option in SHAPE}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, has_value, value = arg.partition("=")
+        if arg in flags:
+            flags[arg] = True
+        elif name in ("--port", "--task", "--run-dir"):
+            if not has_value:
+                if i + 1 >= len(argv):
+                    raise BadInput(f"option {name} needs a value")
+                i += 1
+                value = argv[i]
+            options[name] = value
+        elif arg.startswith("--"):
+            if name in SET_BY_THE_JOB:
+                raise BadInput(f"{name} is set by the job itself for each step (see run-job.sh --help)")
+            if name in shape_options:
+                given.add(shape_options[name])
+            run_args.append(arg)
+            if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1
+                run_args.append(argv[i])
+        else:
+            positional.append(arg)
+        i += 1
+    values: dict[str, object] = {"positional": positional, **{option: None for _, option in SHAPE}}
+    read_positional(values, given, numbers_only=True)
+    shape = [int(values["nodes"] or DEFAULT_NODES)]
+    shape += [int(values[option]) for _, option in SHAPE[1:len(positional)]]  # type: ignore[call-overload]
+    port = options.get("--port", "9092")
+    if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise BadInput(f"--port must be a port number from 1 to 65535, got {port!r}")
+    allocation = Allocation.from_env(env)
+    run_dir = options.get("--run-dir") or f"{root}/runs/slurm-{allocation.job_id}"
+    return allocation, JobSettings(tuple(shape), run_dir, int(port), options.get("--task", "digits"), not flags["--no-mp"],
+                                   flags["--tls"], tuple(run_args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedgpu.slurm CLIENTS MIN SAMPLED ROUNDS --run-dir D [...]``: print the plan (exit 2 on bad input)."""
-    import argparse
+    """``python3 -m fedgpu.slurm --root ROOT [--format shell|json] [--prog NAME] -- JOB ARGS``: print the plan (exit 2 on bad input)."""
     import sys
 
-    parser = argparse.ArgumentParser(prog="fedgpu.slurm", description="Print the srun commands of a fedgpu job.")
-    for name in ("clients", "min_clients", "sampled", "rounds"):
-        parser.add_argument(name, type=int)
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--root", required=True, help="the fedgpu checkout (on a file system every node sees)")
-    parser.add_argument("--port", type=int, default=9092)
-    parser.add_argument("--task", default="digits")
-    parser.add_argument("--no-mp", action="store_true")
-    parser.add_argument("--tls", action="store_true")
-    parser.add_argument("--server-arg", action="append", default=[], help="passed to `fedgpu server` (repeatable)")
-    parser.add_argument("--client-arg", action="append", default=[], help="passed to every `fedgpu client` (repeatable)")
-    args = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog, fmt, root = "fedgpu.slurm", "shell", "."
+    while args and args[0] in ("--root", "--format", "--prog") and len(args) >= 2:
+        if args[0] == "--root":
+            root = args[1]
+        elif args[0] == "--format":
+            fmt = args[1]
+        else:
+            prog = args[1]
+        args = args[2:]
+    if args[:1] == ["--"]:
+        args = args[1:]
     try:
-        allocation = Allocation.from_env()
-        job = JobSettings(args.clients, args.min_clients, args.sampled, args.rounds, args.run_dir, args.port, args.task,
-                          not args.no_mp, args.tls, tuple(args.server_arg), tuple(args.client_arg))
-        print(render(plan(allocation, job, args.root)))
-    except ValueError as err:  # NotInAllocation too
-        print(f"fedgpu.slurm: {err}", file=sys.stderr)
+        if fmt not in ("shell", "json"):
+            raise BadInput(f"--format must be shell or json, got {fmt!r}")
+        allocation, job = read_job(args, str(Path(root).absolute()))
+        run_dir = Path(job.run_dir).absolute()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise BadInput(f"run directory {run_dir} is not writable: {err.strerror or err}") from None
+        if not os.access(run_dir, os.W_OK):
+            raise BadInput(f"run directory {run_dir} is not writable")
+        steps = plan(allocation, job, str(Path(root).absolute()))
+    except (BadInput, ValueError) as err:  # NotInAllocation too
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    if fmt == "json":
+        print(json.dumps({"job": allocation.job_id, "run_dir": str(run_dir), "server_host": allocation.hosts[0],
+                          "clients": job.clients, "task": job.task, "tls": job.tls, "steps": steps}))
+    else:
+        print(render(steps))
     return 0
 
 

@@ -177,6 +177,16 @@ FEDGPU_BAD_INPUT = [
      "--image-size 100: ViT models need a multiple of 16"),
     (["bench-models", "--batch-size", "1"], "'--batch-size': 1 is not in the range x>=2"),
     (["bench-models", "--csv", "/proc/fedgpu.csv"], "--csv /proc/fedgpu.csv: not writable"),
+    # fedgpu run's roles (a Slurm job's steps):
+    (["run", "4", "--role", "nodes"], "--role nodes needs --superlink HOST:PORT"),
+    (["run", "4", "--role", "nodes", "--superlink", "h:1", "--partitions", "0,4"],
+     "--partitions: partition 4 is not below the 4 clients"),
+    (["run", "4", "--role", "nodes", "--superlink", "h:1", "--port", "9"], "--port is for the server's SuperLink"),
+    (["run", "4", "--role", "server", "--superlink", "h:1"],
+     "--superlink is for --role nodes (--role server starts the SuperLink)"),
+    (["run", "4", "--role", "server", "--tls"],
+     "--tls makes certificates for 127.0.0.1 only; with --role server give --certs DIR"),
+    (["run", "4", "--role", "server", "--certs", "/nonexistent"], "--certs /nonexistent: no ca.crt there"),
 ]
 
 

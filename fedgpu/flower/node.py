@@ -31,7 +31,7 @@ from fedgpu.flower.warm_ups import zygote_warm_ups
 from fedgpu.isolation import Isolator
 from fedgpu.monitor.events import emit
 from fedgpu.names import DOORBELLS_ENV, FLWR_HOME_ENV, IN_ISOLATED_CHILD
-from fedgpu.net import free_port, unreachable, wait_for_health
+from fedgpu.net import free_port, is_host_port, unreachable, wait_for_health
 from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
 
 
@@ -87,8 +87,7 @@ def plan_node(options: dict[str, Any]) -> NodePlan:
         raise BadInput(f"--partition-id {options['partition_id']} "
                        f"must be below --num-partitions {options['num_partitions']}")
     superlink = str(options["superlink"])
-    host, _, port = superlink.rpartition(":")
-    if not host or not port.isdigit():
+    if not is_host_port(superlink):
         raise BadInput(f"--superlink {superlink!r} is not HOST:PORT")
     node_config: dict[str, object] = {"partition-id": options["partition_id"],
                                       "num-partitions": options["num_partitions"]}

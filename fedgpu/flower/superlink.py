@@ -34,7 +34,7 @@ from fedgpu.names import (
     RUN_TOKEN_ENV,
     TOO_FEW_NODES_MARK,
 )
-from fedgpu.net import wait_for_health
+from fedgpu.net import reach_host, wait_for_health
 from fedgpu.output import OutputError, open_output
 
 CONNECTION = "fedgpu"
@@ -101,7 +101,9 @@ def write_connection(flwr_home: Path, server: ServerSettings) -> None:
     from fedgpu.private_dirs import subdir
 
     subdir(str(flwr_home.parent), flwr_home.name)
-    address = f"{server.host}:{server.port}"
+    # Flower's CLI talks to the SuperLink from this host: on 127.0.0.1 when it listens on every address (the
+    # certificate is valid there; 0.0.0.0 is no name it has).
+    address = f"{reach_host(server.host)}:{server.port}"
     security = f"root-certificates = {toml_value(server.tls.ca_cert)}" if server.tls else "insecure = true"
     write_atomic(flwr_home / "config.toml", f'[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n')
 
@@ -185,7 +187,7 @@ class Federation:
         assert self.superlink is not None
         from fedgpu.flower.internals import EXIT_PORT_TAKEN
 
-        url = f"{self.server.scheme}://{_probe_host(self.server.host)}:{self.server.port}/health"
+        url = f"{self.server.scheme}://{reach_host(self.server.host)}:{self.server.port}/health"
         ca_file = self.server.tls.ca_cert if self.server.tls else None
         if wait_for_health(url, self.server.ready_timeout, alive=lambda: self.superlink.poll() is None, ca_file=ca_file,
                            token=self.env[RUN_TOKEN_ENV]):
@@ -344,15 +346,6 @@ class SimulatedFederation(Federation):
 
     def close(self, grace: float = 5.0) -> None:
         """The simulation host is stopped by ``_run_and_stream`` (it is never left running)."""
-
-
-def _probe_host(host: str) -> str:
-    """Where to reach a SuperLink that listens on ``host`` from this host."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host in ("::", "[::]"):
-        return "[::1]"
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _tail(path: Path, lines: int = 5) -> str:
