@@ -6,167 +6,27 @@ Bad input is one line on stderr and exit code 2, before anything starts.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from fedgpu.errors import BadInput
-from fedgpu.flower.settings import ISOLATION_MODES, RunSettings
+from fedgpu.flower.settings import ISOLATION_MODES
 from fedgpu.names import FLOWER_DEFAULTS, PROG_ENV, ZYGOTE_ENV
+from fedgpu.plans.options import (
+    node_options,
+    placement_options,
+    positive,
+    run_config_option,
+    run_timeout_option,
+    seconds,
+    task_run_options,
+    umask_option,
+)
 
 EXIT_USAGE = 2
-
-positive = click.IntRange(min=1)
-MAX_SECONDS = 30 * 24 * 3600.0
-# A message must live long enough to reach a node, run, and send its reply back
-# (the runner keeps at least 5 s of it for the reply): shorter ones only expire.
-MIN_MESSAGE_SECONDS = 10.0
-
-
-class PositiveNumber(click.FloatRange):
-    """A finite number above 0 (a rate, a factor, MiB).
-
-    ``FloatRange(min=0, min_open=True)`` alone lets ``nan`` through (it fails
-    no comparison) and ``inf`` (it has no upper bound).
-    """
-
-    what = "a finite number"
-
-    def __init__(self) -> None:
-        super().__init__(min=0, min_open=True)
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not {self.what}", param, ctx)
-        return number
-
-
-class Seconds(PositiveNumber):
-    """A timeout in seconds: finite, at least ``least``, at most ``MAX_SECONDS``.
-
-    A value that is positive but tiny (``1e-300``) would start everything and
-    then expire before any process could answer; one past the bound would
-    overflow the waits it becomes. Every seconds-valued option takes this type.
-    """
-
-    what = "a finite number of seconds"
-
-    def __init__(self, least: float = 1.0) -> None:
-        super().__init__()
-        self.least = least
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        number = super().convert(value, param, ctx)
-        if number < self.least:
-            self.fail(f"{number:g} s is too short: at least {self.least:g} s", param, ctx)
-        if number > MAX_SECONDS:
-            self.fail(f"{number:g} s is too long: at most {MAX_SECONDS:.0f} s (30 days)", param, ctx)
-        return number
-
-
-positive_number = PositiveNumber()
-seconds = Seconds()
-
-
-def _options(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Apply option decorators in the order they are listed (as --help shows them)."""
-
-    def apply(command: Any) -> Any:
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
-
-    return apply
-
-
-def _placement_options() -> list[Callable[[Any], Any]]:
-    from fedgpu.names import ENV_ESTIMATE, ENV_GPUS, ENV_POLICY, ENV_TIMEOUT
-    from fedgpu.nvml.placement import POLICIES
-
-    return [
-        click.option("--gpus", envvar=ENV_GPUS, default=None, help="GPU indices children may use, e.g. 0,2 [default: every GPU visible]."),
-        click.option("--placement", envvar=ENV_POLICY, type=click.Choice(POLICIES), default="free", show_default=True,
-                     help="The GPU with most free memory, or round-robin among those with room."),
-        click.option("--gpu-mem", envvar=ENV_ESTIMATE, type=positive_number, default=None,
-                     help="A child's estimated peak GPU memory in MiB until one has been measured [default: 1024]."),
-        click.option("--admission-timeout", envvar=ENV_TIMEOUT, type=seconds, default=600.0, show_default=True,
-                     help="Seconds a child may wait for GPU memory before its message fails."),
-    ]
-
-
-placement_options = _options(*_placement_options())
-
-# What a run of one of fedgpu's own tasks is: `fedgpu server` and `fedgpu run` take the same.
-task_run_options = _options(
-    click.option("--rounds", type=positive, default=RunSettings.num_rounds, show_default=True, help="Federated rounds."),
-    click.option("--min-clients", type=positive, default=None, help="Clients connected before round 1 [default: server 2; run: --nodes]."),
-    click.option("--sampled", type=positive, default=None, help="Clients that train in each round [default: server 2; run: 5, at most --nodes]."),
-    click.option("--eval-sampled", type=click.IntRange(min=0), default=0, show_default=True, help="Clients that evaluate in each round."),
-    click.option("--task", default="digits", show_default=True, help="Task name or package.module:TaskClass."),
-    click.option("--lr", type=positive_number, default=None,
-                 help="Learning rate [default: the task's, digits 0.05, the others 0.01]."),
-    click.option("--lr-decay", type=positive_number, default=RunSettings.lr_decay, show_default=True,
-                 help="lr of round r = lr * decay^(r-1)."),
-    click.option("--local-epochs", type=positive, default=None, help="Epochs per round [default: the task's, digits 3, the others 1]."),
-    click.option("--batch-size", type=click.IntRange(min=0), default=RunSettings.batch_size, show_default=True, help="0: the task's default."),
-    click.option("--partitioner", type=click.Choice(["iid", "dirichlet"]), default="iid", show_default=True),
-    click.option("--alpha", type=positive_number, default=RunSettings.alpha, show_default=True,
-                 help="Dirichlet concentration."),
-    click.option("--seed", type=int, default=RunSettings.seed, show_default=True),
-    click.option("--data-files", default="", help="Local dataset files for tasks that would download (e.g. cifar10)."),
-    click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
-                 help="A task's own option, e.g. weights=none or partitions=20 (repeatable)."),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-    click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="torch CPU threads per child (0: torch's default)."),
-    click.option("--message-timeout", type=Seconds(MIN_MESSAGE_SECONDS), default=RunSettings.message_timeout,
-                 show_default=True,
-                 help=f"Seconds a round waits for replies (at least {MIN_MESSAGE_SECONDS:g}); "
-                      "a message's child may run as long."),
-    click.option("--start-timeout", type=seconds, default=RunSettings.start_timeout, show_default=True,
-                 help="Seconds a round waits for enough client nodes before the run fails (exit 3)."),
-)
-
-# A Flower app of the user's: `fedgpu server --app` and `fedgpu run APP_DIR`.
-run_config_option = click.option(
-    "--run-config", "run_config", multiple=True, metavar="'KEY=VALUE ...'",
-    help="Override the app's run config, as `flwr run --run-config` takes it (repeatable).",
-)
-
-
-# `fedgpu run` and `fedgpu server`: a ServerApp that never returns is ended.
-run_timeout_option = click.option(
-    "--run-timeout", type=seconds, default=None,
-    help="Seconds the run may take once submitted; then it is stopped (exit 5) [default: none, no limit].",
-)
-
-# What every client node takes from its launcher: `fedgpu client` and `fedgpu run`.
-node_options = _options(
-    click.option("--node-config", default="", help='More node config for your ClientApp, Flower\'s syntax: \'key=1 name="x"\'.'),
-    click.option("--timeout", type=seconds, default=None,
-                 help="Seconds a message's child may run [default: the run's message timeout, less a margin "
-                      "for the reply; for an app's messages, 600]."),
-)
-
-
-def _read_umask(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
-    from fedgpu.run_dir import parse_umask
-
-    try:
-        return parse_umask(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an octal umask such as 077 or 027") from None
-
-
-umask_option = click.option(
-    "--umask", default="077", show_default=True, callback=_read_umask, metavar="OCTAL",
-    help="Mode mask for the run's files: 077 keeps them yours alone; 027 shares them read-only with your group.",
-)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
@@ -191,28 +51,35 @@ def cli() -> None:
 @click.option("--isolation", type=click.Choice(["zygote", "spawn"]), default="zygote",
               help="zygote: one warm process forks each message's child; spawn: a fresh interpreter each.")
 @click.option("--simulation", is_flag=True,
-              help="Virtual clients in one process (Flower's Simulation Runtime), no SuperLink, each message in a child.")
+              help="Virtual clients in one process (Flower's Simulation Runtime), no SuperLink, each message in a "
+                   "child.")
 @click.option("--workers", type=positive, default=None,
               help="With --simulation: messages in flight at once [default: the app's client-resources as Flower "
                    "counts them, else one per CPU core].")
-@click.option("--mp/--no-mp", default=True, help="Each message in a short-lived child (--mp), or in the long-lived node (the baseline).")
+@click.option("--mp/--no-mp", default=True,
+              help="Each message in a short-lived child (--mp), or in the long-lived node (the baseline).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="SuperLink port [default: a free one].")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Output directory [default: runs/<timestamp>].")
-@click.option("--tls", is_flag=True, help="TLS and SuperNode authentication on 127.0.0.1 (certificates in RUN_DIR/certs).")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Output directory [default: runs/<timestamp>].")
+@click.option("--tls", is_flag=True,
+              help="TLS and SuperNode authentication on 127.0.0.1 (certificates in RUN_DIR/certs).")
 @click.option("--role", type=click.Choice(["all", "server", "nodes"]), default="all",
               help="all: the whole federation on this host; server: the SuperLink and the run (its reports), no client "
                    "node; nodes: this host's zygote and client nodes (--partitions) for another host's --superlink.")
-@click.option("--host", default=None, help="Address the SuperLink listens on, e.g. 0.0.0.0 with --role server [default: 127.0.0.1].")
+@click.option("--host", default=None,
+              help="Address the SuperLink listens on, e.g. 0.0.0.0 with --role server [default: 127.0.0.1].")
 @click.option("--superlink", default=None, metavar="HOST:PORT", help="With --role nodes: the server's SuperLink.")
 @click.option("--partitions", default=None, metavar="I,J,...",
-              help="With --role nodes: the partition ids (below CLIENTS) of the client nodes to start here [default: all].")
+              help="With --role nodes: the partition ids (below CLIENTS) of the client nodes to start here [default: "
+                   "all].")
 @click.option("--log-dir", type=click.Path(file_okay=False), default=None,
               help="With --role nodes: where the zygote and the client nodes log [default: RUN_DIR].")
 @click.option("--certs", type=click.Path(file_okay=False), default=None,
               help="With --role server or nodes: TLS and SuperNode authentication with the certificates and keys that "
                    "launchers/make-certs.sh made in this directory.")
 @click.option("--force", is_flag=True,
-              help="Start even when this host seems too small for the client nodes, or --run-dir holds a run (its outputs are replaced).")
+              help="Start even when this host seems too small for the client nodes, or --run-dir holds a run (its "
+                   "outputs are replaced).")
 @umask_option
 @click.option("--check", is_flag=True, help="Only check the options and exit 0; start nothing.")
 @placement_options
@@ -226,14 +93,16 @@ def run(**options: Any) -> None:
     For fedgpu's tasks the numbers are CLIENTS (--nodes), MIN (--min-clients),
     SAMPLED (--sampled) and ROUNDS (--rounds), as ./run.sh takes them.
     """
-    from fedgpu.launch import Launcher, plan_run
+    from fedgpu.launch import Launcher
+    from fedgpu.plans.run import plan_run
 
     os.umask(options["umask"])  # every file and directory of the run, Flower's too
     context = click.get_current_context()
     given = {name for name in options if context.get_parameter_source(name) in _GIVEN}
     plan = plan_run(
         options, prog=_prog(), given=given, warn=lambda line: click.echo(f"{_prog()}: warning: {line}", err=True),
-        server_argv=lambda values: forward_options(server, values), node_argv=lambda values: forward_options(client, values),
+        server_argv=lambda values: forward_options(server, values),
+        node_argv=lambda values: forward_options(client, values),
     )
     if options["check"]:
         click.echo(f"{_prog()}: ok: {plan.describe()}")
@@ -242,7 +111,8 @@ def run(**options: Any) -> None:
 
 
 @cli.command()
-@click.option("--app", "app_dir", type=click.Path(), default=None, help="A Flower app directory to run instead of a fedgpu task.")
+@click.option("--app", "app_dir", type=click.Path(), default=None,
+              help="A Flower app directory to run instead of a fedgpu task.")
 @run_config_option
 @task_run_options
 @run_timeout_option
@@ -250,29 +120,37 @@ def run(**options: Any) -> None:
               help="Submit the run once this many client nodes are registered (0: at once); "
                    "exit 3 after --start-timeout.")
 @click.option("--simulation-nodes", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Run the app on this many virtual nodes in one simulation host instead of a SuperLink (0: a SuperLink).")
+              help="Run the app on this many virtual nodes in one simulation host instead of a SuperLink (0: a "
+                   "SuperLink).")
 @click.option("--workers", type=positive, default=None,
               help="With --simulation-nodes: messages in flight at once [default: one per CPU core].")
 @node_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the SuperLink listens on.")
-@click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True, help="SuperLink port (Fleet, Control, Runtime APIs).")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Output directory [default: runs/<timestamp>].")
-@click.option("--isolation", type=click.Choice(ISOLATION_MODES), default="zygote", show_default=True, help="How the server's own torch work runs.")
+@click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True,
+              help="SuperLink port (Fleet, Control, Runtime APIs).")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Output directory [default: runs/<timestamp>].")
+@click.option("--isolation", type=click.Choice(ISOLATION_MODES), default="zygote", show_default=True,
+              help="How the server's own torch work runs.")
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
 @click.option("--force", is_flag=True, help="Replace the outputs of a run already in --run-dir.")
 @umask_option
-@click.option("--check", is_flag=True, help="Only check the options (task, data, GPUs, port) and exit 0; start nothing.")
+@click.option("--check", is_flag=True,
+              help="Only check the options (task, data, GPUs, port) and exit 0; start nothing.")
 @click.option("--ssl-ca-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS: the CA certificate (with --ssl-certfile and --ssl-keyfile; see launchers/make-certs.sh).")
-@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS: the SuperLink's certificate.")
-@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS: the SuperLink certificate's private key.")
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TLS: the SuperLink's certificate.")
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TLS: the SuperLink certificate's private key.")
 @click.option("--auth-public-keys", type=click.Path(exists=True), default=None,
-              help="SuperNode authentication: a public key, or a directory of *.pub; only those nodes may join (needs TLS).")
+              help="SuperNode authentication: a public key, or a directory of *.pub; only those nodes may join (needs "
+                   "TLS).")
 @placement_options
 def server(**options: Any) -> None:
     """Run a SuperLink and a run on it (fedgpu's ServerApp, or --app's) until the run ends."""
     from fedgpu.flower.server import run_federation
-    from fedgpu.flower.server_plan import plan_server
+    from fedgpu.plans.server import plan_server
 
     os.umask(options["umask"])
     plan = plan_server(options)
@@ -286,25 +164,30 @@ def server(**options: Any) -> None:
 @click.option("--partition-id", type=click.IntRange(min=0), required=True)
 @click.option("--num-partitions", type=positive, required=True)
 @click.option("--mp/--no-mp", default=False, help="Run each message in a short-lived child (--mp) or in this process.")
-@click.option("--isolation", type=click.Choice([m for m in ISOLATION_MODES if m != "none"]), default="zygote", show_default=True,
+@click.option("--isolation", type=click.Choice([m for m in ISOLATION_MODES if m != "none"]), default="zygote",
+              show_default=True,
               help="Child mode with --mp.")
 @click.option("--zygote", "zygote_dir", envvar=ZYGOTE_ENV, type=click.Path(), default=None,
-              help="Directory of the host's shared zygote (`fedgpu zygote`) [default: $FEDGPU_ZYGOTE, else a private one].")
+              help="Directory of the host's shared zygote (`fedgpu zygote`) [default: $FEDGPU_ZYGOTE, else a private "
+                   "one].")
 @click.option("--task", default=None, help="Refuse runs of any other task.")
 @node_options
-@click.option("--runtime-port", type=click.IntRange(1, 65535), default=None, help="Port of this node's Runtime API on 127.0.0.1 [default: a free one].")
+@click.option("--runtime-port", type=click.IntRange(1, 65535), default=None,
+              help="Port of this node's Runtime API on 127.0.0.1 [default: a free one].")
 @click.option("--max-wait-time", type=seconds, default=60.0, show_default=True,
               help="Seconds without the SuperLink before giving up: at start, exit 2; once running, exit 3.")
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
 @click.option("--root-certificates", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS: the CA certificate the SuperLink's certificate is checked against [default: insecure].")
 @click.option("--auth-private-key", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="SuperNode authentication: this node's private key (its public key registered with the server; needs TLS).")
+              help="SuperNode authentication: this node's private key (its public key registered with the server; "
+                   "needs TLS).")
 @click.option("--check", is_flag=True, help="Only check the options and exit 0; connect to nothing.")
 @placement_options
 def client(**options: Any) -> None:
     """Run a long-lived client node; with --mp each message runs in a child."""
-    from fedgpu.flower.node import plan_node, run_planned_node
+    from fedgpu.flower.node import run_planned_node
+    from fedgpu.plans.client import plan_node
 
     plan = plan_node(options)
     if options["check"]:
@@ -322,14 +205,20 @@ def report(run_dirs: tuple[str, ...]) -> None:
 
 
 @cli.command("bench-models")
-@click.option("--models", default=None, help="Comma-separated torchvision model names (and vit_tiny_16, vit_small_16) [default: a zoo of ten].")
-@click.option("--batches", type=positive, default=5, show_default=True, help="Timed batches per model, for training and for finetuning each.")
+@click.option("--models", default=None,
+              help="Comma-separated torchvision model names (and vit_tiny_16, vit_small_16) [default: a zoo of ten].")
+@click.option("--batches", type=positive, default=5, show_default=True,
+              help="Timed batches per model, for training and for finetuning each.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
-@click.option("--image-size", type=click.IntRange(min=32), default=224, show_default=True, help="Side of the synthetic square images (ViTs need a multiple of 16).")
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU with room, else cpu), cpu, cuda or cuda:N.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="torch CPU threads (0: torch's default).")
+@click.option("--image-size", type=click.IntRange(min=32), default=224, show_default=True,
+              help="Side of the synthetic square images (ViTs need a multiple of 16).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (a GPU with room, else cpu), cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="torch CPU threads (0: torch's default).")
 @click.option("--timeout", type=seconds, default=1800.0, show_default=True, help="Seconds one model may take.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Where to write the CSV [default: runs/bench-models-<timestamp>.csv].")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the CSV [default: runs/bench-models-<timestamp>.csv].")
 @placement_options
 def bench_models(**options: Any) -> None:
     """Time K train and K head-only finetune batches per vision model, each in its own child."""
@@ -340,17 +229,23 @@ def bench_models(**options: Any) -> None:
 
 @cli.command()
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False),
-              help="A private directory of yours for its socket and key (created 0700 if missing), e.g. \"$(mktemp -d)\".")
-@click.option("--task", "tasks", multiple=True, help="Task to warm up for (repeatable) [default: digits, unless --app].")
-@click.option("--app", "app_dir", type=click.Path(), default=None, help="A Flower app directory: warm up with its ClientApp module.")
+              help="A private directory of yours for its socket and key (created 0700 if missing), e.g. \"$(mktemp "
+                   "-d)\".")
+@click.option("--task", "tasks", multiple=True,
+              help="Task to warm up for (repeatable) [default: digits, unless --app].")
+@click.option("--app", "app_dir", type=click.Path(), default=None,
+              help="A Flower app directory: warm up with its ClientApp module.")
 @click.option("--run-data", default=None, metavar="JSON",
               help='A run\'s task data to load once for every child: {"task": T, "options": {...}, "partitions": N}.')
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process dies.")
-def zygote(directory: str, tasks: tuple[str, ...], app_dir: str | None, run_data: str | None, parent_pid: int | None) -> None:
+def zygote(
+    directory: str, tasks: tuple[str, ...], app_dir: str | None, run_data: str | None, parent_pid: int | None
+) -> None:
     """Serve this host's client nodes: fork each message's child from one warm process."""
     from fedgpu.flower.zygote_command import exec_zygote
+    from fedgpu.plans.zygote import plan_zygote
 
-    exec_zygote(directory, tasks, app_dir, parent_pid, run_data=run_data)
+    exec_zygote(plan_zygote(directory, tasks, app_dir, parent_pid, run_data=run_data))
 
 
 _GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
@@ -382,7 +277,8 @@ def _prog() -> str:
 def _usage_line(err: click.ClickException) -> str:
     """One line for a usage error, in the words of the launcher that was called."""
     if isinstance(err, click.NoSuchOption):
-        helper = "./run.sh --help" if _prog() == "run.sh" else f"{_prog()} {err.ctx.info_name if err.ctx else ''} --help"
+        command = err.ctx.info_name if err.ctx else ""
+        helper = "./run.sh --help" if _prog() == "run.sh" else f"{_prog()} {command} --help"
         return f"unknown option {err.option_name} (see {' '.join(helper.split())})"
     if isinstance(err, click.BadOptionUsage) and "requires an argument" in err.format_message():
         return f"option {err.option_name} needs a value"

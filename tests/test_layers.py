@@ -140,6 +140,15 @@ def test_layers_below_flower_never_import_it(layer: str) -> None:
     assert not bad, f"{layer} must not import the Flower layer:\n" + "\n".join(bad)
 
 
+BELOW_THE_CHECKS = ["fedgpu.isolation", "fedgpu.flower", "fedgpu.nvml", "fedgpu.monitor", "fedgpu.tasks"]
+
+
+@pytest.mark.parametrize("layer", BELOW_THE_CHECKS)
+def test_the_option_checks_sit_on_top(layer: str) -> None:
+    bad = offences((layer,), lambda name: within(name, "fedgpu.plans"))
+    assert not bad, f"{layer} must not import fedgpu.plans (the checks import it):\n" + "\n".join(bad)
+
+
 def test_the_server_app_never_imports_the_launcher_side() -> None:
     bad = offences(("fedgpu.flower.server_app",),
                    lambda name: within(name, "fedgpu.launch") or within(name, "fedgpu.cli"))
