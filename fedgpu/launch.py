@@ -146,7 +146,9 @@ class Launcher:
 
     # -- starting ---------------------------------------------------------------
 
-    def _spawn(self, argv: list[str], *, stdout: object, stderr: object, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(
+        self, argv: list[str], *, stdout: object, stderr: object, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         # In the run directory: whatever an app writes to its working directory lands with the run's outputs.
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True, cwd=self.plan.logs,
@@ -182,13 +184,15 @@ class Launcher:
         spares = {ZYGOTE_SPARES_ENV: str(self.plan.workers)} if self.plan.simulated else None
         with self._log("zygote.log") as log:
             self.zygote = self._spawn(
-                [*fedgpu_command(), "zygote", "--dir", self.zygote_dir, *self.plan.zygote_args, "--parent-pid", str(os.getpid())],
+                [*fedgpu_command(), "zygote", "--dir", self.zygote_dir, *self.plan.zygote_args,
+                 "--parent-pid", str(os.getpid())],
                 stdout=log, stderr=subprocess.STDOUT, env=spares,
             )
 
     def _start_server(self) -> None:
         plan = self.plan
-        argv = [*fedgpu_command(), "server", *plan.server_args, "--run-dir", str(plan.run_dir), "--parent-pid", str(os.getpid())]
+        argv = [*fedgpu_command(), "server", *plan.server_args, "--run-dir", str(plan.run_dir),
+                "--parent-pid", str(os.getpid())]
         if not plan.simulated:
             argv += ["--port", str(plan.port)]
         if self.certs is not None:
@@ -230,7 +234,8 @@ class Launcher:
             argv = [*fedgpu_command(), "client", "--superlink", superlink, "--partition-id", str(i),
                     "--num-partitions", str(plan.nodes), "--parent-pid", str(os.getpid()), *plan.node_args]
             if self.certs is not None:
-                argv += ["--root-certificates", str(self.certs / "ca.crt"), "--auth-private-key", str(self.certs / "nodes" / f"node-{i}")]
+                argv += ["--root-certificates", str(self.certs / "ca.crt"),
+                         "--auth-private-key", str(self.certs / "nodes" / f"node-{i}")]
             with self._log(f"client-{i}.log") as log:
                 self.nodes.append(self._spawn(argv, stdout=log, stderr=subprocess.STDOUT))
             if started % wave == 0 and started < len(ids):
@@ -256,11 +261,12 @@ class Launcher:
         waiting_for_nodes = True
         while self.server.poll() is None:
             if self.zygote is not None and self.zygote.poll() is not None:
-                raise RunEnded(1, f"the zygote exited: {_last_line(plan.run_dir / 'zygote.log')}; see {plan.run_dir / 'zygote.log'}")
+                log = plan.run_dir / "zygote.log"
+                raise RunEnded(1, f"the zygote exited: {_last_line(log)}; see {log}")
             alive = sum(node.poll() is None for node in self.nodes)
             if alive < plan.needed_alive:
-                raise RunEnded(1, f"only {alive} of {plan.nodes} client nodes are alive, fewer than the {plan.needed_alive} "
-                                  f"{plan.needed_as}; see {plan.run_dir}/client-*.log")
+                raise RunEnded(1, f"only {alive} of {plan.nodes} client nodes are alive, fewer than the "
+                                  f"{plan.needed_alive} {plan.needed_as}; see {plan.run_dir}/client-*.log")
             if waiting_for_nodes and plan.start_timeout is not None:
                 registered = sum(self.registered(i) for i in range(plan.nodes))
                 waiting_for_nodes = registered < plan.nodes
@@ -271,7 +277,8 @@ class Launcher:
             time.sleep(WATCH_SECONDS)
         code = self.server.wait()
         if code != 0:
-            self.warn(f"{plan.prog}: run failed (exit {code}); logs in {plan.run_dir}: serverapp.log (the ServerApp), server.log")
+            self.warn(f"{plan.prog}: run failed (exit {code}); logs in {plan.run_dir}: "
+                      "serverapp.log (the ServerApp), server.log")
         return code
 
     def _watch_nodes(self) -> int:

@@ -62,7 +62,9 @@ class Allocation:
         env = dict(os.environ if env is None else env)
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not env.get("SLURM_JOB_ID") or not nodelist:
-            raise NotInAllocation("not inside a Slurm allocation (no SLURM_JOB_ID / SLURM_JOB_NODELIST): submit with sbatch")
+            raise NotInAllocation(
+                "not inside a Slurm allocation (no SLURM_JOB_ID / SLURM_JOB_NODELIST): submit with sbatch"
+            )
         gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE") or "0"
         count = re.search(r"(\d+)\s*$", gpus)  # "4", or "a100:4"
         return cls(env["SLURM_JOB_ID"], expand_hostlist(nodelist), int(count.group(1)) if count else 0)
@@ -100,7 +102,8 @@ def srun(host: str, gpus: int, *command: str) -> list[str]:
     # --overlap: the steps on a node share its CPUs and GPUs (the server's evaluation and that
     # node's children); --kill-on-bad-exit: a failed step ends the job.
     resources = [f"--gpus-per-node={gpus}"] if gpus else []
-    return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", *resources, "--overlap", "--kill-on-bad-exit=1", *command]
+    return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", *resources, "--overlap", "--kill-on-bad-exit=1",
+            *command]
 
 
 def plan(allocation: Allocation, job: JobSettings, root: str) -> list[dict]:
@@ -120,8 +123,8 @@ def plan(allocation: Allocation, job: JobSettings, root: str) -> list[dict]:
             continue
         # One run directory for the whole job (the monitor finds every process of it by that
         # marker); each node logs in a directory of its own.
-        node = [*run, "--role", "nodes", "--superlink", f"{server_host}:{job.port}", "--partitions", ",".join(map(str, ids)),
-                *common, "--log-dir", f"{run_dir}/{host}"]
+        node = [*run, "--role", "nodes", "--superlink", f"{server_host}:{job.port}",
+                "--partitions", ",".join(map(str, ids)), *common, "--log-dir", f"{run_dir}/{host}"]
         if not job.mp:
             node.append("--no-mp")
         if job.tls:
@@ -181,12 +184,15 @@ def read_job(argv: list[str], root: str, env: dict[str, str] | None = None) -> t
         raise BadInput(f"--port must be a port number from 1 to 65535, got {port!r}")
     allocation = Allocation.from_env(env)
     run_dir = options.get("--run-dir") or f"{root}/runs/slurm-{allocation.job_id}"
-    return allocation, JobSettings(tuple(shape), run_dir, int(port), options.get("--task", "digits"), not flags["--no-mp"],
-                                   flags["--tls"], tuple(run_args))
+    return allocation, JobSettings(tuple(shape), run_dir, int(port), options.get("--task", "digits"),
+                                   not flags["--no-mp"], flags["--tls"], tuple(run_args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python3 -m fedgpu.slurm --root ROOT [--format shell|json] [--prog NAME] -- JOB ARGS``: print the plan (exit 2 on bad input)."""
+    """``python3 -m fedgpu.slurm --root ROOT [--format shell|json] [--prog NAME] -- JOB ARGS``: print the plan.
+
+    Exit 2 on bad input, with one line.
+    """
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -48,7 +48,8 @@ def test_generated_commands_for_a_fake_allocation(tmp_path: Path) -> None:
     assert len(steps) == 4  # the server, then one step per node
     run_dir = str(tmp_path / "r")
     for step, host in zip(steps, ["gpu01", "gpu01", "gpu02", "cpu07"]):
-        assert step[:7] == ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--gpus-per-node=2", "--overlap", "--kill-on-bad-exit=1"]
+        assert step[:7] == ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--gpus-per-node=2", "--overlap",
+                            "--kill-on-bad-exit=1"]
     fedgpu_run = [str(ROOT / ".venv" / "bin" / "fedgpu"), "run", "5", "5", "3", "2"]
     server = steps[0][7:]
     assert server[:8] == [*fedgpu_run, "--role", "server"]
@@ -87,8 +88,8 @@ def test_a_job_runs_on_a_fake_two_node_allocation(tmp_path: Path) -> None:
     """Two "nodes" (localhost and 127.0.0.1: both this machine), srun faked to run each step here."""
     run_dir, port = tmp_path / "r", free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(SLURM_JOB_ID="77", SLURM_JOB_NODELIST="localhost,127.0.0.1", PATH=f"{FAKE_SLURM}{os.pathsep}{env['PATH']}",
-               FAKE_SRUN_LOG=str(tmp_path / "srun.log"))
+    env.update(SLURM_JOB_ID="77", SLURM_JOB_NODELIST="localhost,127.0.0.1",
+               PATH=f"{FAKE_SLURM}{os.pathsep}{env['PATH']}", FAKE_SRUN_LOG=str(tmp_path / "srun.log"))
     sampler = ProcessSampler(run_dir)
     sampler.start()
     job = subprocess.Popen([str(RUN_JOB), "4", "4", "2", "2", "--run-dir", str(run_dir), "--port", str(port)], env=env,
@@ -125,7 +126,8 @@ def test_a_job_whose_node_step_failed_stops_every_step(tmp_path: Path) -> None:
     other steps and exits 1 at once, naming the step, instead of waiting for the allocation's time limit."""
     run_dir, port = tmp_path / "r", free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(SLURM_JOB_ID="78", SLURM_JOB_NODELIST="localhost,127.0.0.1", PATH=f"{FAKE_SLURM}{os.pathsep}{env['PATH']}")
+    env.update(SLURM_JOB_ID="78", SLURM_JOB_NODELIST="localhost,127.0.0.1",
+               PATH=f"{FAKE_SLURM}{os.pathsep}{env['PATH']}")
     job = subprocess.Popen([str(RUN_JOB), "4", "4", "2", "1", "--run-dir", str(run_dir), "--port", str(port)], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
