@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from fedgpu.errors import FedgpuError
 from fedgpu.flower.config import toml_value
-from fedgpu.flower.internals.marks import KEY_REGISTERED_MARK, RUN_STARTED_MARK
+from fedgpu.flower.internals.marks import RUN_STARTED_MARK
 from fedgpu.flower.server_plan import ServerPlan, ServerSettings
 from fedgpu.flower.settings import RunSettings
 from fedgpu.isolation.procs import stop_tree
@@ -149,11 +149,17 @@ class Federation:
     def register_nodes(self) -> None:
         """Admit the SuperNodes whose public keys we were given (SuperNode authentication)."""
         for key in self.server.auth_public_keys:
-            done = subprocess.run(["flwr", "supernode", "register", key, CONNECTION], env=self.env,
-                                  capture_output=True, text=True, timeout=60)
-            if done.returncode != 0 or KEY_REGISTERED_MARK not in done.stdout:
-                last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
-                raise ServerError(f"could not register the SuperNode key {key}: {last[0]}")
+            # Flower's JSON answer ({"success": ..., "node-id" or "error-message"}), not its text for people.
+            done = subprocess.run(["flwr", "supernode", "register", key, CONNECTION, "--format", "json"],
+                                  env=self.env, capture_output=True, text=True, timeout=60)
+            try:
+                answer = json.loads(done.stdout)
+            except ValueError:
+                answer = None
+            if done.returncode != 0 or not isinstance(answer, dict) or answer.get("success") is not True:
+                said = answer.get("error-message") if isinstance(answer, dict) else None
+                lines = [line for line in str(said or done.stdout + done.stderr).splitlines() if line.strip()]
+                raise ServerError(f"could not register the SuperNode key {key}: {(lines or ['no output'])[-1].strip()}")
 
     def wait_for_nodes(self, count: int, timeout: float) -> None:
         """Until ``count`` client nodes are online on the SuperLink; TooFewNodes after ``timeout`` seconds.

@@ -7,7 +7,5 @@ Flower release may change.
 # What `flwr run` prints once the SuperLink accepted the run. Its JSON output (--format json) does
 # not stream the run's log, and a submission retried after a missed deadline must not start twice.
 RUN_STARTED_MARK = "Successfully started run"
-# What `flwr supernode register` prints for a key it admitted (its failures keep Flower's own last line).
-KEY_REGISTERED_MARK = "registered successfully"
 # What Flower's SuperNode logs once its SuperLink accepted it (its log is all a launcher has of it).
 SUPERNODE_REGISTERED_MARK = "SuperNode ID"
