@@ -315,3 +315,34 @@ def test_report_on_damaged_files_warns_or_refuses_in_one_line(recorded_run: Path
     else:
         assert done.returncode == 2 and len(lines) == 1, done
         assert lines[0].startswith(f"fedgpu: error: {recorded_run}: nothing to report: "), lines
+
+
+def test_a_fork_of_a_node_that_has_not_exec_d_is_not_counted_as_a_second_node(tmp_path: Path) -> None:
+    """A node's fork before its exec (subprocess, a library's helper) carries the node's command line: not a node."""
+    from fedgpu.monitor.host import HostMemorySampler
+
+    script = tmp_path / "fedgpu"  # a `fedgpu client` by its command line, as the sampler reads it
+    ready = tmp_path / "forked"
+    script.write_text(
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        f"    open({str(ready)!r}, 'w').close()\n"
+        "    time.sleep(30)\n"
+        "    os._exit(0)\n"
+        "time.sleep(30)\n"
+    )
+    marker = str(tmp_path)
+    node = subprocess.Popen([sys.executable, str(script), "client", "--superlink", "127.0.0.1:1"],
+                            env={**os.environ, "FEDGPU_RUN_DIR": marker}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the node's fork did not start"
+        sampler = HostMemorySampler(marker)
+        kinds = sorted(kind for _, kind, _ in sampler.sample())
+        assert kinds == ["client-node", "fork"], kinds
+        assert sampler.summary()["by_kind"]["client-node"]["most_at_once"] == 1
+    finally:
+        os.killpg(node.pid, 9)
+        node.wait()

@@ -23,10 +23,18 @@ from fedgpu.nvml.devices import MIB
 from fedgpu.output import write_json
 
 
-def process_kind(cmdline: list[str], zygote_pids: set[int], ppid: int) -> str:
-    """What a process of ours is, from its command line and parent."""
+def process_kind(cmdline: list[str], zygote_pids: set[int], ppid: int, parent_cmdline: list[str] | None = None) -> str:
+    """What a process of ours is, from its command line and parent.
+
+    A process with its parent's very command line is a fork that has not
+    exec'd yet (``subprocess`` between fork and exec, a helper a library
+    starts): it is not a second node, server or launcher, whatever that
+    command line says.
+    """
     if ppid in zygote_pids or "fedgpu.isolation.child" in cmdline:
         return "call-child"
+    if cmdline and cmdline == parent_cmdline:
+        return "fork"
     if "fedgpu.isolation.zygote" in cmdline:
         return "zygote"
     for position, arg in enumerate(cmdline[:-1]):
@@ -102,13 +110,15 @@ class HostMemorySampler:
             if proc.info["memory_info"] is not None and self._is_ours(proc):
                 ours.append(proc)
         zygote_pids = {p.pid for p in ours if process_kind(p.info["cmdline"] or [], set(), -1) == "zygote"}
+        cmdlines = {p.pid: p.info["cmdline"] or [] for p in ours}
         total_rss = 0
         counts: dict[str, int] = {}
         rows = []
         for proc in ours:
             rss = proc.info["memory_info"].rss
             total_rss += rss
-            kind = process_kind(proc.info["cmdline"] or [], zygote_pids, proc.info["ppid"])
+            kind = process_kind(proc.info["cmdline"] or [], zygote_pids, proc.info["ppid"],
+                                cmdlines.get(proc.info["ppid"]))
             rows.append((proc.pid, kind, rss))
             counts[kind] = counts.get(kind, 0) + 1
             peaks = self._per_kind.setdefault(kind, {})
