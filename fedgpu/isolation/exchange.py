@@ -16,6 +16,7 @@ from typing import Any
 from fedgpu.isolation import wire
 from fedgpu.isolation.errors import ChildTimedOut, IsolationError
 from fedgpu.isolation.facts import registered_facts
+from fedgpu.isolation.procs import stop_group
 
 
 def exchange_over_socket(child: Any, call: tuple, timeout: float | None) -> Any:
@@ -63,3 +64,25 @@ def _await_reply(child: Any, deadline: float | None, timeout: float | None) -> A
                 ) from err
         elif sentinel is not None and sentinel in events:
             return None
+
+
+class SocketChild:
+    """What every child in a process of its own shares: its call goes over ``sock``, it stops with its group.
+
+    A subclass sets ``pid``, ``sock`` and ``_lock`` and defines ``wait_exit``;
+    ``stop`` may come from another thread while the calling thread finishes:
+    both take the lock.
+    """
+
+    pid: int
+
+    def exchange(self, call: tuple, timeout: float | None) -> Any:
+        return exchange_over_socket(self, call, timeout)
+
+    def wait_exit(self, timeout: float | None) -> bool:
+        raise NotImplementedError
+
+    def stop(self, grace: float) -> None:
+        with self._lock:
+            if not self.wait_exit(0):
+                stop_group(self.pid, grace, self.wait_exit)

@@ -19,18 +19,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedgpu.isolation import wire
-from fedgpu.isolation.exchange import exchange_over_socket
+from fedgpu.isolation.exchange import SocketChild
 from fedgpu.isolation.procs import (
     child_environment,
     exited_within,
     open_sentinel,
     signal_group,
-    stop_group,
 )
 from fedgpu.names import CALL_MARKER
 
 
-class SpawnedChild:
+class SpawnedChild(SocketChild):
     """A fresh interpreter running ``fedgpu.isolation.child``.
 
     ``stop`` may come from another thread (``Isolator.shutdown``) while the
@@ -48,16 +47,8 @@ class SpawnedChild:
         self.stopped_by: str | None = None
         self.max_rss_kib = 0  # from the kernel once reaped (kept across exec: an upper bound)
 
-    def exchange(self, call: tuple, timeout: float | None) -> Any:
-        return exchange_over_socket(self, call, timeout)
-
     def wait_exit(self, timeout: float | None) -> bool:
         return self._reaped or exited_within(self.pid, self._sentinel, timeout)
-
-    def stop(self, grace: float) -> None:
-        with self._lock:
-            if not self.wait_exit(0):
-                stop_group(self.pid, grace, self.wait_exit)
 
     def finish(self) -> int | None:
         with self._lock:

@@ -16,10 +16,9 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from fedgpu.isolation import wire
-from fedgpu.isolation.exchange import exchange_over_socket
+from fedgpu.isolation.exchange import SocketChild
 from fedgpu.isolation.procs import (
     child_environment,
     open_sentinel,
@@ -106,7 +105,7 @@ def connect(directory: str, key: bytes, timeout: float = 30.0) -> socket.socket:
     return control
 
 
-class ZygoteChild:
+class ZygoteChild(SocketChild):
     """A child forked by the zygote, as the Isolator drives it.
 
     The control connection is the child's sentinel: the zygote writes the exit
@@ -142,14 +141,6 @@ class ZygoteChild:
             # The zygote died (the child got its parent-death signal): nobody knows the status.
             self._returncode = None
         return True
-
-    def exchange(self, call: tuple, timeout: float | None) -> Any:
-        return exchange_over_socket(self, call, timeout)
-
-    def stop(self, grace: float) -> None:
-        with self._lock:
-            if not self.wait_exit(0):
-                stop_group(self.pid, grace, self.wait_exit)
 
     def finish(self) -> int | None:
         with self._lock:
