@@ -99,7 +99,8 @@ ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitio
               run_config={"seed": 0})
 replies = [dict(client_app.train(msg, ctx).content["metrics"]) for _ in range(2)]
 print(json.dumps({"host": os.getpid(), "torch": "torch" in sys.modules, "replies": replies,
-                  "state": dict(ctx.state["example"]), "module": client_app.__name__}))
+                  "state": dict(ctx.state["example"]), "module": client_app.__name__,
+                  "preload": list(client_app.PRELOAD)}))
 """
     env = {k: v for k, v in os.environ.items() if k != "FEDGPU_ISOLATED_CALL"}
     done = subprocess.run(
@@ -114,9 +115,11 @@ print(json.dumps({"host": os.getpid(), "torch": "torch" in sys.modules, "replies
     # context.state written in the child came back: the second call saw the first one's count.
     assert [reply["train-calls"] for reply in facts["replies"]] == [1, 2]
     assert facts["state"] == {"train-calls": 2}
-    # The private zygote says what it warmed up with: the decorated functions' module, by its name.
+    # The private zygote says what it warmed up with: the preloads, the decorated functions' module by its
+    # name, then what torch would load lazily in each child.
     ready = [line for line in done.stdout.splitlines() if re.search(r"\[fedgpu\] zygote \d+ ready", line)]
-    assert len(ready) == 1 and ready[0].endswith(f"(warm-ups: {facts['module']})"), done.stdout
+    warm_ups = ", ".join([*facts["preload"], facts["module"], "fedgpu.flower.warm_ups:import_torch_lazy_modules"])
+    assert len(ready) == 1 and ready[0].endswith(f"(warm-ups: {warm_ups})"), done.stdout
 
 
 @pytest.mark.e2e
@@ -208,10 +211,14 @@ def test_example_runs_in_the_simulation_engine_every_call_in_a_child(tmp_path: P
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("FEDGPU_ZYGOTE", None)
     try:
-        done = subprocess.run(
-            ["flwr", "run", str(EXAMPLE), "local-sim", "--stream", "--run-config", f'result-file="{result_file}"'],
-            env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=tmp_path,
-        )
+        try:
+            done = subprocess.run(
+                ["flwr", "run", str(EXAMPLE), "local-sim", "--stream", "--run-config", f'result-file="{result_file}"'],
+                env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=tmp_path,
+            )
+        except subprocess.TimeoutExpired as late:
+            said = (late.stdout or b"").decode(errors="replace") + (late.stderr or b"").decode(errors="replace")
+            pytest.fail(f"flwr run took over {RUN_TIMEOUT}s; its last lines:\n{said[-4000:]}")
         listing = subprocess.run(["flwr", "ls", "local-sim", "--format", "json"], env=env, capture_output=True,
                                  text=True, timeout=120, cwd=tmp_path)
     finally:

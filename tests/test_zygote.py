@@ -483,7 +483,8 @@ def test_fedgpu_zygote_bad_input_is_one_line_and_exit_2(tmp_path, case):
 def _state_and_pid(msg, context):
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    context.state["seen"] = ConfigRecord({"pid": os.getpid(), "ppid": os.getppid(), "numpy": "numpy" in sys.modules})
+    loaded = {name: name in sys.modules for name in ("numpy", "torch", "torch._dynamo")}  # before it imports any
+    context.state["seen"] = ConfigRecord({"pid": os.getpid(), "ppid": os.getppid(), **loaded})
     return Message(RecordDict({"echo": ConfigRecord({"value": msg.content["in"]["value"] * 2})}), reply_to=msg)
 
 
@@ -494,7 +495,7 @@ def test_isolate_decorator_forks_from_a_private_zygote_with_its_preloads(monkeyp
     from fedgpu.flower.transfer import adopt_task_identity, task_identity
 
     monkeypatch.delenv("FEDGPU_ZYGOTE", raising=False)
-    monkeypatch.setitem(globals(), "_isolated", isolate(_state_and_pid, mode="zygote", preload=("numpy",)))
+    monkeypatch.setitem(globals(), "_isolated", isolate(_state_and_pid, mode="zygote", preload=("torch",)))
     saved = task_identity()
     adopt_task_identity((7, 1, 1))  # as a Flower runtime would have set it
     try:
@@ -506,6 +507,8 @@ def test_isolate_decorator_forks_from_a_private_zygote_with_its_preloads(monkeyp
     assert [r.content["echo"]["value"] for r in replies] == [42, 42]
     seen = context.state["seen"]  # the state came back from the child
     assert seen["pid"] != os.getpid() and seen["numpy"] is True
+    # torch came with the fork, and so did what its first optimizer would load lazily (2 s per child).
+    assert seen["torch"] is True and seen["torch._dynamo"] is True
     assert seen["ppid"] != os.getpid(), "forked by the zygote, not spawned by us"
 
 

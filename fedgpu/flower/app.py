@@ -259,7 +259,7 @@ def check_app(
 def _check_imports(app: FlowerApp) -> None:
     """Each component imported in a child of its own, as the run will import it; BadInput if it cannot be."""
     from fedgpu.errors import BadInput
-    from fedgpu.flower.warm_ups import app_warm_ups
+    from fedgpu.flower.warm_ups import RUNNER
     from fedgpu.isolation import IsolationError, Isolator
     from fedgpu.private_dirs import make_private_dir, remove
 
@@ -269,7 +269,7 @@ def _check_imports(app: FlowerApp) -> None:
             for role, ref in (("clientapp", app.clientapp), ("serverapp", app.serverapp)):
                 # The ClientApp's module is what the zygote imports, after our runner; the ServerApp runs in
                 # Flower's own process, never forked.
-                warm_ups = tuple(app_warm_ups(app.client_module)[:-1]) if role == "clientapp" else ()
+                warm_ups = (RUNNER,) if role == "clientapp" else ()
                 try:
                     outcome = isolator.run(_import_components, (str(app.directory), (ref,), workdir, warm_ups),
                                            timeout=300)

@@ -35,6 +35,7 @@ from typing import Any
 from flwr.app import Context, Message
 
 from fedgpu.flower.transfer import TaskIds, adopt_task_identity, task_identity
+from fedgpu.flower.warm_ups import TORCH_LAZY_MODULES
 from fedgpu.isolation import Isolator
 from fedgpu.names import IN_ISOLATED_CHILD
 
@@ -62,7 +63,7 @@ _preloads: list[str] = []  # every decorator's preload, for the one private zygo
 
 def _isolator(mode: str) -> Isolator:
     if mode not in _isolators:
-        _isolators[mode] = Isolator(mode, env={IN_ISOLATED_CHILD: "1"}, warm_ups=tuple(_preloads))
+        _isolators[mode] = Isolator(mode, env={IN_ISOLATED_CHILD: "1"}, warm_ups=(*_preloads, TORCH_LAZY_MODULES))
         atexit.register(_isolators[mode].shutdown)
     return _isolators[mode]
 

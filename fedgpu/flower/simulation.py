@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     client_module = client_app_ref.partition(":")[0]
     # Only for a private zygote (no $FEDGPU_ZYGOTE: `fedgpu server --simulation-nodes` alone). The app's module is
     # optional there: that zygote does not have the app on its path; each child imports it from the app's directory.
-    warm_ups = zygote_warm_ups(args.task) if args.task else [*app_warm_ups(client_module)[:-1], f"?{client_module}"]
+    warm_ups = zygote_warm_ups(args.task) if args.task else app_warm_ups(client_module, optional=True)
     isolator = Isolator(args.isolation, env={IN_ISOLATED_CHILD: "1"}, zygote=os.environ.get(ZYGOTE_ENV) or None,
                         warm_ups=warm_ups, reap_in_background=True)  # a child's exit is off the message's path
     # Children are placed on GPUs with room, where there are GPUs (the server exported the settings it checked).
