@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from fedgpu.children import run_child
 from fedgpu.isolation import IsolationError, Isolator
 from fedgpu.nvml.devices import MIB
-from fedgpu.nvml.placement import GpuPlacer
+from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
 
 COLUMNS = (
     "model", "device", "params", "head_params", "batches", "batch_size", "image_size",
@@ -36,6 +36,16 @@ class BenchSettings:
     device: str = "auto"
     threads: int = 0
     timeout: float = 1800.0
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What ``fedgpu bench-models`` will measure, where it writes the CSV, and how it places its children;
+    made, its options checked, by ``fedgpu.plans.bench_models.plan_bench_models``."""
+
+    settings: BenchSettings
+    csv_path: str
+    placement: PlacementSettings | None  # None: the CPU, or the one device named
 
 
 def check_models(isolator: Isolator, models: tuple[str, ...]) -> list[str]:
@@ -114,55 +124,25 @@ def print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
                   f"{row['peak_mib']:>9.0f}  {row['device']} ({row['peak_source']})\n")
 
 
-def bench_models_command(options: dict[str, Any], say: Callable[..., None]) -> int:
-    """``fedgpu bench-models``: check the options (BadInput), measure, write the CSV; the exit code."""
-    import re
+def run_bench_models(plan: BenchPlan, say: Callable[..., None]) -> int:
+    """``fedgpu bench-models`` once its options are checked (``fedgpu.plans.bench_models``): measure each
+    model in its own child, write the CSV, print the table; 1 if a model failed, else 0."""
     import sys
-    import tempfile
-    import time
-    from pathlib import Path
 
-    from fedgpu.errors import BadInput
-    from fedgpu.nvml.placement import check_placement
-    from fedgpu.zoo import DEFAULT_MODELS
-
-    models = tuple(m.strip() for m in str(options["models"] or ",".join(DEFAULT_MODELS)).split(",") if m.strip())
-    if not models:
-        raise BadInput("--models: no model named")
-    device = str(options["device"])
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    image_size = int(options["image_size"])
-    if any(m.startswith("vit_") for m in models) and image_size % 16:
-        raise BadInput(f"--image-size {image_size}: ViT models need a multiple of 16")
-    csv_path = str(options["csv_path"] or Path("runs") / time.strftime("bench-models-%Y%m%d-%H%M%S.csv"))
-    if Path(csv_path).is_dir():
-        raise BadInput(f"--csv {csv_path}: is a directory")
-    csv_dir = Path(csv_path).absolute().parent
-    try:  # a file created and removed there, as the CSV will be written at the end
-        csv_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=csv_dir):
-            pass
-    except OSError as err:
-        raise BadInput(f"--csv {csv_path}: not writable: {err.strerror or err}") from None
-    wants_gpu = device in ("auto", "cuda")
-    placement = check_placement(options, children=True) if wants_gpu else None
-    settings = BenchSettings(models, int(options["batches"]), int(options["batch_size"]), image_size,
-                             device=device, threads=int(options["threads"]), timeout=float(options["timeout"]))
+    settings = plan.settings
     placer: GpuPlacer | None = None
-    with Isolator("spawn") as isolator:
-        unknown = check_models(isolator, models)
-        if unknown:
-            raise BadInput(f"--models: unknown model(s) {', '.join(unknown)} "
-                           "(torchvision names, or vit_tiny_16, vit_small_16)")
-        if placement is not None:
-            placer = GpuPlacer.from_settings(placement, log=lambda line: say(f"[fedgpu] {line}", err=True))
-        say(f"[fedgpu] {len(models)} model(s) on {'a placed GPU' if placer else device}; CSV: {csv_path}", err=True)
-        rows = measure_all(settings, isolator, placer,
-                           on_row=lambda row: say(f"[fedgpu] {row['model']}: "
-                                                  f"{'failed' if row.get('error') else 'done'}", err=True))
-    if placer is not None:
-        placer.close()
-    write_csv(csv_path, rows)
+    if plan.placement is not None:
+        placer = GpuPlacer.from_settings(plan.placement, log=lambda line: say(f"[fedgpu] {line}", err=True))
+    where = "a placed GPU" if placer else settings.device
+    say(f"[fedgpu] {len(settings.models)} model(s) on {where}; CSV: {plan.csv_path}", err=True)
+    try:
+        with Isolator("spawn") as isolator:
+            rows = measure_all(settings, isolator, placer,
+                               on_row=lambda row: say(f"[fedgpu] {row['model']}: "
+                                                      f"{'failed' if row.get('error') else 'done'}", err=True))
+    finally:
+        if placer is not None:
+            placer.close()
+    write_csv(plan.csv_path, rows)
     print_table(rows, sys.stdout)
     return 1 if any(row.get("error") for row in rows) else 0

@@ -199,9 +199,10 @@ def client(**options: Any) -> None:
 @click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR_B]")
 def report(run_dirs: tuple[str, ...]) -> None:
     """Print a run's memory per round, or two runs side by side (B - A)."""
-    from fedgpu.monitor.report import report_runs
+    from fedgpu.monitor.report import report_text
+    from fedgpu.plans.report import plan_report
 
-    click.echo(report_runs(run_dirs, warn=lambda line: click.echo(f"fedgpu: warning: {line}", err=True)))
+    click.echo(report_text(plan_report(run_dirs, warn=lambda line: click.echo(f"fedgpu: warning: {line}", err=True))))
 
 
 @cli.command("bench-models")
@@ -222,9 +223,10 @@ def report(run_dirs: tuple[str, ...]) -> None:
 @placement_options
 def bench_models(**options: Any) -> None:
     """Time K train and K head-only finetune batches per vision model, each in its own child."""
-    from fedgpu.bench_models import bench_models_command
+    from fedgpu.bench_models import run_bench_models
+    from fedgpu.plans.bench_models import plan_bench_models
 
-    sys.exit(bench_models_command(options, click.echo))
+    sys.exit(run_bench_models(plan_bench_models(options), click.echo))
 
 
 @cli.command()

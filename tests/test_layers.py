@@ -140,7 +140,8 @@ def test_layers_below_flower_never_import_it(layer: str) -> None:
     assert not bad, f"{layer} must not import the Flower layer:\n" + "\n".join(bad)
 
 
-BELOW_THE_CHECKS = ["fedgpu.isolation", "fedgpu.flower", "fedgpu.nvml", "fedgpu.monitor", "fedgpu.tasks"]
+BELOW_THE_CHECKS = ["fedgpu.isolation", "fedgpu.flower", "fedgpu.nvml", "fedgpu.monitor", "fedgpu.tasks",
+                    "fedgpu.bench_models"]
 
 
 @pytest.mark.parametrize("layer", BELOW_THE_CHECKS)

@@ -99,7 +99,8 @@ def two_runs(name_a: str, a: dict[str, Any], name_b: str, b: dict[str, Any]) -> 
 DAMAGED = (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError)
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """An error in one line: its type and its first line, cut at 200 characters."""
     text = str(err).splitlines()[0] if str(err) else ""
     return f"{type(err).__name__}: {text[:200]}"
 
@@ -110,44 +111,13 @@ def why_not_reportable(summary: dict[str, Any]) -> str | None:
         one_run("", summary)
         two_runs("", summary, "", summary)
     except DAMAGED as err:
-        return _one_line(err)
+        return one_line(err)
     return None
 
 
-def report_runs(run_dirs: tuple[str, ...], warn: Any) -> str:
-    """``fedgpu report``: the table for one run or two; BadInput where nothing can be reported.
-
-    Damaged files are a warning (the table is made from what is left) or a
-    refusal, in one line each: files that are not regular files (a symbolic
-    link, a FIFO, a device) are not read, JSON nested too deeply or too large
-    is not parsed.
-    """
-    import os
-
-    from fedgpu.errors import BadInput
-    from fedgpu.monitor.memory import TIMELINE_FILE
-    from fedgpu.monitor.summary import SUMMARY_FILE, load_summary_checked
-
-    if len(run_dirs) > 2:
-        raise BadInput(f"report takes one or two run directories, got {len(run_dirs)}")
-    summaries = []
-    for run_dir in run_dirs:
-        # lexists: a symbolic link or a FIFO in their place is said by name below, not taken for "no file".
-        if not any(os.path.lexists(os.path.join(run_dir, name)) for name in (SUMMARY_FILE, TIMELINE_FILE)):
-            raise BadInput(f"{run_dir}: not a run directory (no {SUMMARY_FILE} or {TIMELINE_FILE})")
-        try:
-            summary, problems = load_summary_checked(run_dir, check=why_not_reportable)
-            why_not = None if summary is None else why_not_reportable(summary)
-        except DAMAGED as err:  # events or samples that summarise cannot use
-            summary, problems, why_not = None, [], _one_line(err)
-        if why_not is not None:
-            raise BadInput(f"{run_dir}: nothing to report: {TIMELINE_FILE} and events do not make a summary "
-                           f"({why_not})")
-        if summary is None:
-            raise BadInput(f"{run_dir}: nothing to report: {'; '.join(problems)}")
-        for problem in problems:
-            warn(f"{run_dir}: {problem}")
-        summaries.append(summary)
-    if len(run_dirs) == 1:
-        return one_run(run_dirs[0], summaries[0])
-    return two_runs(run_dirs[0], summaries[0], run_dirs[1], summaries[1])
+def report_text(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """The table for one run, or two side by side (B - A): ``runs`` as (name, summary), each reportable."""
+    if len(runs) == 1:
+        return one_run(*runs[0])
+    (name_a, a), (name_b, b) = runs
+    return two_runs(name_a, a, name_b, b)

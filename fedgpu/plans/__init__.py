@@ -8,6 +8,8 @@ docs/cli.md's bad-input table is what this package does, row by row:
 - ``server``: ``fedgpu server`` (TLS and node keys, GPUs, port, app or task, simulation, run directory)
 - ``client``: ``fedgpu client`` (TLS, GPUs, partition, SuperLink address, task, node config, shared zygote)
 - ``zygote``: ``fedgpu zygote`` (task or app, run data, its private directory)
+- ``report``: ``fedgpu report`` (its run directories, read into the summaries it shows)
+- ``bench_models``: ``fedgpu bench-models`` (models, device, image size, CSV path, GPUs)
 - ``task``: one of fedgpu's tasks and its options, shared by ``run`` and ``server``
 
 Checks that more than one command makes live once, where the thing checked
