@@ -21,7 +21,6 @@ from typing import IO, Any
 
 from fedgpu.errors import FedgpuError
 from fedgpu.flower.config import toml_value
-from fedgpu.flower.internals.marks import RUN_STARTED_MARK
 from fedgpu.flower.server_plan import ServerPlan, ServerSettings
 from fedgpu.flower.settings import RunSettings
 from fedgpu.isolation.procs import stop_tree
@@ -216,8 +215,8 @@ class Federation:
         for overrides in self.plan.run_config:
             command += ["--run-config", overrides]
         for attempt in range(1, attempts + 1):
-            started_run, code = self._run_and_stream(command, console)
-            if started_run or code == 0:
+            code = self._run_and_stream(command, console)
+            if code == 0 or self._a_run_was_submitted():
                 return self.final_status()
             if attempt < attempts:
                 console.flush()
@@ -243,14 +242,25 @@ class Federation:
         except AppError as err:
             raise ServerError(str(err)) from None
 
-    def _run_and_stream(self, command: list[str], console: IO[str]) -> tuple[bool, int]:
-        """(whether a run was started, exit code of `flwr run`).
+    def _a_run_was_submitted(self) -> bool:
+        """Whether this SuperLink holds a run (only this server submits to it), by `flwr ls --format json`.
+
+        A SuperLink that cannot say counts as holding one: a run is never submitted twice.
+        """
+        try:
+            listing = subprocess.run(["flwr", "ls", CONNECTION, "--format", "json"], env=self.env,
+                                     capture_output=True, text=True, timeout=60)
+            return bool(json.loads(listing.stdout)["runs"])
+        except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+            return True
+
+    def _run_and_stream(self, command: list[str], console: IO[str]) -> int:
+        """The exit code of `flwr run` (or of the simulation host), its output streamed.
 
         A user's app has all its output echoed, but for the fields of failed
         replies (the summary at the end says them); TooFewNodes when its
         ServerApp says it waits for more nodes than there are.
         """
-        started_run = False
         echo_all = self.plan.run is None  # a user's app: its own output is what they read
         log_path = self.run_dir / "serverapp.log"
         with open_output(log_path, "a") as log_file:
@@ -270,7 +280,6 @@ class Federation:
                         log_file.flush()
                     except OSError as err:
                         raise OutputError(log_path, err) from None
-                    started_run = started_run or RUN_STARTED_MARK in line
                     if TOO_FEW_NODES_MARK in line:  # the ServerApp gave up waiting: end the run now
                         raise TooFewNodes(line[line.index(TOO_FEW_NODES_MARK) + len(RUN_FAILED_MARK) :].strip())
                     if echo_all and FAILURE_MARK not in line:
@@ -279,7 +288,7 @@ class Federation:
                     elif ROUND_LINE_MARK in line:
                         console.write(line[line.index(ROUND_LINE_MARK) :])
                         console.flush()
-                return started_run, stream.wait()
+                return stream.wait()
             finally:
                 if stream.poll() is None:  # stopped early (a signal, a full disk): `flwr run` goes too
                     # TERM first: a simulation host stops its children before it exits.
@@ -344,7 +353,7 @@ class SimulatedFederation(Federation):
             command += ["--task", self.plan.run.task]
         for overrides in self.plan.run_config:
             command += ["--run-config", overrides]
-        _, self.returncode = self._run_and_stream(command, console)
+        self.returncode = self._run_and_stream(command, console)
         return self.final_status()
 
     def final_status(self) -> str:
