@@ -71,7 +71,11 @@ def test_without_a_doorbell_the_idle_interval_starts_fast_and_backs_off() -> Non
     assert pace._idle_wait == 0.1
 
 
-def test_a_ring_ends_an_idle_wait_and_the_bell_goes_with_the_node(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["short", "long"])
+def test_a_ring_ends_an_idle_wait_and_the_bell_goes_with_the_node(tmp_path: Path, where: str) -> None:
+    if where == "long":  # a bell's path beyond a Unix address's 107 bytes (a long $TMPDIR)
+        tmp_path = tmp_path / ("d" * 120)
+        tmp_path.mkdir()
     pace = NodePace(str(tmp_path))
     try:
         assert pace.idle(0.05, node_id=42) is False  # nobody rang: Flower's interval (here 0.05 s) passes

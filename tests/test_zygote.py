@@ -524,6 +524,20 @@ def _wait_children(pid: int, count: int, timeout: float = 60) -> list[int]:
     return children
 
 
+def test_a_zygote_serves_where_its_socket_path_is_too_long_for_a_unix_address(tmp_path):
+    directory = tmp_path / ("z" * 120)  # under a long $TMPDIR, say; the socket's path is over 107 bytes
+    directory.mkdir(mode=0o700)
+    proc = start_zygote(directory)
+    try:
+        pid = wait_ready(directory, proc)
+        with Isolator("zygote", zygote=str(directory)) as iso:
+            outcome = iso.run(os.getppid, timeout=30)
+        assert outcome.value == pid  # forked by that zygote
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_a_primed_spare_takes_the_next_call_and_is_replaced(zygote):
     directory, pid, _ = zygote
     (spare,) = _wait_children(pid, 1)  # forked ahead of any call, primed with the task's warm-up

@@ -41,6 +41,7 @@ from pathlib import Path
 from types import ModuleType
 
 from fedgpu.flower.internals.contract import sleep_contract
+from fedgpu.isolation.unix_paths import unix_address
 from fedgpu.names import PACE_ENV
 
 # Where the doorbells of one host's nodes live (a private directory the launcher makes).
@@ -149,7 +150,8 @@ class NodePace:
         bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             path.unlink(missing_ok=True)
-            bell.bind(str(path))
+            with unix_address(str(path)) as address:
+                bell.bind(address)
         except OSError:  # no doorbell: this node polls at the growing interval
             bell.close()
             self.doorbells = None
@@ -289,7 +291,8 @@ class Doorbells:
 
     def ring(self, node_id: int) -> bool:
         try:
-            self._sender.sendto(b"!", os.path.join(self.directory, str(node_id)))
+            with unix_address(os.path.join(self.directory, str(node_id))) as address:
+                self._sender.sendto(b"!", address)
             return True
         except OSError:  # a node of another host, gone, or its bell already full: it polls
             return False

@@ -27,6 +27,7 @@ from fedgpu.isolation.procs import (
     stop_group,
     wait_readable,
 )
+from fedgpu.isolation.unix_paths import unix_address
 from fedgpu.isolation.zygote.protocol import (
     ACCEPTED,
     CHALLENGE_BYTES,
@@ -69,7 +70,8 @@ def connect(directory: str, key: bytes, timeout: float = 30.0) -> socket.socket:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                control.connect(path)
+                with unix_address(path) as address:
+                    control.connect(address)
                 break
             except BlockingIOError:
                 # The zygote's accept queue is full (a flood): a Unix socket with a

@@ -34,6 +34,7 @@ from fedgpu.isolation.procs import (
     signal_group,
     stop_groups,
 )
+from fedgpu.isolation.unix_paths import unix_address
 from fedgpu.isolation.zygote.forked import become_child, become_spare, fork
 from fedgpu.isolation.zygote.handshake import (
     ACCEPTS_PER_ROUND,
@@ -81,7 +82,8 @@ class ZygoteServer:
         self.pid = os.getpid()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.listener.bind(os.path.join(directory, SOCKET_NAME))
+            with unix_address(os.path.join(directory, SOCKET_NAME)) as address:
+                self.listener.bind(address)
         except OSError as err:  # another zygote bound it since prepare_directory
             self.listener.close()
             raise ZygoteError(f"cannot serve at {directory}: {err.strerror or err}") from None

@@ -17,6 +17,7 @@ from fedgpu.isolation.procs import (
     die_with_parent,
     set_child_subreaper,
 )
+from fedgpu.isolation.unix_paths import unix_address
 from fedgpu.isolation.zygote.protocol import (
     KEY_NAME,
     READY_NAME,
@@ -47,7 +48,8 @@ def prepare_directory(directory: str) -> None:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.settimeout(2.0)
-            probe.connect(path)
+            with unix_address(path) as address:
+                probe.connect(address)
         except OSError:
             pass  # nobody listens: a dead zygote's socket
         else:
