@@ -108,6 +108,12 @@ def start_run_sh(args: list[str], **kwargs) -> subprocess.Popen:
     )
 
 
+def ended_output(proc: subprocess.Popen) -> str:
+    """Once ``proc`` is killed or gone: its exit code and the end of what it printed, for a failure message."""
+    out, err = proc.communicate(timeout=60)
+    return f"(exit {proc.returncode}) {(out or '')[-2000:]}{(err or '')[-2000:]}"
+
+
 def kill_processes_with_env(key: str, value: str) -> list[str]:
     """SIGKILL every process carrying key=value; return the command lines found."""
     left = processes_with_env(key, value)

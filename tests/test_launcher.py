@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from helpers import (
     PLUGINS,
     RUN_SH,
     call_children,
+    ended_output,
     free_port,
     kill_leftovers,
     private_temp,
@@ -249,11 +251,12 @@ def test_ctrl_c_mid_training_stops_everything(tmp_path: Path) -> None:
                 return bool(call_children(run_dir))
         return False
 
-    training = wait_for(child_is_training, timeout=180)
-    if not training:
+    # A run that ended on its own (it failed) ends the wait too: it is said with its output at once.
+    if not wait_for(lambda: child_is_training() or proc.poll() is not None, timeout=180) or proc.poll() is not None:
         kill_leftovers(run_dir)
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("no training child appeared")
+        with contextlib.suppress(ProcessLookupError):  # run.sh's group may be gone
+            os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"no training child appeared {ended_output(proc)}")
     stop_and_check(proc, run_dir, port, signal.SIGINT, to_group=True, temp=temp)
 
 

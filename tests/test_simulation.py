@@ -10,6 +10,7 @@ kind (tests/plugins/fault_task.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from helpers import (
     ROOT,
     RUN_SH,
     ProcessSampler,
+    ended_output,
     events,
     free_port,
     kill_leftovers,
@@ -324,10 +326,12 @@ def test_ctrl_c_mid_round_stops_everything_and_reports_the_signal(
         return any(e["event"] == "child-start" and e.get("role") == "client-child" and e.get("client") == 0
                    for e in events(run_dir))
 
-    if not wait_for(hanging, timeout=240, interval=0.05):
+    # A run that ended on its own (it failed) ends the wait too: it is said with its output at once.
+    if not wait_for(lambda: hanging() or proc.poll() is not None, timeout=240, interval=0.05) or not hanging():
         kill_leftovers(run_dir)
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("client 0's train never started")
+        with contextlib.suppress(ProcessLookupError):  # run.sh's group may be gone
+            os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"client 0's train never started {ended_output(proc)}")
     # No SuperLink in a simulation: any free port passes stop_and_check's port check; the processes are what it checks.
     stop_and_check(proc, run_dir, free_port(), signal.SIGINT, to_group=True, temp=temp)
     report = report_of(run_dir)
