@@ -175,6 +175,11 @@ def _bad_app(tmp_path: Path, case: str) -> tuple[list[str], str]:
         client.write_text("import no_such_module_anywhere\n" + client.read_text())
         return [str(app)], ("quickstart-pytorch's clientapp pytorchexample.client_app:app does not import: "
                             "raised ModuleNotFoundError: No module named 'no_such_module_anywhere'")
+    if case == "server-does-not-import":  # imported after the ClientApp, in the same child: named as its own
+        server = app / "pytorchexample" / "server_app.py"
+        server.write_text(server.read_text() + "\nraise ImportError('injected: no strategy here')\n")
+        return [str(app)], ("quickstart-pytorch's serverapp pytorchexample.server_app:app does not import: "
+                            "raised ImportError: injected: no strategy here")
     if case == "missing-dependency":
         pyproject.write_text(pyproject.read_text().replace('"torch==2.8.0",',
                                                            '"torch==2.8.0", "no-such-package-xyz>=1",'))
@@ -186,7 +191,8 @@ def _bad_app(tmp_path: Path, case: str) -> tuple[list[str], str]:
     raise AssertionError(case)
 
 
-BAD_APPS = ["not-a-directory", "no-pyproject", "no-components", "client-does-not-import", "missing-dependency",
+BAD_APPS = ["not-a-directory", "no-pyproject", "no-components", "client-does-not-import", "server-does-not-import",
+            "missing-dependency",
             "task-option-with-app", "unknown-run-config-key"]
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -168,34 +168,58 @@ class ImportFacts:
 
     threads: tuple[str, ...]  # threads besides the main one: their Python names, else "N native"
     cuda_initialized: bool
+    # What importing the ServerApp raised afterwards, in the same child: (type name, first line), or None.
+    server_error: tuple[str, str] | None = None
 
 
 def _import_components(
-    directory: str, refs: tuple[str, ...], workdir: str, warm_ups: tuple[str, ...] = ()
+    directory: str, client_ref: str, server_ref: str, workdir: str, warm_ups: tuple[str, ...] = ()
 ) -> ImportFacts:
-    """In a child: import each ``module:attribute`` from the app's directory, as the zygote would.
+    """In a child: import the ClientApp's ``module:attribute`` from the app's directory as the zygote would, then
+    the ServerApp's.
 
     In ``workdir`` (empty, like the run directory a zygote starts in: a file
     opened relative to it at import fails here as it would there), after
     ``warm_ups`` (what the zygote imports first), writing no bytecode into the
-    app. Returns what a zygote would refuse to fork from.
+    app. What a zygote would refuse to fork from is read before the ServerApp
+    is imported; both share one child because each import costs seconds
+    (torch), and the ServerApp's error comes back as data so that the caller
+    can name its role.
     """
-    import importlib
     import sys
-    import threading
 
-    from fedgpu.isolation.zygote.warm import call_warm_up, native_threads
+    from fedgpu.isolation.zygote.warm import call_warm_up
 
     sys.dont_write_bytecode = True
     os.chdir(workdir)
     for spec in warm_ups:
         call_warm_up(spec)
     sys.path.insert(0, directory)
-    for ref in refs:
-        module_name, _, attribute = ref.partition(":")
-        target: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
+    _import_ref(client_ref)
+    facts = _left_behind()
+    try:
+        _import_ref(server_ref)
+    except Exception as err:  # noqa: BLE001 - any error at import is the app's, reported as it was raised
+        return replace(facts, server_error=(type(err).__name__, str(err).splitlines()[0] if str(err) else ""))
+    return facts
+
+
+def _import_ref(ref: str) -> None:
+    import importlib
+
+    module_name, _, attribute = ref.partition(":")
+    target: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+
+
+def _left_behind() -> ImportFacts:
+    """The threads and CUDA state of this process, as a zygote would find them."""
+    import sys
+    import threading
+
+    from fedgpu.isolation.zygote.warm import native_threads
+
     others = tuple(thread.name for thread in threading.enumerate() if thread is not threading.main_thread())
     native = len(native_threads()) - 1  # started by native code (a library's pool): no Python name
     torch = sys.modules.get("torch")
@@ -257,44 +281,47 @@ def check_app(
 
 
 def _check_imports(app: FlowerApp) -> None:
-    """Each component imported in a child of its own, as the run will import it; BadInput if it cannot be."""
+    """Both components imported in one child, as the run will import them; BadInput if either cannot be."""
     from fedgpu.errors import BadInput
     from fedgpu.flower.warm_ups import RUNNER
     from fedgpu.isolation import IsolationError, Isolator
+    from fedgpu.isolation.errors import join_reason
     from fedgpu.private_dirs import make_private_dir, remove
+
+    def cannot_import(role: str, ref: str, type_name: str, reason: str) -> BadInput:
+        hint = (" (fedgpu imports it in the run directory, not here: open the app's files relative to "
+                "its module's __file__)" if type_name in ("FileNotFoundError", "NotADirectoryError") else "")
+        return BadInput(f"{app.name}'s {role} {ref} does not import: {reason}{hint}")
 
     workdir = make_private_dir("check")
     try:
         with Isolator("spawn", env=_zygote_like_env()) as isolator:
-            for role, ref in (("clientapp", app.clientapp), ("serverapp", app.serverapp)):
-                # The ClientApp's module is what the zygote imports, after our runner; the ServerApp runs in
-                # Flower's own process, never forked.
-                warm_ups = (RUNNER,) if role == "clientapp" else ()
-                try:
-                    outcome = isolator.run(_import_components, (str(app.directory), (ref,), workdir, warm_ups),
-                                           timeout=300)
-                except IsolationError as err:
-                    hint = (" (fedgpu imports it in the run directory, not here: open the app's files relative to "
-                            "its module's __file__)"
-                            if getattr(err, "type_name", "") in ("FileNotFoundError", "NotADirectoryError") else "")
-                    raise BadInput(f"{app.name}'s {role} {ref} does not import: {err.reason}{hint}") from None
-                facts: ImportFacts = outcome.value
-                if role != "clientapp":
-                    continue
-                module = app.client_module
-                if facts.threads:
-                    raise BadInput(
-                        f"{app.name}'s clientapp module {module} starts threads when imported "
-                        f"({', '.join(facts.threads)}): "
-                        "fedgpu forks every message from a warm process, which must be single-threaded "
-                        "(start them inside the ClientApp's functions)"
-                    )
-                if facts.cuda_initialized:
-                    raise BadInput(
-                        f"{app.name}'s clientapp module {module} initialises CUDA when imported: fedgpu forks every "
-                        "message from a warm process, whose children could not use the GPU (touch CUDA inside the "
-                        "ClientApp's functions)"
-                    )
+            # The ClientApp's module is what the zygote imports, after our runner; the ServerApp runs in
+            # Flower's own process, never forked.
+            try:
+                outcome = isolator.run(_import_components,
+                                       (str(app.directory), app.clientapp, app.serverapp, workdir, (RUNNER,)),
+                                       timeout=300)
+            except IsolationError as err:
+                raise cannot_import("clientapp", app.clientapp, getattr(err, "type_name", ""), err.reason) from None
+        facts: ImportFacts = outcome.value
+        module = app.client_module
+        if facts.threads:
+            raise BadInput(
+                f"{app.name}'s clientapp module {module} starts threads when imported "
+                f"({', '.join(facts.threads)}): "
+                "fedgpu forks every message from a warm process, which must be single-threaded "
+                "(start them inside the ClientApp's functions)"
+            )
+        if facts.cuda_initialized:
+            raise BadInput(
+                f"{app.name}'s clientapp module {module} initialises CUDA when imported: fedgpu forks every "
+                "message from a warm process, whose children could not use the GPU (touch CUDA inside the "
+                "ClientApp's functions)"
+            )
+        if facts.server_error is not None:
+            type_name, message = facts.server_error
+            raise cannot_import("serverapp", app.serverapp, type_name, join_reason(f"raised {type_name}", message))
     finally:
         remove(workdir)
 
