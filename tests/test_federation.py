@@ -12,9 +12,9 @@ import pytest
 
 from fedgpu.tasks.digits import DigitsTask
 
-from helpers import pid_alive, read_metrics, run_federation
+from helpers import ProcessSampler, pid_alive, read_metrics, run_federation
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole runs: 106 s for the spawn one here
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole runs
 
 
 def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None:
@@ -93,15 +93,33 @@ def test_three_nodes_two_rounds_with_mp_share_one_zygote(tmp_path: Path) -> None
     assert {"client-node", "zygote", "server-side"} <= roles
 
 
-def test_spawn_remains_a_mode(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    code, output, sampler = run_federation(run_dir, "2", "2", "2", "1", "--isolation", "spawn")
+@pytest.fixture(scope="module")
+def spawn_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, ProcessSampler]:
+    """One spawn-mode run, read by the tests below: its batch (1000) is larger than either partition."""
+    run_dir = tmp_path_factory.mktemp("spawn") / "run"
+    code, output, sampler = run_federation(run_dir, "2", "2", "2", "1", "--isolation", "spawn", "--batch-size", "1000")
     assert code == 0, output
+    return run_dir, output, sampler
+
+
+def test_spawn_remains_a_mode(spawn_run: tuple[Path, str, ProcessSampler]) -> None:
+    run_dir, _, sampler = spawn_run
     report = json.loads((run_dir / "report.json").read_text())
     messages = report["rounds"][0]["messages"]
     assert len(messages) == 2
     assert all(m["isolation"] == "spawn" and m["node-torch-loaded"] is False for m in messages)
     assert not any("fedgpu.isolation.zygote" in cmd for cmd in sampler.seen.values())
+
+
+def test_a_partition_smaller_than_one_batch_is_a_warning_on_the_console(
+    spawn_run: tuple[Path, str, ProcessSampler],
+) -> None:
+    run_dir, output, _ = spawn_run
+    warnings = [line for line in output.splitlines() if "[fedgpu] warning:" in line]
+    assert len(warnings) == 1, output  # once per run, not once per client and round
+    assert re.search(r"\[fedgpu\] warning: client [01]: partition [01] of 2 holds \d+ examples, fewer than one batch "
+                     r"\(1000\) \(and 1 more alike\)$", warnings[0]), warnings
+    assert len(json.loads((run_dir / "report.json").read_text())["warnings"]) == 2
 
 
 def test_without_mp_the_node_itself_loads_torch(tmp_path: Path) -> None:
@@ -115,14 +133,3 @@ def test_without_mp_the_node_itself_loads_torch(tmp_path: Path) -> None:
     assert all(m["isolation"] == "none" and m["child-pid"] == m["node-pid"] for m in messages)
     assert all(m["node-torch-loaded"] is True for m in messages)
     assert any("fedgpu client" in cmd for cmd in sampler.long_lived(torch=True))
-
-
-def test_a_partition_smaller_than_one_batch_is_a_warning_on_the_console(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    code, output, _ = run_federation(run_dir, "2", "2", "2", "1", "--batch-size", "1000")
-    assert code == 0, output
-    warnings = [line for line in output.splitlines() if "[fedgpu] warning:" in line]
-    assert len(warnings) == 1, output  # once per run, not once per client and round
-    assert re.search(r"\[fedgpu\] warning: client [01]: partition [01] of 2 holds \d+ examples, fewer than one batch "
-                     r"\(1000\) \(and 1 more alike\)$", warnings[0]), warnings
-    assert len(json.loads((run_dir / "report.json").read_text())["warnings"]) == 2
