@@ -13,5 +13,5 @@ export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 HF_HUB_OFFLINE=1 HF_
 "$ROOT/.venv/bin/ruff" check "$ROOT"
 # Two test files at a time (FEDGPU_TEST_WORKERS; 0 for one process): most of a federation's time is waiting
 # (for a SuperLink, a round, a timeout), so two share two cores well. A file's tests stay together, in order,
-# so a module's shared federation starts once; the heaviest files go first (tests/conftest.py), in that order.
-exec "$ROOT/.venv/bin/python" -m pytest -n "${FEDGPU_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+# so a module's shared federation starts once.
+exec "$ROOT/.venv/bin/python" -m pytest -n "${FEDGPU_TEST_WORKERS:-2}" --dist loadfile "$@"

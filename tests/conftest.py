@@ -39,25 +39,3 @@ def in_a_run():
     adopt_task_identity((7, 1, 1))
     yield
     adopt_task_identity(saved)
-
-
-# Test cost by marker: a file's weight is what its tests are marked (see pyproject's markers).
-_WEIGHT = {"slow": 4.0, "e2e": 2.0}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The heaviest files first, each file's tests kept together and in order.
-
-    ``launchers/test.sh`` runs whole files on two workers in collection order
-    (``--dist loadfile --no-loadscope-reorder``): a long file left for the end
-    would run alone while the other worker idles. Federations (``e2e``, most of
-    all ``slow``) cost seconds each, other tests a fraction of one.
-    """
-    weight: dict[str, float] = {}
-    first: dict[str, int] = {}
-    for index, item in enumerate(items):
-        path = item.nodeid.split("::", 1)[0]
-        first.setdefault(path, index)
-        marks = [name for name in _WEIGHT if item.get_closest_marker(name)]
-        weight[path] = weight.get(path, 0.0) + (max(_WEIGHT[name] for name in marks) if marks else 0.05)
-    items.sort(key=lambda item: (-weight[item.nodeid.split("::", 1)[0]], first[item.nodeid.split("::", 1)[0]]))
