@@ -192,8 +192,7 @@ def _bad_app(tmp_path: Path, case: str) -> tuple[list[str], str]:
 
 
 BAD_APPS = ["not-a-directory", "no-pyproject", "no-components", "client-does-not-import", "server-does-not-import",
-            "missing-dependency",
-            "task-option-with-app", "unknown-run-config-key"]
+            "missing-dependency", "task-option-with-app", "unknown-run-config-key"]
 
 
 @pytest.mark.parametrize("case", BAD_APPS)

@@ -168,7 +168,7 @@ class ImportFacts:
 
     threads: tuple[str, ...]  # threads besides the main one: their Python names, else "N native"
     cuda_initialized: bool
-    # What importing the ServerApp raised afterwards, in the same child: (type name, first line), or None.
+    # What importing the ServerApp raised afterwards, in the same child: (type name, message), or None.
     server_error: tuple[str, str] | None = None
 
 
@@ -200,7 +200,7 @@ def _import_components(
     try:
         _import_ref(server_ref)
     except Exception as err:  # noqa: BLE001 - any error at import is the app's, reported as it was raised
-        return replace(facts, server_error=(type(err).__name__, str(err).splitlines()[0] if str(err) else ""))
+        return replace(facts, server_error=(type(err).__name__, str(err)))
     return facts
 
 
@@ -284,14 +284,14 @@ def _check_imports(app: FlowerApp) -> None:
     """Both components imported in one child, as the run will import them; BadInput if either cannot be."""
     from fedgpu.errors import BadInput
     from fedgpu.flower.warm_ups import RUNNER
-    from fedgpu.isolation import IsolationError, Isolator
-    from fedgpu.isolation.errors import join_reason
+    from fedgpu.isolation import ChildRaised, IsolationError, Isolator
     from fedgpu.private_dirs import make_private_dir, remove
 
-    def cannot_import(role: str, ref: str, type_name: str, reason: str) -> BadInput:
+    def cannot_import(role: str, ref: str, err: IsolationError) -> BadInput:
         hint = (" (fedgpu imports it in the run directory, not here: open the app's files relative to "
-                "its module's __file__)" if type_name in ("FileNotFoundError", "NotADirectoryError") else "")
-        return BadInput(f"{app.name}'s {role} {ref} does not import: {reason}{hint}")
+                "its module's __file__)"
+                if getattr(err, "type_name", "") in ("FileNotFoundError", "NotADirectoryError") else "")
+        return BadInput(f"{app.name}'s {role} {ref} does not import: {err.reason}{hint}")
 
     workdir = make_private_dir("check")
     try:
@@ -303,7 +303,7 @@ def _check_imports(app: FlowerApp) -> None:
                                        (str(app.directory), app.clientapp, app.serverapp, workdir, (RUNNER,)),
                                        timeout=300)
             except IsolationError as err:
-                raise cannot_import("clientapp", app.clientapp, getattr(err, "type_name", ""), err.reason) from None
+                raise cannot_import("clientapp", app.clientapp, err) from None
         facts: ImportFacts = outcome.value
         module = app.client_module
         if facts.threads:
@@ -320,8 +320,8 @@ def _check_imports(app: FlowerApp) -> None:
                 "ClientApp's functions)"
             )
         if facts.server_error is not None:
-            type_name, message = facts.server_error
-            raise cannot_import("serverapp", app.serverapp, type_name, join_reason(f"raised {type_name}", message))
+            # Told as the isolation core tells any error raised in a child.
+            raise cannot_import("serverapp", app.serverapp, ChildRaised(*facts.server_error, remote_traceback=""))
     finally:
         remove(workdir)
 
