@@ -35,6 +35,7 @@ from fedgpu.isolation import (
     RemoteTraceback,
     wire,
 )
+from fedgpu.isolation.procs import stop_tree
 
 SCRIPTS_DIR = Path(__file__).resolve().parent / "isolation_scripts"
 PROBE_MODULE = "fedgpu_isolation_exc_probe"  # only ever imported by children
@@ -517,6 +518,31 @@ def test_child_dies_with_its_parent(tmp_path, reap, how, request):
         parent.kill()
         assert parent.wait(5) == -signal.SIGKILL
         assert _wait_gone([child, grandchild], 5.0) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(5)
+
+
+def test_stop_tree_stops_children_before_their_parent_and_counts_a_zombie_as_gone(tmp_path, reap):
+    """What the SuperLink's tree needs: a child whose exit talks to its parent exits cleanly, and a zombie that its
+    parent never reaps does not hold the stop for the whole grace."""
+    result = tmp_path / "child"
+    parent = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / "tree_needs_parent.py"), str(result)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    reap.append(parent.pid)
+    try:
+        assert parent.stdout.readline().split()[0] == "ready"
+        tree = [parent.pid, *(p.pid for p in psutil.Process(parent.pid).children(recursive=True))]
+        reap.extend(tree)
+        assert len(tree) == 3
+        started = time.monotonic()
+        stop_tree(parent.pid, grace=30.0)
+        took = time.monotonic() - started
+        assert result.read_text() == "clean"
+        assert took < 15.0, f"took {took:.1f} s of a 30 s grace"  # the zombie counted as gone at once
+        assert parent.wait(5) == -signal.SIGTERM  # TERMed, and left for its parent (us) to reap
+        assert _wait_gone(tree, 5.0) == []
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -260,27 +261,54 @@ def stop_group(pgid: int, grace: float, exited: Callable[[float], object] | None
 
 
 def stop_tree(pid: int, grace: float) -> None:
-    """TERM a process and all its descendants, wait ``grace``, KILL survivors.
+    """TERM a process and all its descendants, the deepest first, within ``grace`` in all; KILL survivors.
 
     For process trees we do not lead as a group (e.g. Flower's SuperLink and
-    the SuperExec and ServerApp processes it starts).
+    the SuperExec and ServerApp processes it starts). Children go before their
+    parents because a child's own exit may need its parent: Flower's ServerApp
+    reports its end to the SuperLink as it exits, and with the SuperLink gone
+    it retries for seconds.
     """
     import psutil
 
+    deadline = time.monotonic() + grace
     try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
+        levels = [[psutil.Process(pid)]]
     except psutil.NoSuchProcess:
         return
-    for proc in tree:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=grace)
-    for proc in alive:
+    while levels[-1]:
+        below = []
+        for proc in levels[-1]:
+            try:
+                below += proc.children()
+            except psutil.NoSuchProcess:
+                pass
+        levels.append(below)
+    for level in reversed(levels):
+        for proc in level:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        wait_until(lambda: not _living(level), max(0.0, deadline - time.monotonic()))  # noqa: B023
+    survivors = _living([proc for level in levels for proc in level])
+    for proc in survivors:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=grace)
+    wait_until(lambda: not _living(survivors), grace)
+
+
+def _living(procs: list[Any]) -> list[Any]:
+    """The psutil processes that still run: a zombie has exited (its parent may be the one who never reaps it)."""
+    import psutil
+
+    living = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                living.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return living

@@ -14,16 +14,17 @@ PLOT_FILE = "memory.png"
 
 
 def write_plot(run_dir: str, summary: dict[str, Any], timeline: Timeline | None = None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; and never a GUI toolkit in a server
-    import matplotlib.pyplot as plt
+    # A Figure on the Agg canvas, not pyplot: no display, no GUI toolkit, no global figure registry in a server.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     timeline = timeline or Timeline.load(run_dir)
     gpu, host = timeline.gpu, timeline.host
     times = [m.t for m in gpu + host]
     origin = min(times) if times else 0.0
-    figure, axes = plt.subplots(figsize=(11, 4.5), dpi=100)
+    figure = Figure(figsize=(11, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
     for index in sorted(gpu[0].per_gpu, key=int) if gpu else []:
         axes.plot([m.t - origin for m in gpu], [m.per_gpu.get(index, 0.0) for m in gpu], lw=1.2,
                   label=f"GPU {index} used")
@@ -50,6 +51,5 @@ def write_plot(run_dir: str, summary: dict[str, Any], timeline: Timeline | None 
     path = os.path.join(run_dir, PLOT_FILE)
     image = io.BytesIO()
     figure.savefig(image, format="png")
-    plt.close(figure)
     write_atomic(path, image.getvalue())
     return path
