@@ -12,6 +12,7 @@ import pytest
 
 from helpers import (
     FEDGPU,
+    PLUGINS,
     ROOT,
     cleaned_up,
     free_port,
@@ -38,12 +39,17 @@ def test_a_federation_over_tls_admits_registered_nodes_only(
     except pytest.skip.Exception:
         intruder = None  # not root: the other-uid part is covered where the suite runs as root
     run_dir, port = tmp_path / "run", free_port()
-    proc = start_run_sh(["2", "2", "2", "4", "--tls", "--port", str(port), "--run-dir", str(run_dir)])
+    # Client 0's first training waits at a gate the test opens once every refusal is tried: the run surely goes on.
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    gated = {**os.environ, "FEDGPU_FAULTS": "0=gate", "FEDGPU_FAULTS_DIR": str(gate),
+             "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")])}
+    proc = start_run_sh(["2", "2", "2", "2", "--tls", "--port", str(port), "--run-dir", str(run_dir),
+                         "--task", "fault_task:FaultyDigits"], env=gated)
     certs = run_dir / "certs"
     with cleaned_up(proc, run_dir):
-        assert wait_for(lambda: "SuperLink ready" in read_or_empty(run_dir / "server.log"), timeout=180), (
-            read_or_empty(run_dir / "server.log"))
-        # First, while the run surely goes on: another uid with the CA in hand.
+        assert wait_for(lambda: (gate / "gate-waiting").exists(), timeout=180), read_or_empty(run_dir / "server.log")
+        # First: another uid with the CA in hand.
         if intruder is not None:
             ca_copy = intruder.home / "ca.crt"  # a CA certificate is no secret: say the intruder has it
             shutil.copy(certs / "ca.crt", ca_copy)
@@ -55,23 +61,27 @@ def test_a_federation_over_tls_admits_registered_nodes_only(
         # A node with a key the server never registered is refused, with TLS and the right CA.
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "intruder")],
                        check=True)
-        unregistered = subprocess.run(
+        node_env = {**os.environ, "FEDGPU_RUN_DIR": str(run_dir)}
+        unregistered_node = subprocess.Popen(
             [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}",
              "--partition-id", "0", "--num-partitions", "2", "--root-certificates", str(certs / "ca.crt"),
              "--auth-private-key", str(tmp_path / "intruder"), "--max-wait-time", "5"],
-            capture_output=True, text=True, timeout=120, env={**os.environ, "FEDGPU_RUN_DIR": str(run_dir)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=node_env,
         )
-        # And so is a node that does not speak TLS.
-        plaintext = subprocess.run(
+        # And so is a node that does not speak TLS (tried at the same time).
+        plaintext_node = subprocess.Popen(
             [str(FEDGPU), "client", "--mp", "--isolation", "spawn", "--superlink", f"127.0.0.1:{port}",
              "--partition-id", "1", "--num-partitions", "2", "--max-wait-time", "5"],
-            capture_output=True, text=True, timeout=120, env={**os.environ, "FEDGPU_RUN_DIR": str(run_dir)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=node_env,
         )
+        unregistered = unregistered_node.communicate(timeout=120)[0], unregistered_node.returncode
+        plaintext = plaintext_node.communicate(timeout=120)[0], plaintext_node.returncode
+        (gate / "gate-open").touch()
         out, err = proc.communicate(timeout=300)
         nothing_left = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), 5)
     assert proc.returncode == 0, out + err
     assert nothing_left, "processes of the run outlived run.sh"
-    assert [int(r["results"]) for r in read_metrics(run_dir)] == [2, 2, 2, 2]
+    assert [int(r["results"]) for r in read_metrics(run_dir)] == [2, 2]
     assert f"SuperLink listening on https://127.0.0.1:{port}" in read_or_empty(run_dir / "superlink.log")
     for i in range(2):
         assert "SuperNode ID" in read_or_empty(run_dir / f"client-{i}.log")
@@ -79,8 +89,8 @@ def test_a_federation_over_tls_admits_registered_nodes_only(
         assert still_running, "the run ended before the other uid's attempts: they proved nothing"
         assert submitted.returncode != 0 and "answers only its owner's processes" in submitted.stderr, submitted.stderr
         assert not marker.exists() and unchecked == "403", unchecked
-    assert unregistered.returncode != 0 and "Failed to activate SuperNode" in unregistered.stdout + unregistered.stderr
-    assert plaintext.returncode != 0 and "SuperNode ID" not in plaintext.stdout + plaintext.stderr
+    assert unregistered[1] != 0 and "Failed to activate SuperNode" in unregistered[0], unregistered
+    assert plaintext[1] != 0 and "SuperNode ID" not in plaintext[0], plaintext
     # Private keys stay private.
     assert stat.S_IMODE(certs.stat().st_mode) == 0o700
     assert all(stat.S_IMODE(key.stat().st_mode) == 0o600

@@ -171,9 +171,9 @@ class Federation:
         misses its heartbeats, the very nodes a ServerApp's
         ``grid.get_node_ids()`` returns.
         """
-        from fedgpu.flower.internals import RegisteredNodes
+        from fedgpu.flower.internals import Control
 
-        nodes = RegisteredNodes(self.env[FLWR_HOME_ENV], CONNECTION)
+        nodes = Control(self.env[FLWR_HOME_ENV], CONNECTION)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -246,16 +246,24 @@ class Federation:
             raise ServerError(str(err)) from None
 
     def _a_run_was_submitted(self) -> bool:
-        """Whether this SuperLink holds a run (only this server submits to it), by `flwr ls --format json`.
+        """Whether this SuperLink holds a run (only this server submits to it).
 
         A SuperLink that cannot say counts as holding one: a run is never submitted twice.
         """
         try:
-            listing = subprocess.run(["flwr", "ls", CONNECTION, "--format", "json"], env=self.env,
-                                     capture_output=True, text=True, timeout=60)
-            return bool(json.loads(listing.stdout)["runs"])
-        except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+            return bool(self._run_statuses())
+        except Exception:  # noqa: BLE001 - whatever the reason, the answer is "maybe", so "yes"
             return True
+
+    def _run_statuses(self) -> list[str]:
+        """The SuperLink's runs' statuses, as ``flwr ls`` says them, asked from this process (no CLI to start)."""
+        from fedgpu.flower.internals import Control
+
+        control = Control(self.env[FLWR_HOME_ENV], CONNECTION)
+        try:
+            return control.run_statuses()
+        finally:
+            control.close()
 
     def _run_and_stream(self, command: list[str], console: IO[str]) -> int:
         """The exit code of `flwr run` (or of the simulation host), its output streamed.
@@ -303,22 +311,13 @@ class Federation:
                         stream.wait()
 
     def final_status(self) -> str:
-        listing = subprocess.run(
-            ["flwr", "ls", CONNECTION, "--format", "json"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
         try:
-            runs = json.loads(listing.stdout).get("runs", [])
-        except json.JSONDecodeError:
-            raise ServerError(
-                f"cannot read the run status from `flwr ls`: {listing.stdout or listing.stderr}"
-            ) from None
-        if not runs:
+            statuses = self._run_statuses()
+        except Exception as err:  # noqa: BLE001 - said as the run's failure
+            raise ServerError(f"cannot read the run status from the SuperLink: {type(err).__name__}: {err}") from None
+        if not statuses:
             raise ServerError("the SuperLink knows of no run")
-        return str(runs[-1].get("status", "unknown"))
+        return statuses[-1]
 
     def close(self, grace: float = SUPERLINK_GRACE_SECONDS) -> None:
         """Stop the SuperLink and what it started (SuperExec, ServerApp)."""

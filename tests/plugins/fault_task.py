@@ -13,6 +13,8 @@ of the ClientApp module dies with it), and bad
 replies that train normally but send ``badshape`` (the first array reshaped),
 ``extra`` (one array too many), ``missing`` (one too few), ``nan`` (a NaN in
 the first array) or ``zero`` (0 examples).
+``gate`` holds the run in round 1 for a test that must reach it while it surely runs: the child writes
+``FEDGPU_FAULTS_DIR/gate-waiting``, waits (600 s at most) for ``FEDGPU_FAULTS_DIR/gate-open``, then trains.
 ``FEDGPU_SLOW_SERVER_EVAL=S``: the server's evaluation of the global model takes S seconds more;
 ``FEDGPU_SERVER_EVAL_FAULT=raise``: it raises.
 """
@@ -59,6 +61,12 @@ def _misbehave(fault: str, partition: int) -> None:
         import fedgpu.flower.client_app
 
         fedgpu.flower.client_app.Message = lambda **_: {"not": "a Message"}  # what the ClientApp's train returns
+    if fault == "gate":
+        faults_dir = os.environ["FEDGPU_FAULTS_DIR"]
+        open(os.path.join(faults_dir, "gate-waiting"), "w").close()
+        deadline = time.monotonic() + 600
+        while not os.path.exists(os.path.join(faults_dir, "gate-open")) and time.monotonic() < deadline:
+            time.sleep(0.1)
     if fault == "setsid":
         grandchild = subprocess.Popen(["sleep", "3600"], start_new_session=True)
         path = os.path.join(os.environ["FEDGPU_FAULTS_DIR"], f"grandchild-{partition}")

@@ -24,7 +24,7 @@ submodule imports Flower only where it needs it (this package stays light to imp
 """
 
 from fedgpu.flower.internals.contract import sleep_contract
-from fedgpu.flower.internals.control import RegisteredNodes
+from fedgpu.flower.internals.control import Control
 from fedgpu.flower.internals.guard import FLEET_PATHS, bind_listener, guard_app_factory, guard_supernode_runtime
 from fedgpu.flower.internals.node_waits import (
     NODES_POLL_GAP_SECONDS,
@@ -47,7 +47,7 @@ from fedgpu.flower.internals.round_hooks import app_rounds_contract, record_app_
 
 __all__ = [
     "EXIT_PORT_TAKEN", "FLEET_PATHS", "NODES_POLL_GAP_SECONDS",
-    "Doorbells", "NodePace", "NodeWaitWatch", "RegisteredNodes", "WaitingForNodes",
+    "Control", "Doorbells", "NodePace", "NodeWaitWatch", "WaitingForNodes",
     "app_rounds_contract", "bind_listener", "grid_contract", "guard_app_factory", "guard_supernode_runtime",
     "loop_contract", "node_wait_contract", "object_pull_contract", "pace_grid", "pace_supernode",
     "record_app_rounds", "serverapp_main", "sleep_contract", "superlink_main", "watch_node_waits",

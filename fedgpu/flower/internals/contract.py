@@ -46,6 +46,7 @@ FLOWER_NAMES: tuple[tuple[str, str | None], ...] = (
     ("flwr.serverapp.strategy", "Strategy"),
     # control
     ("flwr.proto.control_pb2", "ListNodesRequest"),
+    ("flwr.proto.control_pb2", "ListRunsRequest"),
     ("flwr.supercore.constant", "NodeStatus"),
     ("flwr.cli.flower_config", "read_superlink_connection"),
     ("flwr.cli.utils", "init_http_client_from_connection"),

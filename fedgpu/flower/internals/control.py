@@ -8,11 +8,11 @@ from typing import Any
 from fedgpu.names import FLWR_HOME_ENV
 
 
-class RegisteredNodes:
-    """Counts the client nodes online on a SuperLink, asking its Control API as `flwr supernode list` does.
+class Control:
+    """A SuperLink's Control API, asked as ``flwr supernode list`` and ``flwr ls`` ask it.
 
-    From this process, with one client for every count: the CLI costs about a
-    second of CPU per call, taken from nodes that are starting on the same
+    From this process, with one client for every question: the CLI costs about
+    a second of CPU per call, taken from nodes that are starting on the same
     cores. ``flwr_home`` holds the connection (``[superlink.NAME]``) to ask.
     """
 
@@ -29,6 +29,16 @@ class RegisteredNodes:
             self._client = self._connect()
         answer = self._client.ListNodes(ListNodesRequest())
         return sum(node.status == NodeStatus.ONLINE for node in answer.nodes_info)
+
+    def run_statuses(self) -> list[str]:
+        """Every run's status as ``flwr ls`` says it (``finished:completed``, ``running``, ...), in its order."""
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        if self._client is None:
+            self._client = self._connect()
+        answer = self._client.ListRuns(ListRunsRequest())
+        return [f"{run.status.status}:{run.status.sub_status}" if run.status.sub_status else run.status.status
+                for run in answer.run_dict.values()]
 
     def _connect(self) -> Any:
         import contextlib
