@@ -28,20 +28,37 @@ def faulty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return plan
 
 
-def test_failed_children_are_counted_with_their_reason_and_the_next_round_is_normal(faulty, tmp_path: Path) -> None:
-    task = faulty("0=raise,1=segfault,2=sigkill,3=hang")
-    run_dir = tmp_path / "run"
-    code, output, _ = run_federation(run_dir, "5", "5", "5", "2", "--task", task, "--timeout", "15")
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One run shared by the two tests below: ten nodes, the first train of nine misbehaving, one per way.
+
+    Nodes 0-3: the child raises, segfaults, is SIGKILLed, hangs past --timeout; nodes 4-8: it replies
+    badly (a wrong shape, one array too many, one too few, a NaN, zero examples); node 9 is healthy.
+    """
+    tmp_path = tmp_path_factory.mktemp("faulty")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDGPU_FAULTS", "0=raise,1=segfault,2=sigkill,3=hang,4=badshape,5=extra,6=missing,7=nan,8=zero")
+        patch.setenv("FEDGPU_FAULTS_DIR", str(tmp_path))
+        patch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+        run_dir = tmp_path / "run"
+        code, output, _ = run_federation(run_dir, "10", "10", "10", "2", "--task", "fault_task:FaultyDigits",
+                                         "--timeout", "15")
     assert code == 0, output
+    return run_dir, output
+
+
+def test_failed_children_are_counted_with_their_reason_and_the_next_round_is_normal(faulty_run) -> None:
+    run_dir, output = faulty_run
     first, second = read_metrics(run_dir)
-    assert (first["results"], first["failures"]) == ("1", "4"), first
+    assert (first["results"], first["failures"]) == ("1", "9"), first
     assert sorted(first["failure_reasons"].split("; ")) == [
-        "killed by SIGKILL x1", "killed by SIGSEGV x1", "raised ValueError x1", "stopped by fedgpu after 15 s x1"
+        "bad reply x5", "killed by SIGKILL x1", "killed by SIGSEGV x1", "raised ValueError x1",
+        "stopped by fedgpu after 15 s x1"
     ], first
-    assert (second["results"], second["failures"], second["failure_reasons"]) == ("5", "0", ""), second
+    assert (second["results"], second["failures"], second["failure_reasons"]) == ("10", "0", ""), second
     assert float(second["server_accuracy"]) > float(first["server_accuracy"]) - 0.05
     # The end-of-run summary: by kind, with the round, the client and its log.
-    assert "[fedgpu] failures: 4 of 10 messages, in 1 of 2 rounds" in output, output
+    assert "[fedgpu] failures: 9 of 20 messages, in 1 of 2 rounds" in output, output
     assert f"raised ValueError x1: round 1 train client 0 ({run_dir / 'client-0.log'})" in output, output
     assert f"killed by SIGSEGV x1: round 1 train client 1 ({run_dir / 'client-1.log'})" in output, output
     assert "ValueError: injected fault: bad batch" in (run_dir / "client-0.log").read_text()
@@ -50,28 +67,24 @@ def test_failed_children_are_counted_with_their_reason_and_the_next_round_is_nor
     assert failed["2"]["error"].startswith(
         "killed by SIGKILL, not by fedgpu (likely the kernel's OOM killer"), failed["2"]
     assert failed["3"]["error"].startswith("stopped by fedgpu after 15 s (client 3, child pid "), failed["3"]
-    assert all(isinstance(f["pid"], int) and f["round"] == 1 for f in failed.values()), failed
+    assert all(isinstance(failed[c]["pid"], int) and failed[c]["round"] == 1 for c in "0123"), failed
 
 
-def test_bad_replies_cost_one_message_each_and_the_round_aggregates_the_rest(faulty, tmp_path: Path) -> None:
+def test_bad_replies_cost_one_message_each_and_the_round_aggregates_the_rest(faulty_run) -> None:
     """Wrong shapes, one array too many or too few, a NaN, zero examples: each is one failure."""
-    task = faulty("0=badshape,1=extra,2=missing,3=nan,4=zero")
-    run_dir = tmp_path / "run"
-    code, output, _ = run_federation(run_dir, "6", "6", "6", "2", "--task", task)
-    assert code == 0, output
+    run_dir, output = faulty_run
     first, second = read_metrics(run_dir)
-    assert (first["results"], first["failures"], first["failure_reasons"]) == ("1", "5", "bad reply x5"), first
-    assert (second["results"], second["failures"]) == ("6", "0"), second
+    assert first["failure_reasons"].count("bad reply x5") == 1, first
+    assert (second["results"], second["failures"]) == ("10", "0"), second
     assert float(second["server_accuracy"]) > 0.5, second  # the one good reply and round 2 trained the model
     failed = {f["client"]: f for f in json.loads((run_dir / "report.json").read_text())["rounds"][0]["failed_messages"]}
-    assert failed["0"]["detail"] == "array '0.weight' has shape (3, 3), expected (16, 1, 3, 3)", failed["0"]
-    assert failed["1"]["detail"] == "9 arrays, expected 8: unexpected array 'extra-8'", failed["1"]
-    assert failed["2"]["detail"] == "7 arrays, expected 8: array '8.bias' is missing", failed["2"]
-    assert failed["3"]["detail"] == "array '0.weight' has non-finite values (NaN or inf)", failed["3"]
-    assert failed["4"]["detail"] == "'num-examples' is 0, expected a positive integer", failed["4"]
-    assert failed["0"]["error"] == "bad reply: array '0.weight' has shape (3, 3), expected (16, 1, 3, 3) (client 0)"
-    assert "[fedgpu] failures: 5 of 12 messages, in 1 of 2 rounds" in output, output
-    assert f"bad reply x5: round 1 train client 0 ({run_dir / 'client-0.log'})" in output, output
+    assert failed["4"]["detail"] == "array '0.weight' has shape (3, 3), expected (16, 1, 3, 3)", failed["4"]
+    assert failed["5"]["detail"] == "9 arrays, expected 8: unexpected array 'extra-8'", failed["5"]
+    assert failed["6"]["detail"] == "7 arrays, expected 8: array '8.bias' is missing", failed["6"]
+    assert failed["7"]["detail"] == "array '0.weight' has non-finite values (NaN or inf)", failed["7"]
+    assert failed["8"]["detail"] == "'num-examples' is 0, expected a positive integer", failed["8"]
+    assert failed["4"]["error"] == "bad reply: array '0.weight' has shape (3, 3), expected (16, 1, 3, 3) (client 4)"
+    assert f"bad reply x5: round 1 train client 4 ({run_dir / 'client-4.log'})" in output, output
 
 
 def test_stopped_looping_children_are_stopped_by_the_deadline_and_nothing_they_started_survives(
