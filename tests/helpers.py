@@ -87,6 +87,34 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def fault_env(faults: str, faults_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables that make tests/plugins/fault_task.py misbehave as ``faults`` says (its docstring)."""
+    pythonpath = (os.environ if base is None else base).get("PYTHONPATH", "")
+    return {"FEDGPU_FAULTS": faults, "FEDGPU_FAULTS_DIR": str(faults_dir),
+            "PYTHONPATH": os.pathsep.join([str(PLUGINS), pythonpath])}
+
+
+class Gate:
+    """Client 0's first training held in round 1 (fault_task's ``gate``) until the test opens the gate.
+
+    For a test that must reach a run while it surely goes on: ``env(base)`` for the run, ``reached(timeout)``
+    once a child waits at the gate, ``open()`` to let the run finish.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir()
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        return {**base, **fault_env("0=gate", self.directory, base)}
+
+    def reached(self, timeout: float) -> bool:
+        return wait_for(lambda: (self.directory / "gate-waiting").exists(), timeout)
+
+    def open(self) -> None:
+        (self.directory / "gate-open").touch()
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -7,12 +7,11 @@ chosen partitions misbehaves; everything else is the real run.sh federation.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from helpers import PLUGINS, pid_alive, read_metrics, run_federation
+from helpers import fault_env, pid_alive, read_metrics, run_federation
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole runs
 
@@ -20,9 +19,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole runs
 @pytest.fixture
 def faulty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def plan(faults: str) -> str:
-        monkeypatch.setenv("FEDGPU_FAULTS", faults)
-        monkeypatch.setenv("FEDGPU_FAULTS_DIR", str(tmp_path))
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+        for key, value in fault_env(faults, tmp_path).items():
+            monkeypatch.setenv(key, value)
         return "fault_task:FaultyDigits"
 
     return plan
@@ -37,9 +35,9 @@ def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """
     tmp_path = tmp_path_factory.mktemp("faulty")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDGPU_FAULTS", "0=raise,1=segfault,2=sigkill,3=hang,4=badshape,5=extra,6=missing,7=nan,8=zero")
-        patch.setenv("FEDGPU_FAULTS_DIR", str(tmp_path))
-        patch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+        for key, value in fault_env("0=raise,1=segfault,2=sigkill,3=hang,4=badshape,5=extra,6=missing,7=nan,8=zero",
+                                    tmp_path).items():
+            patch.setenv(key, value)
         run_dir = tmp_path / "run"
         code, output, _ = run_federation(run_dir, "10", "10", "10", "2", "--task", "fault_task:FaultyDigits",
                                          "--timeout", "15")

@@ -23,7 +23,7 @@ from fedgpu.owner_only import OwnerOnly, refusal, tcp_peer_uid
 
 from helpers import (
     FEDGPU,
-    PLUGINS,
+    Gate,
     free_port,
     kill_leftovers,
     processes_with_env,
@@ -87,11 +87,9 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
 
     # Client 0's first training waits at a gate the test opens once the intruder is done: the run surely goes on
     # while it tries.
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    gated = {**env, "FEDGPU_FAULTS": "0=gate", "FEDGPU_FAULTS_DIR": str(gate),
-             "PYTHONPATH": os.pathsep.join([str(PLUGINS), env.get("PYTHONPATH", "")])}
-    runs = {name: start(tmp_path / name, port, 2, gated, "--task", "fault_task:FaultyDigits") for name in ("a", "b")}
+    gate = Gate(tmp_path / "gate")
+    runs = {name: start(tmp_path / name, port, 2, gate.env(env), "--task", "fault_task:FaultyDigits")
+            for name in ("a", "b")}
     try:
         assert wait_for(lambda: any(run.poll() is not None for run in runs.values()), 180), (
             "neither run stopped at the port")
@@ -102,7 +100,7 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
         assert loser.returncode == 2, loser_err
         assert f"port {port} on 127.0.0.1 is in use" in loser_err, loser_err
         assert winner.poll() is None, winner.stderr.read()
-        assert wait_for(lambda: (gate / "gate-waiting").exists(), 180), read_or_empty(run_dir / "server.log")
+        assert gate.reached(180), read_or_empty(run_dir / "server.log")
         ports = listening_ports(node_pids(run_dir))
         assert len(ports) == 2, ports
 
@@ -113,7 +111,7 @@ def test_the_owner_alone_reaches_a_run(tmp_path: Path, intruder: OtherUser) -> N
         fleet = intruder.post(f"http://127.0.0.1:{port}/v1/fleet/pull-messages")
         control = intruder.post(f"http://127.0.0.1:{port}/v1/control/list-runs")
         alive_after_intruder = winner.poll() is None
-        (gate / "gate-open").touch()
+        gate.open()
         out, err = winner.communicate(timeout=420)
     finally:
         for name in runs:

@@ -12,8 +12,8 @@ import pytest
 
 from helpers import (
     FEDGPU,
-    PLUGINS,
     ROOT,
+    Gate,
     cleaned_up,
     free_port,
     processes_with_env,
@@ -40,15 +40,12 @@ def test_a_federation_over_tls_admits_registered_nodes_only(
         intruder = None  # not root: the other-uid part is covered where the suite runs as root
     run_dir, port = tmp_path / "run", free_port()
     # Client 0's first training waits at a gate the test opens once every refusal is tried: the run surely goes on.
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    gated = {**os.environ, "FEDGPU_FAULTS": "0=gate", "FEDGPU_FAULTS_DIR": str(gate),
-             "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")])}
+    gate = Gate(tmp_path / "gate")
     proc = start_run_sh(["2", "2", "2", "2", "--tls", "--port", str(port), "--run-dir", str(run_dir),
-                         "--task", "fault_task:FaultyDigits"], env=gated)
+                         "--task", "fault_task:FaultyDigits"], env=gate.env(dict(os.environ)))
     certs = run_dir / "certs"
     with cleaned_up(proc, run_dir):
-        assert wait_for(lambda: (gate / "gate-waiting").exists(), timeout=180), read_or_empty(run_dir / "server.log")
+        assert gate.reached(180), read_or_empty(run_dir / "server.log")
         # First: another uid with the CA in hand.
         if intruder is not None:
             ca_copy = intruder.home / "ca.crt"  # a CA certificate is no secret: say the intruder has it
@@ -76,7 +73,7 @@ def test_a_federation_over_tls_admits_registered_nodes_only(
         )
         unregistered = unregistered_node.communicate(timeout=120)[0], unregistered_node.returncode
         plaintext = plaintext_node.communicate(timeout=120)[0], plaintext_node.returncode
-        (gate / "gate-open").touch()
+        gate.open()
         out, err = proc.communicate(timeout=300)
         nothing_left = wait_for(lambda: not processes_with_env("FEDGPU_RUN_DIR", str(run_dir)), 5)
     assert proc.returncode == 0, out + err

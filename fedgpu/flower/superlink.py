@@ -173,15 +173,15 @@ class Federation:
         """
         from fedgpu.flower.internals import Control
 
-        nodes = Control(self.env[FLWR_HOME_ENV], CONNECTION)
+        control = Control(self.env[FLWR_HOME_ENV], CONNECTION)
         deadline = time.monotonic() + timeout
         try:
             while True:
                 try:
-                    online, problem = nodes.online(), ""
+                    online, problem = control.online(), ""
                 except Exception as err:  # noqa: BLE001 - said in the line if the wait ends without them
                     online, problem = 0, f"{type(err).__name__}: {err}".strip()
-                    nodes.close()
+                    control.close()
                 if online >= count:
                     return
                 if time.monotonic() >= deadline:
@@ -189,7 +189,7 @@ class Federation:
                     raise TooFewNodes(f"only {online} of {count} client nodes registered within {timeout:g} s{why}")
                 time.sleep(max(0.0, min(NODE_LIST_SECONDS, deadline - time.monotonic())))
         finally:
-            nodes.close()
+            control.close()
 
     def _wait_ready(self) -> None:
         assert self.superlink is not None

@@ -25,20 +25,22 @@ class Control:
         from flwr.proto.control_pb2 import ListNodesRequest
         from flwr.supercore.constant import NodeStatus
 
-        if self._client is None:
-            self._client = self._connect()
-        answer = self._client.ListNodes(ListNodesRequest())
+        answer = self._connected().ListNodes(ListNodesRequest())
         return sum(node.status == NodeStatus.ONLINE for node in answer.nodes_info)
 
     def run_statuses(self) -> list[str]:
         """Every run's status as ``flwr ls`` says it (``finished:completed``, ``running``, ...), in its order."""
         from flwr.proto.control_pb2 import ListRunsRequest
 
-        if self._client is None:
-            self._client = self._connect()
-        answer = self._client.ListRuns(ListRunsRequest())
+        answer = self._connected().ListRuns(ListRunsRequest())
         return [f"{run.status.status}:{run.status.sub_status}" if run.status.sub_status else run.status.status
                 for run in answer.run_dict.values()]
+
+    def _connected(self) -> Any:
+        """The client, made on the first question and kept for the next."""
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
 
     def _connect(self) -> Any:
         import contextlib
