@@ -194,7 +194,8 @@ class ProcessSampler(threading.Thread):
                 if parent is not None:
                     # The first parent seen: an orphan is later reparented (to a subreaper, or init).
                     self.parent.setdefault(pid, parent)
-                if maps_torch(pid):
+                # Once seen mapped, torch stays mapped: its maps (thousands of lines) are not read again.
+                if pid not in self.torch_pids and maps_torch(pid):
                     self.torch_pids.add(pid)
             self._halt.wait(0.3)
 

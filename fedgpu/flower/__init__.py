@@ -7,13 +7,16 @@ Flower user needs to run their own ClientApp's work in short-lived children;
 
 from typing import Any
 
-from fedgpu.flower.isolate import isolate
-
 __all__ = ["CheckedStrategy", "isolate"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use: a client node never loads the server's strategies.
+    # Imported on first use: a client node never loads the server's strategies, and the launcher's light
+    # modules (settings, config) never load Flower.
+    if name == "isolate":
+        from fedgpu.flower.isolate_decorator import isolate
+
+        return isolate
     if name == "CheckedStrategy":
         from fedgpu.flower.checks import CheckedStrategy
 

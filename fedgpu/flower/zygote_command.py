@@ -19,8 +19,8 @@ class ZygotePlan:
 
 
 def exec_zygote(plan: ZygotePlan) -> None:
-    """Become the zygote. This process has loaded flwr and numpy (and their thread pools) already: a fresh
-    interpreter, same pid, its libraries single-threaded unless this environment says otherwise."""
+    """Become the zygote: a fresh interpreter, same pid, whose libraries start single-threaded unless this
+    environment says otherwise (this process has parsed options and may have loaded what a plan needed)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, plan.argv, {**SINGLE_THREADED_ENV, **os.environ, **plan.env})
