@@ -51,8 +51,12 @@ EXIT_ALL_FAILED = 4  # the run completed, but every message it sent failed
 EXIT_RUN_TIMEOUT = 5  # the run outlived --run-timeout
 
 
-class RunStopped(Exception):
-    """Raised in the main thread to end a run early: the signal's exit code, or an output that failed."""
+class RunStopped(BaseException):
+    """Raised in the main thread to end a run early: the signal's exit code, or an output that failed.
+
+    A BaseException, as KeyboardInterrupt is: a signal handler raises it wherever the main thread is, and no
+    ``except Exception`` on the way (a question to the SuperLink that may fail) may take it for a failure.
+    """
 
     def __init__(self, code: int, line: str = "") -> None:
         super().__init__(line)

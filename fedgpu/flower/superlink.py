@@ -2,8 +2,9 @@
 
 ``Federation`` starts Flower's SuperLink as our child (through
 ``fedgpu.flower.internals``, so it dies with us), registers the nodes' keys,
-waits for nodes, submits the run with ``flwr run`` and streams its output,
-then reads Flower's final status with ``flwr ls --format json``.
+waits for nodes, submits the run as ``flwr run --stream`` does and streams
+its output, then reads Flower's final status as ``flwr ls`` does: all of it
+through the SuperLink's Control API, from this process.
 ``SimulatedFederation`` is the same run without a SuperLink: the simulation
 host process is the run.
 """
@@ -16,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -124,11 +126,6 @@ def superlink_command(server: ServerSettings) -> list[str]:
     return command
 
 
-def flwr_command() -> list[str]:
-    """Flower's ``flwr`` CLI, through fedgpu.flower.internals: it goes when this process goes (--parent-pid)."""
-    return [sys.executable, "-m", "fedgpu.flower.internals", "flwr", "--parent-pid", str(os.getpid())]
-
-
 class Federation:
     """Owns the SuperLink process; ``close`` stops it and everything under it."""
 
@@ -210,15 +207,15 @@ class Federation:
     def submit_and_wait(self, console: IO[str], attempts: int = 6) -> str:
         """Submit the run, stream its log, and return its final Flower status.
 
-        A SuperLink busy with many nodes registering at once can miss `flwr
-        run`'s connection deadline; a submission that never started a run is
-        retried (with back-off), one that did is never submitted twice.
+        Done as ``flwr run APP_DIR CONNECTION --stream`` does it, from this
+        process (no CLI process to start: a second of CPU per run). A SuperLink
+        busy with many nodes registering at once can miss the submission's
+        deadline; a submission that never started a run is retried (with
+        back-off), one that did is never submitted twice.
         """
-        command = [*flwr_command(), "run", str(self._app_dir()), CONNECTION, "--stream"]
-        for overrides in self.plan.run_config:
-            command += ["--run-config", overrides]
+        app_dir = self._app_dir()
         for attempt in range(1, attempts + 1):
-            code = self._run_and_stream(command, console)
+            code = self._submit_and_stream(app_dir, console)
             if code == 0 or self._a_run_was_submitted():
                 return self.final_status()
             if attempt < attempts:
@@ -227,6 +224,24 @@ class Federation:
         raise ServerError(
             f"`flwr run` could not submit the run after {attempts} attempts; see {self.run_dir / 'serverapp.log'}"
         )
+
+    def _submit_and_stream(self, app_dir: Path, console: IO[str]) -> int:
+        """``flwr run``'s exit code: 0 once the run's log has ended; 1, with Flower's reason as its last line."""
+        from fedgpu.flower.internals import Control
+
+        control = Control(self.env[FLWR_HOME_ENV], CONNECTION)
+        lines = control.run_app(app_dir, list(self.plan.run_config))
+        try:
+            return self._stream(lines, console)
+        except (TooFewNodes, OutputError):
+            raise
+        except Exception as err:  # noqa: BLE001 - Flower's reason, said as `flwr run` says it, is the answer
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            self._stream([f"`flwr run` failed: {reason}\n"], console)
+            return 1
+        finally:
+            lines.close()
+            control.close()
 
     def _app_dir(self) -> Path:
         """The app directory the run is made of: one generated for a task, else a private copy of the user's."""
@@ -266,49 +281,49 @@ class Federation:
             control.close()
 
     def _run_and_stream(self, command: list[str], console: IO[str]) -> int:
-        """The exit code of `flwr run` (or of the simulation host), its output streamed.
+        """The exit code of ``command`` (the simulation host), its output streamed as ``_stream`` does."""
+        stream = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert stream.stdout is not None
+        try:
+            self._stream(stream.stdout, console)
+            return stream.wait()
+        finally:
+            if stream.poll() is None:  # stopped early (a signal, a full disk): the process goes too
+                # TERM first: a simulation host stops its children before it exits.
+                stream.terminate()
+                try:
+                    stream.wait(GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    stream.kill()
+                    stream.wait()
+
+    def _stream(self, lines: Iterable[str], console: IO[str]) -> int:
+        """The run's output, into serverapp.log and onto the console; 0 once it has ended.
 
         A user's app has all its output echoed, but for the fields of failed
-        replies (the summary at the end says them); TooFewNodes when its
-        ServerApp says it waits for more nodes than there are.
+        replies (the summary at the end says them); fedgpu's own ServerApp has
+        its round lines. TooFewNodes when the ServerApp says it waits for more
+        nodes than there are.
         """
         echo_all = self.plan.run is None  # a user's app: its own output is what they read
         log_path = self.run_dir / "serverapp.log"
         with open_output(log_path, "a") as log_file:
-            stream = subprocess.Popen(
-                command,
-                env=self.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            assert stream.stdout is not None
-            try:
-                for line in stream.stdout:
-                    self.tail.append(line)
-                    try:
-                        log_file.write(line)
-                        log_file.flush()
-                    except OSError as err:
-                        raise OutputError(log_path, err) from None
-                    if TOO_FEW_NODES_MARK in line:  # the ServerApp gave up waiting: end the run now
-                        raise TooFewNodes(line[line.index(TOO_FEW_NODES_MARK) + len(RUN_FAILED_MARK) :].strip())
-                    if echo_all and FAILURE_MARK not in line:
-                        console.write(line)
-                        console.flush()
-                    elif ROUND_LINE_MARK in line:
-                        console.write(line[line.index(ROUND_LINE_MARK) :])
-                        console.flush()
-                return stream.wait()
-            finally:
-                if stream.poll() is None:  # stopped early (a signal, a full disk): `flwr run` goes too
-                    # TERM first: a simulation host stops its children before it exits.
-                    stream.terminate()
-                    try:
-                        stream.wait(GRACE_SECONDS)
-                    except subprocess.TimeoutExpired:
-                        stream.kill()
-                        stream.wait()
+            for line in lines:
+                self.tail.append(line)
+                try:
+                    log_file.write(line)
+                    log_file.flush()
+                except OSError as err:
+                    raise OutputError(log_path, err) from None
+                if TOO_FEW_NODES_MARK in line:  # the ServerApp gave up waiting: end the run now
+                    raise TooFewNodes(line[line.index(TOO_FEW_NODES_MARK) + len(RUN_FAILED_MARK) :].strip())
+                if echo_all and FAILURE_MARK not in line:
+                    console.write(line)
+                    console.flush()
+                elif ROUND_LINE_MARK in line:
+                    console.write(line[line.index(ROUND_LINE_MARK) :])
+                    console.flush()
+        return 0
 
     def final_status(self) -> str:
         try:

@@ -30,7 +30,6 @@ FLOWER_NAMES: tuple[tuple[str, str | None], ...] = (
     ("flwr.supernode", "main"),
     ("flwr.supernode.cli.flower_supernode", "flower_supernode"),
     ("flwr.supercore.exit", "add_exit_handler"),
-    ("flwr.cli.app", "app"),
     # apps
     ("flwr.clientapp.client_app", "LoadClientAppError"),
     ("flwr.supercore.object_ref", "load_app"),
@@ -47,6 +46,13 @@ FLOWER_NAMES: tuple[tuple[str, str | None], ...] = (
     # control
     ("flwr.proto.control_pb2", "ListNodesRequest"),
     ("flwr.proto.control_pb2", "ListRunsRequest"),
+    ("flwr.proto.control_pb2", "StartRunRequest"),
+    ("flwr.proto.control_pb2", "StreamLogsRequest"),
+    ("flwr.cli.config_utils", "load_and_validate"),
+    ("flwr.common.config", "parse_config_args"),
+    ("flwr.common.serde", "fab_to_proto"),
+    ("flwr.common.serde", "user_config_to_proto"),
+    ("flwr.supercore.fab", "Fab"),
     ("flwr.supercore.constant", "NodeStatus"),
     ("flwr.cli.flower_config", "read_superlink_connection"),
     ("flwr.cli.utils", "init_http_client_from_connection"),

@@ -10,9 +10,9 @@ handling and messages know a process by that name) and calls Flower's own
   ``flwr-serverapp`` first on PATH;
 * :func:`serverapp_main`: ``flwr-serverapp`` with its rounds recorded, its
   grid paced and a wait for nodes that never come ended;
-* :func:`run_supernode`: ``flower-supernode`` inside a fedgpu client node;
-* :func:`flwr_entry` (``python -m fedgpu.flower.internals flwr``): Flower's ``flwr`` CLI, dying
-  with the process named by ``--parent-pid`` (``flwr run --stream`` lives as long as its run).
+* :func:`run_supernode`: ``flower-supernode`` inside a fedgpu client node.
+
+(``flwr run`` is not run here: ``control.Control.run_app`` does what it does, from the server's process.)
 """
 
 from __future__ import annotations
@@ -147,14 +147,3 @@ def on_flower_exit(handler: Callable[[], None]) -> None:
 
     add_exit_handler(handler)
 
-
-def flwr_entry(argv: list[str]) -> None:
-    """``flwr [--parent-pid PID] ARGS``: Flower's ``flwr`` CLI, gone with its parent (as its console script runs it)."""
-    from fedgpu.isolation.procs import watch_parent
-
-    parent_pid, flower_argv = take_parent_pid(argv)
-    watch_parent(parent_pid)
-    from flwr.cli.app import app
-
-    sys.argv = ["flwr", *flower_argv]
-    sys.exit(app())
