@@ -66,7 +66,7 @@ def test_mp_releases_gpu_memory_between_rounds_and_in_process_keeps_it(tmp_path:
     monkeypatch.setenv("FAKE_GPU_HOLD_S", "0.5")
     fake_gpu_env(tmp_path, [{"total_mib": 4000, "name": "Fake 4G"}], 400)
     base_dir = tmp_path / "in-process"
-    code, output, _ = run_federation(base_dir, "4", "4", "2", "3", "--task", TASK, "--no-mp")
+    code, output, _ = run_federation(base_dir, "4", "4", "2", "2", "--task", TASK, "--no-mp")
     assert code == 0, output
     rounds = json.loads((base_dir / "memory.json").read_text())["rounds"]
     holding = [entry["gpu"]["clients_holding_at_rest"] for entry in rounds]
