@@ -22,14 +22,14 @@ from flwr.common import log
 
 from fedgpu.errors import BadInput
 from fedgpu.flower.config import toml_value
-from fedgpu.flower.internals import NodePace, guard_supernode_runtime, pace_supernode
+from fedgpu.flower.internals import NodePace, bind_listener, guard_supernode_runtime, pace_supernode
 from fedgpu.flower.internals.processes import on_flower_exit, run_supernode
 from fedgpu.flower.runner import TaskRunner
 from fedgpu.flower.warm_ups import zygote_warm_ups
 from fedgpu.isolation import Isolator
 from fedgpu.monitor.events import emit
 from fedgpu.names import DOORBELLS_ENV, FLWR_HOME_ENV, IN_ISOLATED_CHILD
-from fedgpu.net import free_port, unreachable, wait_for_health
+from fedgpu.net import unreachable, wait_for_health
 from fedgpu.nvml.placement import GpuPlacer, PlacementSettings
 
 
@@ -107,7 +107,10 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
     ``placer`` puts each message's child on a GPU with room for it (children only:
     without isolation the node itself would hold the GPU).
     """
-    port = settings.runtime_port or free_port()
+    # Bound here, before Flower starts: a free port picked now and bound later by Flower could be handed to
+    # another process in between (seen with four test files at work: the node died at start).
+    listener = bind_listener("127.0.0.1", settings.runtime_port or 0)
+    port = listener.getsockname()[1]
     # The ClientApp already runs in a child: @isolate inside it must not nest another.
     child_env = {IN_ISOLATED_CHILD: "1"} if settings.isolation != "none" else {}
     task = settings.node_config.get("task")
@@ -138,7 +141,7 @@ def run_client_node(settings: NodeSettings, placer: GpuPlacer | None = None) -> 
     watch = SuperLinkWatch(settings.superlink, settings.max_wait_time or DEFAULT_PATIENCE_SECONDS)
     watch.start()
     try:
-        run_supernode(supernode_argv(settings, port))
+        run_supernode(supernode_argv(settings, port), runtime_listener=listener)
     finally:
         runner.stop()
         if paced:

@@ -78,3 +78,25 @@ class BoundUvicorn:
 
         return getattr(uvicorn, name)
 
+
+class BoundServerUvicorn:
+    """Stands in for ``uvicorn`` in Flower's SuperNode CLI, which builds ``uvicorn.Server(uvicorn.Config(...))``
+    itself: its Server serves on the socket bound beforehand (a port picked and then bound by Flower could be
+    taken in between by another process that was handed the same free port)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        import uvicorn
+
+        bound = sock
+
+        class Server(uvicorn.Server):
+            def run(self, sockets: list[socket.socket] | None = None) -> None:
+                super().run(sockets=[bound])
+
+        self.Server = Server
+
+    def __getattr__(self, name: str) -> object:
+        import uvicorn
+
+        return getattr(uvicorn, name)
+

@@ -19,11 +19,18 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fedgpu.flower.internals.guard import FLEET_PATHS, BoundUvicorn, bind_listener, guard_app_factory
+from fedgpu.flower.internals.guard import (
+    FLEET_PATHS,
+    BoundServerUvicorn,
+    BoundUvicorn,
+    bind_listener,
+    guard_app_factory,
+)
 from fedgpu.flower.internals.node_waits import watch_node_waits
 from fedgpu.flower.internals.pace import pace_grid
 from fedgpu.flower.internals.round_hooks import record_app_rounds
@@ -133,12 +140,16 @@ def superlink_entry(argv: list[str]) -> None:
     superlink_main(flower_argv)
 
 
-def run_supernode(argv: list[str]) -> None:
-    """Flower's SuperNode CLI (``argv`` starts with its program name) in this process, until it exits."""
-    from flwr.supernode.cli.flower_supernode import flower_supernode
+def run_supernode(argv: list[str], runtime_listener: socket.socket | None = None) -> None:
+    """Flower's SuperNode CLI (``argv`` starts with its program name) in this process, until it exits.
 
+    ``runtime_listener``: the socket its Runtime API serves on, bound beforehand (``argv``'s ``--port`` is its port).
+    """
+    supernode_cli = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the module, not its function
+    if runtime_listener is not None:
+        supernode_cli.uvicorn = BoundServerUvicorn(runtime_listener)  # type: ignore[attr-defined]
     sys.argv = list(argv)
-    flower_supernode()
+    supernode_cli.flower_supernode()
 
 
 def on_flower_exit(handler: Callable[[], None]) -> None:
