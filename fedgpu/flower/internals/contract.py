@@ -29,6 +29,7 @@ FLOWER_NAMES: tuple[tuple[str, str | None], ...] = (
     ("flwr.superlink.cli.flower_superlink", None),
     ("flwr.supernode", "main"),
     ("flwr.supernode.cli.flower_supernode", "flower_supernode"),
+    ("flwr.supernode.cli.flower_supernode", None),  # its module-level uvicorn: the node's Runtime API socket
     ("flwr.supercore.exit", "add_exit_handler"),
     # apps
     ("flwr.clientapp.client_app", "LoadClientAppError"),
