@@ -24,12 +24,12 @@ import pytest
 
 from helpers import (
     FEDGPU,
-    PLUGINS,
     ROOT,
     RUN_SH,
     ProcessSampler,
     ended_output,
     events,
+    fault_env,
     free_port,
     kill_leftovers,
     maps_torch,
@@ -243,9 +243,8 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("faults")
     run_dir = base / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDGPU_FAULTS", FAULTS)
-        patch.setenv("FEDGPU_FAULTS_DIR", str(base))
-        patch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+        for key, value in fault_env(FAULTS, base).items():
+            patch.setenv(key, value)
         # --timeout 15: the hung child's deadline; 4 messages at once, so the hang holds one of them only.
         code, output, _ = run_federation(run_dir, "8", "8", "8", "2", "--simulation", "--workers", "4",
                                          "--task", "fault_task:FaultyDigits", "--timeout", "15")
@@ -313,9 +312,8 @@ def test_ctrl_c_mid_round_stops_everything_and_reports_the_signal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGINT to the foreground group while client 0's child hangs in round 1: exit 130, nothing left."""
-    monkeypatch.setenv("FEDGPU_FAULTS", "0=hang")
-    monkeypatch.setenv("FEDGPU_FAULTS_DIR", str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+    for key, value in fault_env("0=hang", tmp_path).items():
+        monkeypatch.setenv(key, value)
     temp, env = private_temp(tmp_path)
     run_dir = tmp_path / "run"
     proc = start_run_sh(["3", "3", "3", "5", "--simulation", "--task", "fault_task:FaultyDigits",

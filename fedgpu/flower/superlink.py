@@ -232,7 +232,8 @@ class Federation:
         control = Control(self.env[FLWR_HOME_ENV], CONNECTION)
         lines = control.run_app(app_dir, list(self.plan.run_config))
         try:
-            return self._stream(lines, console)
+            self._stream(lines, console)
+            return 0
         except (TooFewNodes, OutputError):
             raise
         except Exception as err:  # noqa: BLE001 - Flower's reason, said as `flwr run` says it, is the answer
@@ -297,8 +298,8 @@ class Federation:
                     stream.kill()
                     stream.wait()
 
-    def _stream(self, lines: Iterable[str], console: IO[str]) -> int:
-        """The run's output, into serverapp.log and onto the console; 0 once it has ended.
+    def _stream(self, lines: Iterable[str], console: IO[str]) -> None:
+        """The run's output, into serverapp.log and onto the console, until it ends.
 
         A user's app has all its output echoed, but for the fields of failed
         replies (the summary at the end says them); fedgpu's own ServerApp has
@@ -323,7 +324,6 @@ class Federation:
                 elif ROUND_LINE_MARK in line:
                     console.write(line[line.index(ROUND_LINE_MARK) :])
                     console.flush()
-        return 0
 
     def final_status(self) -> str:
         try:

@@ -57,10 +57,24 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 class BoundUvicorn:
-    """Stands in for ``uvicorn`` in Flower's SuperLink CLI: serves on the socket bound beforehand."""
+    """Stands in for ``uvicorn`` in Flower's SuperLink and SuperNode CLIs: they serve on the socket bound beforehand.
+
+    The SuperLink CLI calls ``uvicorn.run(app, ...)``; the SuperNode CLI builds
+    ``uvicorn.Server(uvicorn.Config(...))`` itself. Either way the port is ours
+    from before Flower starts: a port picked free and bound later could be handed
+    to another process in between.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
+        import uvicorn
+
         self._sock = sock
+
+        class Server(uvicorn.Server):
+            def run(self, sockets: list[socket.socket] | None = None) -> None:
+                super().run(sockets=[sock])
+
+        self.Server = Server
 
     def run(self, app: object, **options: object) -> None:
         import uvicorn
@@ -71,32 +85,9 @@ class BoundUvicorn:
         scheme = "https" if options.get("ssl_certfile") else "http"
         # uvicorn says where it runs only for sockets it bound itself.
         print(f"[fedgpu] SuperLink listening on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
-        uvicorn.Server(config).run(sockets=[self._sock])
+        self.Server(config).run()
 
     def __getattr__(self, name: str) -> object:
         import uvicorn
 
         return getattr(uvicorn, name)
-
-
-class BoundServerUvicorn:
-    """Stands in for ``uvicorn`` in Flower's SuperNode CLI, which builds ``uvicorn.Server(uvicorn.Config(...))``
-    itself: its Server serves on the socket bound beforehand (a port picked and then bound by Flower could be
-    taken in between by another process that was handed the same free port)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        import uvicorn
-
-        bound = sock
-
-        class Server(uvicorn.Server):
-            def run(self, sockets: list[socket.socket] | None = None) -> None:
-                super().run(sockets=[bound])
-
-        self.Server = Server
-
-    def __getattr__(self, name: str) -> object:
-        import uvicorn
-
-        return getattr(uvicorn, name)
-

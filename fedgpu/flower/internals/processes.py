@@ -24,13 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fedgpu.flower.internals.guard import (
-    FLEET_PATHS,
-    BoundServerUvicorn,
-    BoundUvicorn,
-    bind_listener,
-    guard_app_factory,
-)
+from fedgpu.flower.internals.guard import FLEET_PATHS, BoundUvicorn, bind_listener, guard_app_factory
 from fedgpu.flower.internals.node_waits import watch_node_waits
 from fedgpu.flower.internals.pace import pace_grid
 from fedgpu.flower.internals.round_hooks import record_app_rounds
@@ -147,7 +141,7 @@ def run_supernode(argv: list[str], runtime_listener: socket.socket | None = None
     """
     supernode_cli = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the module, not its function
     if runtime_listener is not None:
-        supernode_cli.uvicorn = BoundServerUvicorn(runtime_listener)  # type: ignore[attr-defined]
+        supernode_cli.uvicorn = BoundUvicorn(runtime_listener)  # type: ignore[attr-defined]
     sys.argv = list(argv)
     supernode_cli.flower_supernode()
 
