@@ -62,6 +62,10 @@ def _copy_flower(target: Path) -> None:
     for name in _closure("flwr"):
         dist = importlib.metadata.distribution(name)
         for file in dist.files or []:
+            # A RECORD also lists scripts as ../../../bin/NAME: outside the copy, shared by every run; not needed
+            # to import Flower.
+            if ".." in file.parts:
+                continue
             source = Path(str(file.locate()))
             if not source.is_file():
                 continue
