@@ -36,6 +36,7 @@ READY_TIMEOUT_SECONDS = 120.0
 WATCH_SECONDS = 0.5
 WATCH_MARGIN_SECONDS = 30.0  # past --start-timeout, before the launcher itself gives up on unregistered nodes
 WAVE_PER_CORE = 4  # nodes started at once per core, each wave registered before the next
+PORT_PICKS = 3  # ports the launcher tries when it picked the port and another process bound it first
 
 
 class Stopping(Exception):
@@ -191,29 +192,22 @@ class Launcher:
 
     def _start_server(self) -> None:
         plan = self.plan
-        argv = [*fedgpu_command(), "server", *plan.server_args, "--run-dir", str(plan.run_dir),
-                "--parent-pid", str(os.getpid())]
-        if not plan.simulated:
-            argv += ["--port", str(plan.port)]
-        if self.certs is not None:
-            argv += ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
-                     "--ssl-keyfile", str(self.certs / "server.key"), "--auth-public-keys", str(self.certs / "nodes")]
-        with self._log("server.log") as log:
-            self.server = self._spawn(argv, stdout=None, stderr=log)  # its rounds and summary on our console
-        if plan.simulated:
-            return  # no SuperLink to wait for: the server hosts the simulation
-        from fedgpu.flower.internals import EXIT_PORT_TAKEN
-        from fedgpu.names import RUN_TOKEN_ENV
-        from fedgpu.net import reach_host, wait_for_health
+        for pick in range(1, PORT_PICKS + 1):
+            taken = self._start_server_on(plan.port)
+            if not taken:
+                break
+            if not plan.port_picked or pick == PORT_PICKS:
+                raise RunEnded(taken, f"port {plan.port} on 127.0.0.1 is in use")
+            # The port we picked was free then; another process bound it before the SuperLink did. Nobody has
+            # been told this port yet: pick another.
+            from fedgpu.net import free_port
 
-        scheme = "https" if self.certs is not None else "http"
-        ca = str(self.certs / "ca.crt") if self.certs is not None else None
-        if not wait_for_health(f"{scheme}://{reach_host(plan.host)}:{plan.port}/health", READY_TIMEOUT_SECONDS,
-                               alive=lambda: self.server.poll() is None, ca_file=ca, token=os.environ[RUN_TOKEN_ENV]):
-            code = self.server.wait(GRACE_SECONDS) if self.server.poll() is not None else 1
-            if code == EXIT_PORT_TAKEN:  # another run (or program) bound the port first
-                raise RunEnded(code, f"port {plan.port} on 127.0.0.1 is in use")
-            raise RunEnded(code or 1, f"server failed (exit {code}): {_last_line(plan.run_dir / 'server.log')}")
+            old, plan.port = plan.port, free_port()
+            with self._log("server.log") as log:
+                log.write(f"[fedgpu] port {old} was taken before the SuperLink bound it; "
+                          f"starting again on port {plan.port}\n".encode())
+        if plan.simulated:
+            return
         # With node authentication, the server registers the nodes' keys after the SuperLink answers.
         if self.certs is not None:
             deadline = time.monotonic() + READY_TIMEOUT_SECONDS
@@ -221,6 +215,35 @@ class Launcher:
                 if self.server.poll() is not None or time.monotonic() > deadline:
                     raise RunEnded(self.server.poll() or 1, f"server failed: {_last_line(plan.run_dir / 'server.log')}")
                 time.sleep(0.2)
+
+    def _start_server_on(self, port: int) -> int:
+        """Start the server; 0 once its SuperLink answers on ``port``, the server's exit code if the port was taken."""
+        plan = self.plan
+        argv = [*fedgpu_command(), "server", *plan.server_args, "--run-dir", str(plan.run_dir),
+                "--parent-pid", str(os.getpid())]
+        if not plan.simulated:
+            argv += ["--port", str(port)]
+        if self.certs is not None:
+            argv += ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                     "--ssl-keyfile", str(self.certs / "server.key"), "--auth-public-keys", str(self.certs / "nodes")]
+        with self._log("server.log") as log:
+            self.server = self._spawn(argv, stdout=None, stderr=log)  # its rounds and summary on our console
+        if plan.simulated:
+            return 0  # no SuperLink to wait for: the server hosts the simulation
+        from fedgpu.flower.internals import EXIT_PORT_TAKEN
+        from fedgpu.names import RUN_TOKEN_ENV
+        from fedgpu.net import reach_host, wait_for_health
+
+        scheme = "https" if self.certs is not None else "http"
+        ca = str(self.certs / "ca.crt") if self.certs is not None else None
+        server = self.server
+        if wait_for_health(f"{scheme}://{reach_host(plan.host)}:{port}/health", READY_TIMEOUT_SECONDS,
+                           alive=lambda: server.poll() is None, ca_file=ca, token=os.environ[RUN_TOKEN_ENV]):
+            return 0
+        code = server.wait(GRACE_SECONDS) if server.poll() is not None else 1
+        if code == EXIT_PORT_TAKEN:  # another run (or program) bound the port first
+            return code
+        raise RunEnded(code or 1, f"server failed (exit {code}): {_last_line(plan.run_dir / 'server.log')}")
 
     def _start_nodes(self) -> None:
         plan = self.plan

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from fedgpu.flower.internals.marks import SUPERNODE_REGISTERED_MARK
 
 from helpers import (
     FEDGPU,
@@ -21,6 +25,7 @@ from helpers import (
     kill_leftovers,
     private_temp,
     processes_with_env,
+    read_or_empty,
     start_run_sh,
     stop_and_check,
     wait_for,
@@ -233,6 +238,49 @@ def test_fedgpu_server_unwritable_run_dir(tmp_path: Path) -> None:
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not writable" in lines[0], done.stderr
+
+
+# `fedgpu run` with the race made certain: the first port the launcher picks is bound by another program before
+# the SuperLink binds it (a listening socket of this process, which the launcher is).
+TAKEN_FIRST_PICK = """
+import socket, sys
+import fedgpu.net
+from fedgpu.cli import main
+
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()
+picks, pick = [taken.getsockname()[1]], fedgpu.net.free_port
+fedgpu.net.free_port = lambda host="127.0.0.1": picks.pop() if picks else pick(host)
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.e2e
+def test_a_picked_port_taken_before_the_superlink_binds_it_is_picked_again(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    temp, env = private_temp(tmp_path)
+    script = tmp_path / "taken_first_pick.py"
+    script.write_text(TAKEN_FIRST_PICK)
+    proc = subprocess.Popen([sys.executable, str(script), "run", "2", "--rounds", "3", "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    logs = [run_dir / f"client-{i}.log" for i in range(2)]
+
+    def registered() -> bool:
+        return all(SUPERNODE_REGISTERED_MARK in read_or_empty(log) for log in logs)
+
+    if not wait_for(lambda: registered() or proc.poll() is not None, timeout=180) or proc.poll() is not None:
+        kill_leftovers(run_dir)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the client nodes never registered {ended_output(proc)} {read_or_empty(run_dir / 'server.log')}")
+    again = re.search(r"port (\d+) was taken before the SuperLink bound it; starting again on port (\d+)",
+                      read_or_empty(run_dir / "server.log"))
+    assert again and again[1] != again[2], read_or_empty(run_dir / "server.log")
+    # The nodes were sent to the port picked again, and registered there.
+    nodes = [cmd for cmd in processes_with_env("FEDGPU_RUN_DIR", str(run_dir)).values() if " client " in cmd]
+    assert len(nodes) == 2 and all(f"--superlink 127.0.0.1:{again[2]} " in cmd for cmd in nodes), nodes
+    stop_and_check(proc, run_dir, int(again[2]), signal.SIGTERM, to_group=False, temp=temp)
 
 
 @pytest.mark.e2e

@@ -45,6 +45,7 @@ class LaunchPlan:
     partitions: list[int] | None = None  # --role nodes: the partition ids of the client nodes started here
     log_dir: Path | None = None  # --role nodes: where the zygote and the client nodes log [default: run_dir]
     certs: Path | None = None  # --role server or nodes: certificates made beforehand (--certs)
+    port_picked: bool = False  # role all, no --port: the launcher picked it and may pick another if taken
 
     @property
     def logs(self) -> Path:
@@ -179,6 +180,7 @@ def plan_run(
         nodes=nodes,
         run_dir=run_dir,
         port=int(port),
+        port_picked=values["port"] is None and not simulated and role == "all",
         server_args=server_argv({**server_values, **placement, "isolation": values["isolation"],
                                  "umask": f"{values['umask']:03o}"}),
         node_args=node_argv(node_values),
