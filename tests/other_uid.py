@@ -59,6 +59,8 @@ def _closure(name: str) -> set[str]:
 
 
 def _copy_flower(target: Path) -> None:
+    """Flower and what it needs, readable by every user, under ``target``."""
+    target.chmod(0o755)
     for name in _closure("flwr"):
         dist = importlib.metadata.distribution(name)
         for file in dist.files or []:
@@ -70,11 +72,18 @@ def _copy_flower(target: Path) -> None:
             if not source.is_file():
                 continue
             destination = target / file
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(source, destination)
-            except OSError:
-                shutil.copy2(source, destination)
+            for folder in reversed(destination.relative_to(target).parents[:-1]):
+                if not (target / folder).is_dir():
+                    (target / folder).mkdir(mode=0o755)
+                    (target / folder).chmod(0o755)  # whatever the umask
+            if source.stat().st_mode & 0o004:  # readable by others: a link will do
+                try:
+                    os.link(source, destination)
+                    continue
+                except OSError:
+                    pass
+            shutil.copyfile(source, destination)
+            destination.chmod(0o644)
 
 
 class OtherUser:

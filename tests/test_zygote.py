@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -250,7 +251,10 @@ def test_idle_slow_and_garbage_connections_do_not_stall_a_real_call(zygote):
     try:
         with Isolator("zygote", zygote=str(directory)) as iso:
             for byte in hello[:10]:
-                drip.send(bytes([byte]))
+                # Calls slowed by a busy machine can outlast the zygote's 2 s handshake deadline: then it has
+                # dropped the drip, as it should, and the calls go on beside the rest.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    drip.send(bytes([byte]))
                 started = time.monotonic()
                 assert iso.run(sum, ([1, 2],), timeout=30).value == 3
                 durations.append(time.monotonic() - started)
